@@ -1,0 +1,122 @@
+"""A whole local Petals swarm on loopback: one DHT bootstrap and provider nodes, as subprocesses.
+
+Used by ``make demo``, the benchmarks and the test fixtures. Identity keys are generated up front, so every
+node's peer ID is known before it starts (the demo registers nodes by peer ID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from infra.processes import ManagedProcess, python_argv, wait_until
+from services.common.swarm import BlockSpan
+
+
+def ensure_identity(path: Path) -> str:
+    """Create a libp2p identity key file once; return its peer ID (base58)."""
+    from services.common.identity import create_identity, load_identity
+
+    create_identity(path)
+    return load_identity(path).peer_id
+
+
+@dataclass
+class SwarmNode:
+    name: str
+    span: BlockSpan
+    peer_id: str
+    identity: Path
+    process: ManagedProcess
+
+
+@dataclass
+class LocalSwarm:
+    model_path: Path
+    model_id: str
+    workdir: Path
+    request_timeout: float = 180.0
+    update_period: float = 15.0
+    bootstrap: Optional[ManagedProcess] = None
+    nodes: dict = field(default_factory=dict)
+    initial_peers: list = field(default_factory=list)
+    _dht = None
+
+    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+        maddrs_file = self.workdir / "dht" / "maddrs.txt"
+        maddrs_file.unlink(missing_ok=True)
+        self.bootstrap = ManagedProcess(
+            "dht-bootstrap",
+            python_argv("services.cli", "dht", "--port", "0", "--identity", str(self.workdir / "dht" / "bootstrap.key"),
+                        "--maddrs-file", str(maddrs_file)),
+            log_path=self.workdir / "logs" / "dht.log",
+        ).start()
+        wait_until(maddrs_file.exists, timeout=timeout, what="the DHT bootstrap's multiaddrs", process=self.bootstrap)
+        self.initial_peers = [line for line in maddrs_file.read_text().split() if line]
+        return self.initial_peers
+
+    def start_node(self, name: str, span: str, *, extra_args: tuple[str, ...] = ()) -> SwarmNode:
+        identity = self.workdir / "nodes" / f"{name}.key"
+        peer_id = ensure_identity(identity)
+        process = ManagedProcess(
+            f"node-{name}",
+            python_argv("node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
+                        "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
+                        "--identity", str(identity), "--public-name", name,
+                        "--request-timeout", str(self.request_timeout),
+                        "--update-period", str(self.update_period), *extra_args),
+            log_path=self.workdir / "logs" / f"node-{name}.log",
+        ).start()
+        node = SwarmNode(name, BlockSpan.parse(span), peer_id, identity, process)
+        self.nodes[name] = node
+        return node
+
+    def dht_client(self):
+        if self._dht is None:
+            from services.common import petals_compat  # noqa: F401
+            import hivemind
+
+            self._dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True)
+        return self._dht
+
+    def online_peers(self, num_blocks: int) -> list[set[str]]:
+        from services.common.swarm_state import fetch_block_servers, online_peers_per_block
+
+        return online_peers_per_block(fetch_block_servers(self.dht_client(), self.model_id, num_blocks))
+
+    def wait_online(self, names: list[str], num_blocks: int, timeout: float = 120.0) -> None:
+        """Wait until every named node is announced ONLINE for each block of its span."""
+
+        def ready() -> bool:
+            online = self.online_peers(num_blocks)
+            for name in names:
+                node = self.nodes[name]
+                if not node.process.alive():
+                    raise RuntimeError(f"node {name} exited:\n{node.process.tail()}")
+                if any(node.peer_id not in online[b] for b in range(node.span.start, node.span.end)):
+                    return False
+            return True
+
+        wait_until(ready, timeout=timeout, interval=0.5, what=f"nodes {names} ONLINE")
+
+    def wait_gone(self, name: str, num_blocks: int, timeout: float = 60.0) -> None:
+        node = self.nodes[name]
+        wait_until(lambda: all(node.peer_id not in peers for peers in self.online_peers(num_blocks)),
+                   timeout=timeout, interval=0.5, what=f"node {name} no longer ONLINE")
+
+    def stop(self) -> None:
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
+        for node in reversed(list(self.nodes.values())):
+            node.process.stop()
+        if self.bootstrap is not None:
+            self.bootstrap.stop()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,84 @@
+"""``far-mesh``: the operator's command line (typer).
+
+Sub-commands live next to the code they drive and are imported lazily, so ``far-mesh --help`` is fast and
+a command never pays for torch/petals imports it does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Far Mesh operator commands.", no_args_is_help=True, add_completion=False)
+
+# name -> "module:attribute" of a typer.Typer sub-app. Each module owns its commands.
+SUB_APPS = {
+    "db": ("database.cli:app", "Database migrations."),
+    "payouts": ("services.payouts.cli:app", "Weekly FAR payouts on BNB Smart Chain."),
+    "chain": ("services.payouts.cli:chain_app", "Deploy and inspect the FAR contracts."),
+    "keys": ("services.coordinator.accounts_cli:keys_app", "API keys (fl_...)."),
+    "accounts": ("services.coordinator.accounts_cli:accounts_app", "Prepaid accounts."),
+}
+
+
+def _load(target: str):
+    module_name, attribute = target.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+for _name, (_target, _help) in SUB_APPS.items():
+    try:
+        app.add_typer(_load(_target), name=_name, help=_help)
+    except ModuleNotFoundError as error:  # a part that is not built yet must not break the others
+        if not error.name or not _target.startswith(error.name.split(".")[0]):
+            raise
+
+
+@app.command("make-model")
+def make_model(
+    directory: Path = typer.Argument(..., help="where to write the model (created)"),
+    force: bool = typer.Option(False, help="overwrite an existing model"),
+) -> None:
+    """Build the deterministic tiny Llama + SentencePiece tokenizer used by the demo and the tests."""
+    from services.common.tiny_model import build_tiny_model
+
+    path = build_tiny_model(directory, force=force)
+    typer.echo(f"tiny model written to {path}")
+
+
+@app.command("dht")
+def dht(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(31337, help="TCP port (0 = any free port)"),
+    identity: Optional[Path] = typer.Option(None, help="identity key file (created once; default in state dir)"),
+    maddrs_file: Optional[Path] = typer.Option(None, help="write the visible multiaddrs here"),
+    initial_peers: str = typer.Option("", help="comma-separated multiaddrs of other bootstrap peers"),
+) -> None:
+    """Run the DHT bootstrap peer (persistent identity, prints its multiaddrs)."""
+    from services.dht.bootstrap import run_bootstrap
+
+    run_bootstrap(host=host, port=port, identity_path=identity, maddrs_file=maddrs_file,
+                  initial_peers=[p for p in initial_peers.split(",") if p])
+
+
+@app.command("coordinator")
+def coordinator(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8100),
+    model: Optional[Path] = typer.Option(None, help="local model directory for DEFAULT_MODEL_ID"),
+) -> None:
+    """Run the mesh coordinator (generate API)."""
+    from services.coordinator.main import run
+
+    run(host=host, port=port, model_path=model)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The one settings module: every environment variable of ../shared/SPEC.md "Configuration".
+
+Read with pydantic-settings. A missing or malformed value fails at start with one clear line naming the
+variable (see :func:`load_settings`). Money values are ``Decimal`` (never float).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_state_dir() -> Path:
+    """Where embedded services, the demo model and identity files live (``FAR_MESH_STATE_DIR`` overrides)."""
+    return Path(os.environ.get("FAR_MESH_STATE_DIR", PROJECT_ROOT / ".far-mesh")).resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=True, extra="ignore", frozen=True)
+
+    FAR_MESH_DHT_BOOTSTRAP: str = Field(default="", description="comma-separated multiaddrs of DHT bootstrap peers")
+    POSTGRES_URL: str = "postgresql://postgres@127.0.0.1:5432/test"
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    DEFAULT_MODEL_ID: str = "far-mesh/tiny-llama"
+    PRICE_PER_TOKEN_FAR: Decimal = Decimal("0.0001")
+    PRICE_PER_PROMPT_TOKEN_FAR: Decimal = Decimal("0")
+    PLATFORM_FEE_BPS: int = Field(default=1000, ge=0, le=10000)
+    MIN_PAYOUT_FAR: Decimal = Decimal("10")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    DISCOVERY_URL: str = "http://127.0.0.1:8200"
+    JWT_SECRET: str = "dev-only-change-me"
+    BSC_NETWORK: Literal["local", "testnet", "mainnet"] = "local"
+    BSC_RPC_URL: str = ""
+    FAR_TOKEN_ADDRESS: str = ""
+    PAYOUT_CONTRACT_ADDRESS: str = ""
+    PAYOUT_KEYSTORE: str = ""
+    PAYOUT_KEYSTORE_PASSWORD_FILE: str = ""
+    PAYOUT_PRIVATE_KEY: str = ""
+    PAYOUT_CONFIRMATIONS: int = Field(default=3, ge=0)
+    # Payouts tuning (not in SPEC's list, documented in docs/payouts.md).
+    MAX_RECIPIENTS_PER_TX: int = Field(default=200, ge=1, le=1000, description="recipients per payBatch transaction")
+    PAYOUT_MAX_GAS: int = Field(default=10_000_000, ge=100_000, description="gas limit cap of one payBatch transaction")
+
+    # Not in SPEC's list, documented in docs/configuration.md.
+    FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
+    FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (demo/tests)")
+    PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
+
+    @field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR", "MIN_PAYOUT_FAR")
+    @classmethod
+    def _non_negative(cls, value: Decimal) -> Decimal:
+        if value < 0 or not value.is_finite():
+            raise ValueError("must be a finite, non-negative decimal")
+        return value
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [peer.strip() for peer in self.FAR_MESH_DHT_BOOTSTRAP.split(",") if peer.strip()]
+
+
+class ConfigError(SystemExit):
+    """Raised (as a clean exit) when the environment holds a bad value."""
+
+
+def _explain(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "?"
+    got = os.environ.get(name)
+    shown = f" (got {got!r})" if got is not None and "SECRET" not in name and "KEY" not in name else ""
+    return f"far-mesh: configuration error: {name}: {first['msg']}{shown}"
+
+
+def load_settings(**overrides) -> Settings:
+    """Build settings from the environment; on a bad value exit with one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        line = _explain(error)
+        print(line, file=sys.stderr)
+        raise ConfigError(2) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

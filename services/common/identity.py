@@ -1,0 +1,105 @@
+"""A provider node's libp2p identity: the key file its Petals server uses, and proofs of peer-ID control.
+
+A ``Qm…`` peer ID is the base58 sha2-256 multihash of the node's libp2p public key (protobuf ``PublicKey``
+message with the RSA key as DER SubjectPublicKeyInfo). To register with discovery, a node signs the message
+built by :func:`registration_message` (it contains a single-use nonce from ``GET /nodes/challenge``) with the
+identity's RSA key (PSS, SHA-256: the scheme hivemind uses) and sends its public key; discovery checks with
+:func:`verify_signature` that the key hashes to the claimed peer ID and that the signature is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import base58
+from cryptography import exceptions
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+_SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])
+REGISTRATION_DOMAIN = "far-mesh-register-v1"
+
+
+def _crypto_pb2():
+    from hivemind.proto import crypto_pb2
+
+    return crypto_pb2
+
+
+def peer_id_from_public_key(public_key_protobuf: bytes) -> str:
+    return base58.b58encode(_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(public_key_protobuf).digest()).decode()
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    path: Path
+    peer_id: str
+    public_key: bytes  # libp2p protobuf PublicKey
+    _private_key: rsa.RSAPrivateKey
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode()
+
+    def sign(self, message: bytes) -> str:
+        return base64.b64encode(self._private_key.sign(message, _PSS, hashes.SHA256())).decode()
+
+
+def create_identity(path: str | Path) -> None:
+    """Write a new RSA identity in hivemind's format (mode 0400) unless the file exists."""
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crypto_pb2 = _crypto_pb2()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    data = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def load_identity(path: str | Path) -> NodeIdentity:
+    crypto_pb2 = _crypto_pb2()
+    path = Path(path)
+    message = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+    if message.key_type != crypto_pb2.KeyType.RSA:
+        raise ValueError(f"{path}: only RSA identities are supported")
+    key = serialization.load_der_private_key(message.data, password=None)
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=spki).SerializeToString()
+    return NodeIdentity(path, peer_id_from_public_key(public), public, key)
+
+
+def registration_message(*, nonce: str, peer_id: str, wallet_address: str, model_id: str, start_block: int,
+                         end_block: int) -> bytes:
+    return "\n".join([REGISTRATION_DOMAIN, nonce, peer_id, wallet_address.lower(), model_id, str(start_block),
+                      str(end_block)]).encode()
+
+
+def verify_signature(*, peer_id: str, public_key_b64: str, message: bytes, signature_b64: str) -> bool:
+    """True iff the public key hashes to ``peer_id`` and ``signature`` is its signature of ``message``."""
+    crypto_pb2 = _crypto_pb2()
+    try:
+        public = base64.b64decode(public_key_b64, validate=True)
+        signature = base64.b64decode(signature_b64, validate=True)
+        if peer_id_from_public_key(public) != peer_id:
+            return False
+        parsed = crypto_pb2.PublicKey.FromString(public)
+        if parsed.key_type != crypto_pb2.RSA:
+            return False
+        key = serialization.load_der_public_key(parsed.data)
+        if not isinstance(key, rsa.RSAPublicKey):
+            return False
+        key.verify(signature, message, _PSS, hashes.SHA256())
+        return True
+    except (binascii.Error, ValueError, TypeError, exceptions.InvalidSignature, Exception):
+        return False

@@ -1,0 +1,292 @@
+"""Runtime fixes that make PyPI petals 2.2.0.post1 work on hivemind 1.1.12 / torch 2.13 (the pinned set).
+
+Import this module before ``petals`` anywhere (``services.common.petals_compat.apply()`` is called on import,
+and is idempotent). Every fix is listed in ``FIXES`` and has a test in ``tests/test_petals_compat.py`` that
+fails when the fix is removed (``FAR_MESH_DISABLE_COMPAT_FIX=<name>`` turns a fix off for that test).
+
+The fixes (see ../shared/SPEC.md "Petals on this stack"):
+
+``hivemind_reexports``
+    hivemind 1.1.12 dropped the top-level re-exports petals imports (``hivemind.PeerID``, ``P2P``,
+    ``get_dht_time``, ``serialize_torch_tensor``, ``nested_*``, ``anext``, ...). We put them back.
+``grad_scaler_location``
+    hivemind < 1.1.12 imports ``OptState``/``_refresh_per_optimizer_state`` from ``torch.cuda.amp.grad_scaler``;
+    they moved to ``torch.amp.grad_scaler``. hivemind 1.1.12 already looks in the new place, so this fix is a
+    no-op on the pinned set and only aliases the names when the old module lacks them.
+``no_upnp``
+    ``P2P.create`` defaults to ``nat_port_map=True`` which makes p2pd probe the LAN for UPnP gateways. Forced off.
+``hf_offline``
+    ``HF_HUB_OFFLINE=1``: the hub is never contacted (models are local directories here).
+``no_version_check``
+    ``petals.cli.run_server`` queries PyPI for the latest version at start; replaced by a log line.
+``quiet_session_del``
+    ``_ServerInferenceSession.__del__``/``InferenceSession.__del__`` call ``close()`` which runs a coroutine on
+    the RemoteExpertWorker event loop; at interpreter exit (or from that loop's own thread) this hangs. The
+    destructors now never block: they close only when it is safe.
+``failover_replay`` (petals issue #587)
+    After a server dies, petals gives the replacement server session the old ``history`` but ``_position=0``,
+    so every replay fails with ``AssertionError("Broken input cache ...")`` and the client retries forever.
+    Fixed ``InferenceSession.step``: a fresh (replacement) server session is sent the already-processed
+    prefix plus the current tokens, so it rebuilds its attention cache, and only the current positions flow
+    on to servers that still hold their caches. Output is identical to an uninterrupted run.
+
+It also adds one hook (not a fix): ``InferenceSession.step_observer``, called as
+``observer(span: RemoteSpanInfo, positions: int)`` after every successful server step, including replays.
+The coordinator meters provider work with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Callable
+
+FIXES = (
+    "hivemind_reexports",
+    "grad_scaler_location",
+    "no_upnp",
+    "hf_offline",
+    "no_version_check",
+    "quiet_session_del",
+    "failover_replay",
+)
+
+_applied = False
+_lock = threading.Lock()
+
+
+def _enabled(name: str) -> bool:
+    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
+    return name not in disabled
+
+
+def _fix_hf_offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _fix_grad_scaler_location() -> None:
+    import torch.amp.grad_scaler as new_location
+
+    try:
+        import torch.cuda.amp.grad_scaler as old_location
+    except ImportError:  # pragma: no cover - module removed entirely in a future torch
+        return
+    for name in ("OptState", "_refresh_per_optimizer_state"):
+        if not hasattr(old_location, name) and hasattr(new_location, name):
+            setattr(old_location, name, getattr(new_location, name))
+
+
+def _fix_hivemind_reexports() -> None:
+    import hivemind
+    import hivemind.compression as compression
+    import hivemind.p2p as p2p
+    import hivemind.utils as utils
+    from hivemind.compression import serialization
+    from hivemind.moe.server.runtime import Runtime
+    from hivemind.utils import asyncio as hm_asyncio
+    from hivemind.utils import nested, tensor_descr
+
+    names = {}
+    for module in (compression, serialization, p2p, utils, hm_asyncio, nested, tensor_descr):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+    names["Runtime"] = Runtime
+    for name, value in names.items():
+        if not hasattr(hivemind, name) and not isinstance(value, type(sys)):
+            setattr(hivemind, name, value)
+
+
+def _fix_no_upnp() -> None:
+    from hivemind.p2p import p2p_daemon
+
+    original = p2p_daemon.P2P.create.__func__
+    if getattr(original, "_far_mesh_no_upnp", False):
+        return
+
+    async def create(cls, *args, **kwargs):
+        kwargs["nat_port_map"] = False
+        return await original(cls, *args, **kwargs)
+
+    create._far_mesh_no_upnp = True
+    p2p_daemon.P2P.create = classmethod(create)
+
+
+def _fix_no_version_check() -> None:
+    import petals.cli.run_server as run_server
+    import petals.utils.version as version
+
+    def validate_version() -> None:
+        import petals
+
+        version.logger.info(f"Running Petals {petals.__version__} (version check against PyPI disabled)")
+
+    version.validate_version = validate_version
+    run_server.validate_version = validate_version
+
+
+def _fix_quiet_session_del() -> None:
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client import inference_session as inf
+
+    def _safe_to_close() -> bool:
+        if sys.is_finalizing():
+            return False
+        worker_thread = getattr(RemoteExpertWorker, "_event_thread", None)
+        # Closing runs a coroutine on the worker's loop and waits for it: never from that loop's own thread.
+        return worker_thread is None or (worker_thread.is_alive() and threading.current_thread() is not worker_thread)
+
+    def server_session_del(self):
+        if _safe_to_close():
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def session_del(self):
+        if _safe_to_close():
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    inf._ServerInferenceSession.__del__ = server_session_del
+    inf.InferenceSession.__del__ = session_del
+
+
+def _fix_failover_replay() -> None:
+    import itertools
+    import time
+    import uuid
+
+    import torch
+    from petals.client import inference_session as inf
+    from petals.client.routing import maybe_log_traceback
+    from petals.utils.misc import DUMMY, DUMMY_INT64, is_dummy
+
+    logger = inf.logger
+    original_update_sequence = inf.InferenceSession._update_sequence
+
+    def _update_sequence(self, server_idx: int, block_idx: int, attempt_no: int):
+        """As upstream, but hand the replacement the *processed prefix* of the failed session's inputs."""
+        failed = self._server_sessions[server_idx] if server_idx < len(self._server_sessions) else None
+        prefix = None
+        if failed is not None:
+            if failed.history is not None and failed.history.shape[1] >= self._position:
+                prefix = failed.history[:, : self._position]
+            else:
+                prefix = getattr(failed, "_far_mesh_replay_prefix", None)
+        original_update_sequence(self, server_idx, block_idx, attempt_no)
+        if failed is not None:
+            replacement = self._server_sessions[server_idx]
+            replacement.history = None  # upstream copies the old history here: that is the #587 bug
+            replacement._far_mesh_replay_prefix = prefix
+
+    def step(self, inputs: torch.Tensor, prompts=None, hypo_ids=None) -> torch.Tensor:
+        assert not self._closed
+        if torch.is_grad_enabled():
+            logger.warning("Running inference session with grad enabled. Gradients will *not* be propagated correctly.")
+        if prompts is None or is_dummy(prompts):
+            prompts = DUMMY
+        else:
+            assert prompts.ndim == 4 and prompts.shape[0] == self.num_blocks
+        if hypo_ids is None or is_dummy(hypo_ids):
+            hypo_ids = DUMMY_INT64
+        else:
+            assert len(hypo_ids) == len(inputs) and hypo_ids.dtype == torch.int64
+
+        inputs_device, inputs_dtype = inputs.device, inputs.dtype
+        inputs, prompts, hypo_ids = inputs.cpu(), prompts.cpu(), hypo_ids.cpu()
+        step_id = str(uuid.uuid4())
+        prefix_len = self._position
+        n_input_tokens = inputs.shape[1]
+        if prefix_len + n_input_tokens > self._max_length:
+            raise ValueError(
+                f"Maximum length exceeded: prefix {prefix_len} + current {n_input_tokens} "
+                f"exceeds pre-allocated maximum {self._max_length}"
+            )
+        observer: Callable | None = getattr(self, "step_observer", None)
+
+        hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
+        server_idx = block_idx = 0
+        while block_idx < self.num_blocks:
+            for attempt_no in itertools.count():
+                server_session = None
+                try:
+                    if not self._server_sessions or attempt_no >= 1:
+                        self._update_sequence(server_idx, block_idx, attempt_no)
+                    server_session = self._server_sessions[server_idx]
+                    current = hidden[:, -n_input_tokens:]
+                    if server_session.stepped or prefix_len == 0:
+                        to_send = current  # the server holds the cache for [0, prefix_len)
+                    elif hidden.shape[1] == prefix_len + n_input_tokens:
+                        to_send = hidden  # an upstream replay already produced the full prefix
+                    else:
+                        replay = getattr(server_session, "_far_mesh_replay_prefix", None)
+                        if replay is None or replay.shape[1] != prefix_len:
+                            raise RuntimeError(f"cannot rebuild the attention cache of {server_session.span}")
+                        to_send = torch.cat([replay, current], dim=1)
+                    span = server_session.span
+                    outputs = server_session.step(to_send, prompts[span.start : span.end], hypo_ids, step_id=step_id)
+                    if observer is not None:
+                        observer(span, to_send.shape[1])
+                    hidden = outputs
+                    server_idx += 1
+                    block_idx = span.end
+                    self._sequence_manager.on_request_success(span.peer_id)
+                    break
+                except Exception as e:
+                    self._sequence_manager.on_request_failure(
+                        server_session.span.peer_id if server_session is not None else None
+                    )
+                    if attempt_no + 1 == self._sequence_manager.config.max_retries:
+                        raise
+                    delay = self._sequence_manager.get_retry_delay(attempt_no)
+                    logger.warning(
+                        f"Caught exception when running inference via "
+                        f"{server_session.span if server_session is not None else None} "
+                        f"(retry in {delay:.0f} sec): {repr(e)}"
+                    )
+                    maybe_log_traceback(e)
+                    time.sleep(delay)
+
+        self._position += n_input_tokens
+        outputs = hidden[:, -n_input_tokens:]
+        return outputs.to(device=inputs_device, dtype=inputs_dtype)
+
+    inf.InferenceSession._update_sequence = _update_sequence
+    inf.InferenceSession.step = step
+
+
+_PRE_PETALS = {
+    "hf_offline": _fix_hf_offline,
+    "grad_scaler_location": _fix_grad_scaler_location,
+    "hivemind_reexports": _fix_hivemind_reexports,
+    "no_upnp": _fix_no_upnp,
+}
+_POST_PETALS = {
+    "no_version_check": _fix_no_version_check,
+    "quiet_session_del": _fix_quiet_session_del,
+    "failover_replay": _fix_failover_replay,
+}
+
+
+def apply() -> None:
+    """Apply every enabled fix once (idempotent, thread-safe)."""
+    global _applied
+    with _lock:
+        if _applied:
+            return
+        for name, fix in _PRE_PETALS.items():
+            if _enabled(name):
+                fix()
+        import petals  # noqa: F401  (only after the pre-import fixes)
+
+        for name, fix in _POST_PETALS.items():
+            if _enabled(name):
+                fix()
+        _applied = True
+
+
+apply()

@@ -1,0 +1,141 @@
+"""Generation through the swarm with the Petals client (synchronous; the API runs it in worker threads).
+
+``SwarmModel`` holds one model's Petals client (tokenizer, local embeddings and LM head, remote blocks).
+``SwarmModel.start(...)`` returns a ``Generation``: an iterator of ``TokenDelta`` that steps one inference
+session token by token, meters every server step into a ``WorkMeter`` and stops on max_tokens, EOS, a stop
+sequence or cancellation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from services.common import petals_compat  # noqa: F401  (must precede petals)
+from services.common.swarm import dht_prefix_for
+from services.coordinator.metering import WorkMeter
+from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
+
+
+class GenerationCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    index: int  # 1-based count of generated tokens
+    token_id: int
+    text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
+
+
+class SwarmModel:
+    def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
+                 request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0):
+        import torch
+        from petals import AutoDistributedModelForCausalLM
+        from transformers import AutoTokenizer
+
+        self.model_id = model_id
+        self.model_path = str(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(
+            self.model_path,
+            initial_peers=initial_peers,
+            dht_prefix=dht_prefix_for(model_id),
+            request_timeout=request_timeout,
+            max_retries=max_retries,
+            update_period=update_period,
+            torch_dtype=torch.float32,
+        )
+        self.model.eval()
+        config = self.model.config
+        self.num_blocks: int = config.num_hidden_layers
+        self.context_length: int = config.max_position_embeddings
+        self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+
+    @property
+    def sequence_manager(self):
+        return self.model.transformer.h.sequence_manager
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
+              cancel: Optional[threading.Event] = None) -> "Generation":
+        return Generation(self, prompt_ids, params, meter, cancel or threading.Event())
+
+    def shutdown(self) -> None:
+        try:
+            self.sequence_manager.shutdown()
+        except Exception:
+            pass
+        dht = getattr(self.sequence_manager, "dht", None)
+        if dht is not None:
+            dht.shutdown()
+
+
+class Generation:
+    def __init__(self, swarm: SwarmModel, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
+                 cancel: threading.Event):
+        self.swarm = swarm
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.meter = meter
+        self.cancel = cancel
+        self.sampler = TokenSampler(params)
+        self.text = TextStream(swarm.tokenizer, params.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self._session = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def route(self) -> list[dict]:
+        """The servers of the current inference session: [{peer_id, blocks}]."""
+        session = self._session
+        if session is None:
+            return []
+        return [{"peer_id": s.span.peer_id.to_base58(), "blocks": f"{s.span.start}:{s.span.end}"}
+                for s in list(session._server_sessions)]
+
+    def __iter__(self) -> Iterator[TokenDelta]:
+        import torch
+
+        model = self.swarm.model
+        max_length = len(self.prompt_ids) + self.params.max_tokens
+        with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
+            self._session = session
+            session.step_observer = self.meter.observe_span
+            inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
+            while True:
+                if self.cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    return
+                logits = model(input_ids=inputs).logits[0, -1]
+                if self.cancel.is_set():  # the step finished after a cancel: its token is not used
+                    self.finish_reason = "cancelled"
+                    return
+                token_id = self.sampler.sample(logits)
+                self.token_ids.append(token_id)
+                if token_id == self.swarm.eos_token_id:
+                    self.finish_reason = "eos"
+                    tail = self.text.flush()
+                    if tail:
+                        yield TokenDelta(len(self.token_ids), token_id, tail)
+                    return
+                delta = self.text.push(token_id)
+                last = len(self.token_ids) >= self.params.max_tokens
+                if last and not self.text.stopped:
+                    delta += self.text.flush()  # nothing is held back after the last token
+                yield TokenDelta(len(self.token_ids), token_id, delta)
+                if self.text.stopped:
+                    self.finish_reason = "stop"
+                    return
+                if last:
+                    self.finish_reason = "length"
+                    return
+                inputs = torch.tensor([[token_id]], dtype=torch.long)

@@ -1,0 +1,82 @@
+"""Pydantic models of the coordinator's wire protocol (../shared/SPEC.md "Coordinator API")."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOKENS_LIMIT = 4096
+WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., max_length=200_000)
+    max_tokens: int = Field(100, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=100_000)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    model_id: Optional[str] = Field(None, max_length=200)
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
+    user_wallet: Optional[str] = Field(None, pattern=WALLET_PATTERN)
+    stream: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+
+class Contribution(BaseModel):
+    node_id: Optional[str]
+    peer_id: str
+    wallet_address: Optional[str]
+    blocks: str
+    work_units: int
+    payment_far: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenEvent(BaseModel):
+    token: str
+    request_id: str
+    tokens_generated: int
+    cost_far: str
+
+
+class DoneEvent(BaseModel):
+    done: Literal[True] = True
+    request_id: str
+    finish_reason: Literal["length", "stop", "eos", "cancelled"]
+    text: str
+    usage: Usage
+    cost_far: str
+    fee_far: str
+    contributions: list[Contribution]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,129 @@
+"""Persistence of sessions and contributions (asyncpg). The money math is ``finalize_session()`` in SQL."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Optional, Sequence
+
+import asyncpg
+
+from services.coordinator.metering import PeerWork
+
+
+class DuplicateRequest(Exception):
+    """A session with this request_id exists already (request_id is an idempotency key)."""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    price_per_token_far: Decimal
+    price_per_prompt_token_far: Decimal
+    platform_fee_bps: int
+
+
+@dataclass(frozen=True)
+class ContributionRow:
+    node_id: Optional[str]
+    peer_id: str
+    wallet_address: Optional[str]
+    blocks: str
+    work_units: int
+    steps: int
+    payment_far: Decimal
+
+
+@dataclass(frozen=True)
+class FinalSession:
+    session_id: str
+    request_id: str
+    status: str
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    completion_tokens: int
+    cost_far: Decimal
+    fee_far: Decimal
+    contributions: list[ContributionRow]
+
+
+class SessionStore:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def create_session(self, *, request_id: str, model_id: str, pricing: Pricing, prompt_tokens: int,
+                             user_wallet: Optional[str] = None, account_id: Optional[str] = None,
+                             reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None) -> str:
+        session_id = str(uuid.uuid4())
+        try:
+            await self.pool.execute(
+                """INSERT INTO far_mesh_sessions (session_id, request_id, account_id, user_wallet, model_id,
+                       prompt_tokens, price_per_token_far, price_per_prompt_token_far, platform_fee_bps,
+                       reserved_far, coordinator_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                session_id, request_id, account_id, user_wallet, model_id, prompt_tokens,
+                pricing.price_per_token_far, pricing.price_per_prompt_token_far, pricing.platform_fee_bps,
+                reserved_far, coordinator_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise DuplicateRequest(request_id) from None
+        return session_id
+
+    async def checkpoint(self, session_id: str, completion_tokens: int, work: Sequence[PeerWork]) -> None:
+        """Upsert absolute per-peer totals (a retried checkpoint never double counts) and tokens so far."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE far_mesh_sessions SET completion_tokens = $2 WHERE session_id = $1 AND finalized_at IS NULL",
+                session_id, completion_tokens,
+            )
+            if not work:
+                return
+            await conn.execute(
+                """INSERT INTO far_session_contributions
+                       (session_id, peer_id, node_id, wallet_address, blocks, work_units, steps)
+                   SELECT $1, p.peer_id, n.node_id, n.wallet_address, p.blocks, p.units, p.steps
+                     FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS p(peer_id, blocks, units, steps)
+                     LEFT JOIN far_nodes n ON n.peer_id = p.peer_id AND n.state <> 'unregistered'
+                   ON CONFLICT (session_id, peer_id) DO UPDATE
+                      SET work_units = excluded.work_units, steps = excluded.steps, blocks = excluded.blocks,
+                          node_id = coalesce(far_session_contributions.node_id, excluded.node_id),
+                          wallet_address = coalesce(far_session_contributions.wallet_address,
+                                                    excluded.wallet_address)""",
+                session_id,
+                [w.peer_id for w in work], [w.blocks for w in work],
+                [w.work_units for w in work], [w.steps for w in work],
+            )
+
+    async def finalize(self, session_id: str, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
+                       completion_tokens: int) -> FinalSession:
+        await self.pool.execute("SELECT finalize_session($1, $2, $3, $4, $5)", session_id, status, finish_reason,
+                                prompt_tokens, completion_tokens)
+        return await self.read_session(session_id)
+
+    async def read_session(self, session_id: str) -> FinalSession:
+        row = await self.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE session_id = $1", session_id)
+        contributions = await self.pool.fetch(
+            """SELECT node_id::text, peer_id, wallet_address, blocks, work_units, steps, payment_far
+                 FROM far_session_contributions WHERE session_id = $1 ORDER BY blocks, peer_id""",
+            session_id,
+        )
+        return FinalSession(
+            session_id=str(row["session_id"]), request_id=row["request_id"], status=row["status"],
+            finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"], cost_far=row["cost_far"], fee_far=row["fee_far"],
+            contributions=[ContributionRow(**dict(c)) for c in contributions],
+        )
+
+    async def find_by_request_id(self, request_id: str) -> Optional[asyncpg.Record]:
+        return await self.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
+
+    async def interrupt_orphans(self, coordinator_id: str) -> int:
+        """Finalize as 'interrupted' the running sessions a previous run of this coordinator left behind:
+        the tokens already streamed (last checkpoint) are billed once, from the checkpointed contributions."""
+        rows = await self.pool.fetch(
+            "SELECT session_id, prompt_tokens, completion_tokens FROM far_mesh_sessions "
+            "WHERE status = 'running' AND finalized_at IS NULL AND coordinator_id = $1", coordinator_id)
+        for row in rows:
+            await self.pool.execute("SELECT finalize_session($1, 'interrupted', NULL, $2, $3)", row["session_id"],
+                                    row["prompt_tokens"], row["completion_tokens"])
+        return len(rows)
