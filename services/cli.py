@@ -76,6 +76,34 @@ def coordinator(
     run(host=host, port=port, model_path=model)
 
 
+@app.command("discovery")
+def discovery(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8200),
+) -> None:
+    """Run the discovery service (node registry, liveness, swarm coverage)."""
+    from services.discovery.main import run
+
+    run(host=host, port=port)
+
+
+@app.command("status")
+def status(
+    model: Optional[str] = typer.Option(None, help="model id (default: DEFAULT_MODEL_ID)"),
+    watch: bool = typer.Option(False, help="refresh until Ctrl-C"),
+    interval: float = typer.Option(5.0, help="seconds between refreshes with --watch"),
+    url: Optional[str] = typer.Option(None, help="discovery URL (default: DISCOVERY_URL)"),
+) -> None:
+    """Swarm coverage report: what is loaded and what blocks inference. Exit 0 ready, 3 not ready, 1 error."""
+    from services.common.config import get_settings
+    from services.discovery.status import run_status
+
+    settings = get_settings()
+    code = run_status(url=url or settings.DISCOVERY_URL, model_id=model or settings.DEFAULT_MODEL_ID,
+                      watch=watch, interval=interval)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

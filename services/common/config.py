@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
     FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (demo/tests)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
+    # Discovery service tuning (documented in docs/discovery.md).
+    NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
+    DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")
+    DISCOVERY_FLUSH_INTERVAL_S: float = Field(default=5.0, gt=0, description="heartbeat write-behind to Postgres")
+    JOINING_TOO_LONG_S: float = Field(default=300.0, gt=0, description="a server JOINING longer than this is reported")
+    DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
 
     @field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR", "MIN_PAYOUT_FAR")
     @classmethod

@@ -23,6 +23,15 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     ``_ServerInferenceSession.__del__``/``InferenceSession.__del__`` call ``close()`` which runs a coroutine on
     the RemoteExpertWorker event loop; at interpreter exit (or from that loop's own thread) this hangs. The
     destructors now never block: they close only when it is safe.
+``task_cancel_from_any_thread``
+    hivemind's ``cancel_task_if_running`` (used by ``P2P.__del__`` and the daemon client's destructors) calls
+    ``asyncio.get_event_loop()`` in whatever thread the garbage collector runs, which raises "There is no
+    current event loop in thread 'MainThread'" and leaks the task. It now cancels through the task's own
+    loop, thread-safely.
+``root_logger_untouched``
+    importing petals installs hivemind's log handler on the *root* logger (``use_hivemind_log_handler(
+    "in_root_logger")``), so every library's INFO lines come out in hivemind's format, twice when the process
+    has its own handler. The handler is removed again; services.common.logs renders all records.
 ``failover_replay`` (petals issue #587)
     After a server dies, petals gives the replacement server session the old ``history`` but ``_position=0``,
     so every replay fails with ``AssertionError("Broken input cache ...")`` and the client retries forever.
@@ -40,6 +49,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from typing import Callable
 
 FIXES = (
@@ -49,6 +59,8 @@ FIXES = (
     "hf_offline",
     "no_version_check",
     "quiet_session_del",
+    "task_cancel_from_any_thread",
+    "root_logger_untouched",
     "failover_replay",
 )
 
@@ -153,6 +165,38 @@ def _fix_quiet_session_del() -> None:
 
     inf._ServerInferenceSession.__del__ = server_session_del
     inf.InferenceSession.__del__ = session_del
+
+
+def _fix_task_cancel_from_any_thread() -> None:
+    import asyncio
+
+    from hivemind.p2p import p2p_daemon
+    from hivemind.p2p.p2p_daemon_bindings import control
+    from hivemind.utils import asyncio as hm_asyncio
+
+    def cancel_task_if_running(task) -> None:
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task.cancel()
+        elif loop.is_running():
+            loop.call_soon_threadsafe(task.cancel)
+
+    for module in (hm_asyncio, p2p_daemon, control):
+        module.cancel_task_if_running = cancel_task_if_running
+
+
+def _fix_root_logger_untouched() -> None:
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_hivemind")  # hivemind's own loggers keep its handler; the root logger is ours
 
 
 def _fix_failover_replay() -> None:
@@ -268,6 +312,8 @@ _PRE_PETALS = {
 _POST_PETALS = {
     "no_version_check": _fix_no_version_check,
     "quiet_session_del": _fix_quiet_session_del,
+    "task_cancel_from_any_thread": _fix_task_cancel_from_any_thread,
+    "root_logger_untouched": _fix_root_logger_untouched,
     "failover_replay": _fix_failover_replay,
 }
 
@@ -278,6 +324,10 @@ def apply() -> None:
     with _lock:
         if _applied:
             return
+        # Known, harmless warnings of the pinned set (not fixes): transformers 4.34 on torch 2.13, and petals
+        # loading block weights into meta-initialized modules.
+        warnings.filterwarnings("ignore", message=r".*_register_pytree_node.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter.*", category=UserWarning)
         for name, fix in _PRE_PETALS.items():
             if _enabled(name):
                 fix()

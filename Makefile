@@ -1,0 +1,42 @@
+# Far Mesh — two commands do everything on a fresh machine:
+#   make demo   a whole local mesh on embedded defaults: generates text, settles a payout, shuts down
+#   make test   the test suite (installs first if needed)
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.far-mesh-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lock contracts clean-state bench help
+
+help:
+	@echo "make demo     run a whole local mesh (installs first if needed)"
+	@echo "make test     run the test suite (installs first if needed)"
+	@echo "make install  create .venv with the pinned, tested dependency set (idempotent)"
+	@echo "make lock     re-resolve requirements/base.in into requirements/lock.txt"
+	@echo "make bench    run the benchmarks in bench/"
+
+install: $(STAMP)
+
+# The stamp depends on the lock and the project metadata: a second `make install` is a no-op.
+$(STAMP): requirements/lock.txt pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m infra.demo
+
+test: install
+	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/swarm_vs_local.py
+
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
+
+clean-state:
+	$(PY) -m infra.embedded down || true
+	rm -rf .far-mesh

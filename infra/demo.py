@@ -1,0 +1,234 @@
+"""``make demo``: a whole local Far Mesh on embedded defaults, start to finish, then everything stops.
+
+1. PostgreSQL and Redis: ``POSTGRES_URL`` / ``REDIS_URL`` when reachable, else embedded servers.
+2. Migrations; the tiny model (built once into the state folder).
+3. DHT bootstrap and two provider nodes (blocks 0:2 and 2:4), registered with demo wallets.
+4. The coordinator; one generation streamed to the terminal with the running cost.
+5. The per-node contributions read back from Postgres.
+6. A payout of the providers' earnings on the local chain (in-process py-evm).
+All state lives in ``.far-mesh/`` (``FAR_MESH_STATE_DIR``); every process started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from infra.processes import ManagedProcess, python_argv, wait_until
+
+console = Console(highlight=False)
+MODEL_ID = "far-mesh/tiny-llama"
+PROMPT = "def compute(a, b):"
+# Demo provider wallets (any address works on the local chain).
+DEMO_WALLETS = {"node-a": "0x" + "A1" * 20, "node-b": "0x" + "B2" * 20}
+
+
+def step(message: str) -> None:
+    console.print(f"[bold cyan]==>[/] {message}")
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+async def register_demo_nodes(postgres_url: str, nodes) -> None:
+    """Until a node registers itself through discovery (far-node run with DISCOVERY_URL), the demo records
+    its two nodes directly, by the peer IDs of their identity keys."""
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        for node in nodes:
+            await conn.execute(
+                """INSERT INTO far_nodes (peer_id, wallet_address, model_id, start_block, end_block, public_name)
+                   VALUES ($1, $2, $3, $4, $5, $6)
+                   ON CONFLICT (peer_id) DO UPDATE SET wallet_address = excluded.wallet_address, state = 'online'""",
+                node.peer_id, DEMO_WALLETS[node.name], MODEL_ID, node.span.start, node.span.end, node.name)
+    finally:
+        await conn.close()
+
+
+async def read_contributions(postgres_url: str, request_id: str):
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        session = await conn.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
+        rows = await conn.fetch(
+            """SELECT c.*, n.public_name FROM far_session_contributions c LEFT JOIN far_nodes n USING (node_id)
+               WHERE c.session_id = $1 ORDER BY c.blocks""", session["session_id"])
+        return session, rows
+    finally:
+        await conn.close()
+
+
+def stream_generation(url: str, request_id: str) -> dict:
+    payload = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "request_id": request_id}
+    console.print(f"[bold]prompt:[/] {PROMPT}")
+    final = None
+    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=120) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"generate failed: HTTP {response.status_code}: {response.read().decode()}")
+        event = "message"
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line.split(":", 1)[1])
+                if event == "error":
+                    raise RuntimeError(f"generation failed: {data['error']}")
+                if data.get("done"):
+                    final = data
+                else:
+                    sys.stdout.write(data["token"])
+                    sys.stdout.write(f"\x1b[s  [{data['tokens_generated']} tok, {data['cost_far']} FAR]\x1b[K\x1b[u"
+                                     if sys.stdout.isatty() else "")
+                    sys.stdout.flush()
+                event = "message"
+    print()
+    return final
+
+
+def print_contributions(session, rows) -> None:
+    table = Table(title=f"Contributions of session {session['request_id']} (from PostgreSQL)")
+    for column in ("node", "peer", "wallet", "blocks", "work units", "payment FAR"):
+        table.add_column(column, justify="right" if column in ("work units", "payment FAR") else "left")
+    for row in rows:
+        table.add_row(row["public_name"] or "(unregistered)", row["peer_id"][:12] + "…", row["wallet_address"] or "-",
+                      row["blocks"], str(row["work_units"]), str(row["payment_far"].normalize()))
+    console.print(table)
+    paid = sum((row["payment_far"] for row in rows), Decimal(0))
+    console.print(f"cost {session['cost_far'].normalize()} FAR = contributions {paid.normalize()} + fee "
+                  f"{session['fee_far'].normalize()}  "
+                  f"({'exact' if paid + session['fee_far'] == session['cost_far'] else 'MISMATCH'})")
+
+
+def settle_payout(postgres_url: str, state_dir: Path) -> None:
+    from services.payouts.demo import pay_demo_week
+
+    pay_demo_week(postgres_url, state_dir, console)
+
+
+def main() -> int:
+    from infra.embedded import ensure_postgres, ensure_redis
+    from infra.swarm import LocalSwarm
+    from services.common.config import get_settings
+    from services.common.logs import configure_logging
+
+    started = time.monotonic()
+    settings = get_settings()
+    configure_logging("WARNING")
+    state_dir = settings.FAR_MESH_STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o755)  # the embedded PostgreSQL runs as an unprivileged user and must traverse it
+    run_dir = state_dir / "demo"
+    console.print(f"[bold]Far Mesh demo[/] (state and logs in {state_dir})")
+
+    with contextlib.ExitStack() as stack:
+        step("PostgreSQL: POSTGRES_URL if reachable, else embedded")
+        postgres = stack.enter_context(ensure_postgres(settings.POSTGRES_URL, state_dir))
+        console.print(f"    {'embedded' if postgres.embedded else 'using'} {postgres.url}")
+        step("Redis: REDIS_URL if reachable, else embedded")
+        redis = stack.enter_context(ensure_redis(settings.REDIS_URL, state_dir))
+        console.print(f"    {'embedded' if redis.embedded else 'using'} {redis.url}")
+
+        demo_db = _fresh_demo_database(postgres.url)
+        step("applying database migrations")
+        from database.migrate import migrate
+
+        applied = migrate(demo_db)
+        console.print(f"    applied {len(applied)} migration(s) to {demo_db}")
+
+        step("building the tiny model (deterministic; cached in the state folder)")
+        from services.common.tiny_model import build_tiny_model
+
+        model_dir = build_tiny_model(state_dir / "models" / "tiny-llama")
+        console.print(f"    {model_dir}")
+
+        swarm = stack.enter_context(LocalSwarm(model_dir, MODEL_ID, run_dir))
+        step("starting the DHT bootstrap")
+        peers = swarm.start_bootstrap()
+        console.print(f"    {peers[0]}")
+        step("starting two provider nodes: blocks 0:2 and 2:4 (loading blocks, announcing in the DHT)")
+        nodes = [swarm.start_node("node-a", "0:2"), swarm.start_node("node-b", "2:4")]
+        swarm.wait_online(["node-a", "node-b"], num_blocks=4, timeout=180)
+        for node in nodes:
+            console.print(f"    {node.name}: blocks {node.span} ONLINE, peer {node.peer_id}")
+        asyncio.run(register_demo_nodes(demo_db, nodes))
+
+        step("starting the mesh coordinator")
+        port = free_port(8100)
+        env = dict(os.environ, POSTGRES_URL=demo_db, REDIS_URL=redis.url, FAR_MESH_DHT_BOOTSTRAP=",".join(peers),
+                   DEFAULT_MODEL_ID=MODEL_ID, FAR_MESH_MODEL_PATH=str(model_dir), LOG_LEVEL="WARNING")
+        coordinator = ManagedProcess("coordinator", python_argv("services.cli", "coordinator", "--port", str(port)),
+                                     env=env, log_path=run_dir / "logs" / "coordinator.log").start()
+        stack.callback(coordinator.stop)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _ready(url), timeout=120, what="the coordinator", process=coordinator)
+        console.print(f"    {url}")
+
+        step("streaming a generation through the swarm")
+        request_id = f"demo_{int(time.time())}"
+        final = stream_generation(url, request_id)
+        console.print(f"    finish_reason={final['finish_reason']}  tokens={final['usage']['completion_tokens']}  "
+                      f"cost={final['cost_far']} FAR")
+
+        step("per-node contributions, read back from PostgreSQL")
+        session, rows = asyncio.run(read_contributions(demo_db, request_id))
+        print_contributions(session, rows)
+        if sum((r["payment_far"] for r in rows), Decimal(0)) + session["fee_far"] != session["cost_far"]:
+            console.print("[red]conservation check failed[/]")
+            return 1
+
+        step("settling the providers' payout on the local chain")
+        settle_payout(demo_db, state_dir)
+
+        step("shutting everything down")
+    console.print(f"[bold green]demo finished in {time.monotonic() - started:.0f} s[/]")
+    return 0
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _fresh_demo_database(server_url: str) -> str:
+    """Each demo run records into its own database ``farmesh_demo`` (recreated), so runs never mix."""
+    import asyncpg
+    from urllib.parse import urlsplit, urlunsplit
+
+    async def recreate() -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute("DROP DATABASE IF EXISTS farmesh_demo WITH (FORCE)")
+            await conn.execute("CREATE DATABASE farmesh_demo")
+        finally:
+            await conn.close()
+
+    asyncio.run(recreate())
+    return urlunsplit(urlsplit(server_url)._replace(path="/farmesh_demo"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

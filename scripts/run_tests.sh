@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: Python tests (real Postgres/Redis/Petals swarm/EVM) and, when present, the TypeScript SDK's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if [ -f sdk/typescript/package.json ]; then
+  (cd sdk/typescript && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; } && npm test --silent)
+fi

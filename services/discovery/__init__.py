@@ -1,0 +1,1 @@
+"""The discovery service: node registry, liveness, swarm coverage (see docs/discovery.md)."""

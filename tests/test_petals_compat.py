@@ -1,0 +1,201 @@
+"""Every runtime fix of services/common/petals_compat.py has a test here that fails when the fix is removed.
+
+Each test runs a small program in a fresh interpreter twice: with the fix (must behave) and with the fix
+switched off through FAR_MESH_DISABLE_COMPAT_FIX (must show the upstream problem), so the test also proves
+the fix is still needed on the pinned stack. ``failover_replay`` is covered by
+tests/test_swarm_generation.py::test_replica_killed_mid_generation_output_identical (with the fix) and by
+``test_failover_without_fix_breaks`` below (without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from services.common import petals_compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code: str, *, disable: str | None = None, timeout: float = 60, env_extra: dict | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    env["PYTHONPATH"] = ROOT
+    env.pop("FAR_MESH_DISABLE_COMPAT_FIX", None)
+    if disable:
+        env["FAR_MESH_DISABLE_COMPAT_FIX"] = disable
+    env.update(env_extra or {})
+    try:
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                                timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None  # hung
+    return result
+
+
+def test_every_fix_is_listed_and_tested():
+    tested = {name.removeprefix("test_fix_") for name in globals() if name.startswith("test_fix_")}
+    assert tested == set(petals_compat.FIXES)
+
+
+def test_fix_hivemind_reexports():
+    code = "import services.common.petals_compat; import petals; from hivemind import PeerID, get_dht_time; print('ok')"
+    fixed = run_py(code)
+    assert fixed.returncode == 0, fixed.stderr
+    broken = run_py(code, disable="hivemind_reexports")
+    assert broken.returncode != 0 and "cannot import name" in broken.stderr
+
+
+def test_fix_grad_scaler_location():
+    code = """
+        import services.common.petals_compat
+        from torch.cuda.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+        print('ok')
+    """
+    assert run_py(code).returncode == 0
+    broken = run_py(code, disable="grad_scaler_location")
+    assert broken.returncode != 0 and "_refresh_per_optimizer_state" in broken.stderr
+
+
+def test_fix_no_upnp():
+    code = """
+        import asyncio, psutil
+        import services.common.petals_compat
+        from hivemind.p2p import P2P
+
+        async def main():
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            daemons = [c for c in psutil.Process().children(recursive=True) if "p2pd" in c.name()]
+            print(" ".join(daemons[0].cmdline()))
+            await p2p.shutdown()
+
+        asyncio.run(main())
+    """
+    fixed = run_py(code)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "-natPortMap=0" in fixed.stdout
+    broken = run_py(code, disable="no_upnp")
+    assert "-natPortMap=1" in broken.stdout
+
+
+def test_fix_hf_offline():
+    code = "import services.common.petals_compat; from huggingface_hub import constants; print(constants.HF_HUB_OFFLINE)"
+    assert run_py(code).stdout.strip() == "True"
+    assert run_py(code, disable="hf_offline").stdout.strip() == "False"
+
+
+def test_fix_no_version_check():
+    code = """
+        import services.common.petals_compat
+        import requests
+        calls = []
+        def no_network(*args, **kwargs):
+            calls.append(args)
+            raise RuntimeError("network access attempted")
+        requests.get = no_network
+        import petals.cli.run_server as run_server
+        run_server.validate_version()
+        print(len(calls))
+    """
+    assert run_py(code).stdout.strip() == "0"
+    assert run_py(code, disable="no_version_check").stdout.strip() == "1"
+
+
+def test_fix_quiet_session_del():
+    """A session destructor that runs on the RemoteExpertWorker loop thread (where GC can trigger it) must not
+    wait on that same loop: upstream it deadlocks."""
+    code = """
+        import asyncio
+        import services.common.petals_compat
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+        from petals.client.inference_session import _ServerInferenceSession
+
+        session = object.__new__(_ServerInferenceSession)
+        session._outputs_stream = object()
+        session._inputs_queue = None
+        session.stepped = False
+        session.closed = False
+
+        async def collect_on_worker_loop():
+            session.__del__()
+
+        RemoteExpertWorker.run_coroutine(collect_on_worker_loop())
+        print("returned")
+    """
+    fixed = run_py(code, timeout=30)
+    assert fixed is not None and fixed.stdout.strip() == "returned", fixed and fixed.stderr
+    assert run_py(code, disable="quiet_session_del", timeout=15) is None  # hangs upstream
+
+
+def test_fix_task_cancel_from_any_thread():
+    code = """
+        import asyncio, threading, time
+        import services.common.petals_compat
+        from hivemind.p2p import p2p_daemon
+
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        async def make():
+            return asyncio.ensure_future(asyncio.sleep(3600))
+        task = asyncio.run_coroutine_threadsafe(make(), loop).result()
+        try:
+            p2p_daemon.cancel_task_if_running(task)  # as P2P.__del__ does, from the GC's thread
+        except RuntimeError as error:
+            print("error:", error)
+        time.sleep(0.2)
+        print("cancelled" if task.cancelled() else "still running")
+    """
+    assert run_py(code).stdout.strip().splitlines()[-1] == "cancelled"
+    assert run_py(code, disable="task_cancel_from_any_thread").stdout.strip().splitlines()[-1] != "cancelled"
+
+
+FAILOVER_SCRIPT = """
+import json, os, signal, sys
+from services.coordinator.engine import SwarmModel
+from services.coordinator.metering import WorkMeter
+from services.coordinator.sampling import SamplingParams
+
+model_dir, peers, victims = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
+client = SwarmModel("far-mesh/tiny-llama", model_dir, peers, request_timeout=5, max_retries=4)
+generation = client.start(client.encode("def compute(a, b):"), SamplingParams(max_tokens=24, temperature=0), WorkMeter())
+tokens = []
+for delta in generation:
+    tokens.append(delta.token_id)
+    if delta.index == 8:
+        for hop in generation.route():
+            if hop["peer_id"] in victims:
+                os.killpg(victims[hop["peer_id"]], signal.SIGKILL)
+print(json.dumps(tokens))
+"""
+
+
+@pytest.mark.swarm
+def test_fix_failover_replay(fresh_swarm, tiny_model_dir):
+    """Without the fix, the replacement server rejects every replay ("Broken input cache") until the client
+    gives up; with it, the same scenario completes (and matches the local model: see test_swarm_generation)."""
+    fresh_swarm.start_node("a", "0:2")
+    fresh_swarm.start_node("b", "2:4")
+    fresh_swarm.start_node("c", "2:4")
+    fresh_swarm.wait_online(["a", "b", "c"], 4)
+    victims = {fresh_swarm.nodes[n].peer_id: fresh_swarm.nodes[n].process.pid for n in ("b", "c")}
+    args = [str(tiny_model_dir), ",".join(fresh_swarm.initial_peers), json.dumps(victims)]
+    env = dict(os.environ, PYTHONPATH=ROOT, FAR_MESH_DISABLE_COMPAT_FIX="failover_replay")
+    broken = subprocess.run([sys.executable, "-c", FAILOVER_SCRIPT, *args], capture_output=True, text=True,
+                            timeout=180, env=env, cwd=ROOT)
+    assert broken.returncode != 0
+    assert "Broken input cache" in broken.stderr
+
+
+def test_fix_root_logger_untouched():
+    code = """
+        import logging
+        import services.common.petals_compat
+        from hivemind.utils import logging as hm_logging
+        print(hm_logging._default_handler in logging.getLogger().handlers)
+    """
+    assert run_py(code).stdout.strip() == "False"
+    assert run_py(code, disable="root_logger_untouched").stdout.strip() == "True"
