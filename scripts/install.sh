@@ -23,7 +23,7 @@ step "installing the pinned dependency set (requirements/lock.txt)"
 step "installing petals 2.2.0.post1 without its dependency pins (see docs/install.md)"
 "${PIP[@]}" install -q --no-deps petals==2.2.0.post1
 step "installing far-mesh (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+"${PIP[@]}" install -q --no-deps -e .
 if [ -f contracts/package-lock.json ] && command -v npm >/dev/null 2>&1 && [ ! -d contracts/node_modules ]; then
   step "installing the pinned Solidity compiler (npm ci in contracts/)"
   (cd contracts && npm ci --silent --no-audit --no-fund)

@@ -199,3 +199,52 @@ def test_fix_root_logger_untouched():
     """
     assert run_py(code).stdout.strip() == "False"
     assert run_py(code, disable="root_logger_untouched").stdout.strip() == "True"
+
+
+def test_fix_fast_route_repair():
+    """A failed server leaves the router's view at once (upstream it stays routable until the next refresh), and
+    a server that refuses to open a session is reported as failed (upstream nobody is)."""
+    code = """
+        import threading, types
+        import services.common.petals_compat
+        from hivemind import PeerID
+        from petals.client.inference_session import InferenceSession
+        from petals.client.routing.sequence_info import RemoteSequenceInfo
+        from petals.client.routing.sequence_manager import RemoteSequenceManager
+        from hivemind.dht.node import Blacklist
+        from petals.data_structures import RemoteModuleInfo, RemoteSpanInfo, ServerInfo, ServerState
+
+        alive, dead = PeerID(b"alive-peer-id"), PeerID(b"dead-peer-id")
+        info = lambda: ServerInfo(state=ServerState.ONLINE, throughput=1.0, start_block=0, end_block=2)
+        blocks = [RemoteModuleInfo(f"m.{i}", {alive: info(), dead: info()}) for i in range(2)]
+        spans, containing = RemoteSequenceInfo._sort_spans(blocks)
+        state = types.SimpleNamespace(banned_peers=Blacklist(base_time=15, backoff_rate=2.0),
+                                      sequence_info=RemoteSequenceInfo(("m.0", "m.1"), tuple(blocks), spans,
+                                                                       containing, None))
+        manager = types.SimpleNamespace(state=state, lock_changes=threading.Lock(), update=lambda wait: None,
+                                        ready=threading.Event())
+        RemoteSequenceManager.on_request_failure(manager, dead)
+        routable = {span.peer_id for spans in state.sequence_info.spans_containing_block for span in spans}
+        print("routable-after-failure:", sorted(p.to_bytes().decode() for p in routable))
+
+        reported = []
+        refusing = types.SimpleNamespace(
+            block_uids=("m.0", "m.1"), config=None, rpc_info=None,
+            state=types.SimpleNamespace(p2p=None),
+            get_request_metadata=lambda *a, **k: {},
+            on_request_failure=lambda peer: reported.append(peer))
+        session = object.__new__(InferenceSession)
+        session._sequence_manager, session._max_length, session._server_sessions = refusing, 8, []
+        try:
+            session._enter_server_sessions([RemoteSpanInfo(dead, 0, 2, info())])
+        except Exception:
+            pass
+        print("reported:", [p.to_bytes().decode() for p in reported])
+    """
+    fixed = run_py(code)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "routable-after-failure: ['alive-peer-id']" in fixed.stdout
+    assert "reported: ['dead-peer-id']" in fixed.stdout
+    broken = run_py(code, disable="fast_route_repair")
+    assert "routable-after-failure: ['alive-peer-id', 'dead-peer-id']" in broken.stdout
+    assert "reported: []" in broken.stdout

@@ -32,6 +32,12 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     importing petals installs hivemind's log handler on the *root* logger (``use_hivemind_log_handler(
     "in_root_logger")``), so every library's INFO lines come out in hivemind's format, twice when the process
     has its own handler. The handler is removed again; services.common.logs renders all records.
+``fast_route_repair``
+    After a server fails, ``RemoteSequenceManager.on_request_failure`` removes it from ``block_infos`` but not
+    from the derived ``spans_containing_block`` the router reads, and a failure while *connecting* to a server
+    bans nobody; so the next route picks the dead server again, and again, with growing backoff (~15 s stall)
+    until the periodic refresh. The derived spans are now recomputed on failure, and a server that fails to
+    accept a session is reported as failed, so the first retry (no delay) already takes a live replica.
 ``failover_replay`` (petals issue #587)
     After a server dies, petals gives the replacement server session the old ``history`` but ``_position=0``,
     so every replay fails with ``AssertionError("Broken input cache ...")`` and the client retries forever.
@@ -61,6 +67,7 @@ FIXES = (
     "quiet_session_del",
     "task_cancel_from_any_thread",
     "root_logger_untouched",
+    "fast_route_repair",
     "failover_replay",
 )
 
@@ -199,6 +206,52 @@ def _fix_root_logger_untouched() -> None:
     use_hivemind_log_handler("in_hivemind")  # hivemind's own loggers keep its handler; the root logger is ours
 
 
+def _fix_fast_route_repair() -> None:
+    from petals.client import inference_session as inf
+    from petals.client.routing import sequence_manager as sm
+    from petals.client.routing.sequence_info import RemoteSequenceInfo
+
+    original_on_failure = sm.RemoteSequenceManager.on_request_failure
+
+    def on_request_failure(self, peer_id):
+        original_on_failure(self, peer_id)
+        if peer_id is None:
+            return
+        with self.lock_changes:  # keep the router's derived view consistent with block_infos
+            info = self.state.sequence_info
+            info.spans_by_priority, info.spans_containing_block = RemoteSequenceInfo._sort_spans(info.block_infos)
+
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.data_structures import CHAIN_DELIMITER
+
+    def _enter_server_sessions(self, chosen_spans):
+        """Upstream's loop, but a server that fails to open its session is reported (and so avoided)."""
+        server_sessions = []
+        try:
+            for span in chosen_spans:
+                span_uids = CHAIN_DELIMITER.join(self._sequence_manager.block_uids[span.start : span.end])
+                metadata = self._sequence_manager.get_request_metadata("rpc_inference", span_uids, peer_id=span.peer_id)
+                try:
+                    session = RemoteExpertWorker.run_coroutine(
+                        inf._ServerInferenceSession.create(
+                            self._sequence_manager.config, self._sequence_manager.state.p2p, span, span_uids,
+                            rpc_info=self._sequence_manager.rpc_info, max_length=self._max_length, **metadata,
+                        )
+                    )
+                except Exception:
+                    self._sequence_manager.on_request_failure(span.peer_id)
+                    raise
+                server_sessions.append(session)
+                session.__enter__()
+            return server_sessions
+        except BaseException:
+            self._exit_server_sessions(server_sessions)
+            raise
+
+    sm.RemoteSequenceManager.on_request_failure = on_request_failure
+    inf.InferenceSession._enter_server_sessions = _enter_server_sessions
+
+
 def _fix_failover_replay() -> None:
     import itertools
     import time
@@ -314,6 +367,7 @@ _POST_PETALS = {
     "quiet_session_del": _fix_quiet_session_del,
     "task_cancel_from_any_thread": _fix_task_cancel_from_any_thread,
     "root_logger_untouched": _fix_root_logger_untouched,
+    "fast_route_repair": _fix_fast_route_repair,
     "failover_replay": _fix_failover_replay,
 }
 
