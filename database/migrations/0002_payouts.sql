@@ -19,3 +19,4 @@ COMMENT ON COLUMN far_payment_batches.submitted_at IS 'First time the raw transa
 CREATE INDEX far_session_contributions_unpaid_idx
     ON far_session_contributions (lower(wallet_address), session_id)
     WHERE payment_batch_id IS NULL AND node_id IS NOT NULL AND payment_far > 0;
+

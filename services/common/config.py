@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
     FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (demo/tests)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
+    FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
+    PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
+    GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    SWARM_READINESS_REFRESH_S: float = Field(default=2.0, gt=0)
     # Discovery service tuning (documented in docs/discovery.md).
     NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
     DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")

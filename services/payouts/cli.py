@@ -29,7 +29,7 @@ from rich.table import Table
 app = typer.Typer(help="Weekly FAR payouts on BNB Smart Chain.", no_args_is_help=True, add_completion=False)
 chain_app = typer.Typer(help="Deploy and inspect the FAR contracts.", no_args_is_help=True, add_completion=False)
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: whole wallets and hashes
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -69,6 +69,19 @@ def _settings():
 def _config_error(error: Exception) -> typer.Exit:
     typer.echo(f"far-mesh: configuration error: {error}", err=True)
     return typer.Exit(2)
+
+
+def _run(coroutine):
+    """asyncio.run with one readable line (not a traceback) for database problems."""
+    import asyncpg
+
+    try:
+        return asyncio.run(coroutine)
+    except asyncpg.UndefinedTableError as error:
+        typer.echo(f"far-mesh: database is not migrated ({error}); run `far-mesh db migrate`", err=True)
+    except (asyncpg.PostgresError, OSError) as error:
+        typer.echo(f"far-mesh: POSTGRES_URL: {type(error).__name__}: {error}", err=True)
+    raise typer.Exit(1)
 
 
 def _parse_cutoff(value: Optional[str]) -> Optional[datetime]:
@@ -117,7 +130,7 @@ def run_once(
         raise _config_error(error) from None
     executor = PayoutExecutor.from_settings(settings, chain, network=net)
     try:
-        report = asyncio.run(executor.run_once(dry_run=dry_run, cutoff=_parse_cutoff(cutoff)))
+        report = _run(executor.run_once(dry_run=dry_run, cutoff=_parse_cutoff(cutoff)))
     except PayoutError as error:
         typer.echo(f"far-mesh payouts: {error}", err=True)
         raise typer.Exit(1) from None
@@ -173,7 +186,7 @@ def status(limit: int = typer.Option(20, help="how many recent batches")) -> Non
 
     table = _table("payout batches", "batch", "network", "state", "recipients", "total (FAR)", "tx hash", "block",
                    "created", "error")
-    for row in asyncio.run(fetch()):
+    for row in _run(fetch()):
         table.add_row(str(row["batch_number"]), row["network"], row["state"], str(row["recipient_count"]),
                       fmt_far(row["total_far"]), row["tx_hash"] or "-", str(row["block_number"] or "-"),
                       row["created_at"].isoformat(timespec="seconds"), row["error"] or "")
@@ -220,7 +233,7 @@ def anvil_binary() -> Path:
     if not binary.exists():
         npm = shutil.which("npm")
         if npm is None:
-            raise FileNotFoundError("npm not found (needed for anvil from @foundry-rs/anvil)")
+            raise FileNotFoundError("npm not found (needed for anvil from npm @foundry-rs/anvil-linux-amd64)")
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=contracts, check=True)
     return binary
 
@@ -232,7 +245,7 @@ def devnode(
                                                          "(default: <state dir>/anvil-state.json)"),
     block_time: Optional[int] = typer.Option(None, help="seconds per block (default: mine on each transaction)"),
 ) -> None:
-    """Run a persistent local chain (anvil from npm @foundry-rs/anvil) on 127.0.0.1 for --network local."""
+    """Run a persistent local chain (anvil, npm @foundry-rs/anvil-linux-amd64) on 127.0.0.1 for --network local."""
     settings = _settings()
     state_file = state_file or Path(settings.FAR_MESH_STATE_DIR) / "anvil-state.json"
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +282,7 @@ def audit(
                 chain = connect(settings, net)
             except ChainConfigError as error:
                 raise _config_error(error) from None
-    report = asyncio.run(run_audit(settings.POSTGRES_URL, chain, scan_logs=scan_logs, from_block=from_block))
+    report = _run(run_audit(settings.POSTGRES_URL, chain, scan_logs=scan_logs, from_block=from_block))
     for check in report.checks:
         mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
         console.print(f"{mark}  {check.name} ({check.checked} checked)")

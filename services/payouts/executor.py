@@ -55,11 +55,15 @@ from services.payouts.planner import (
 
 log = get_logger(__name__)
 
-try:  # py-evm through eth-tester reports a reverting estimate with its own exception type
-    from eth_tester.exceptions import TransactionFailed as _TesterRevert
-except ImportError:  # pragma: no cover - eth-tester is a dev/local dependency
-    _TesterRevert = ContractLogicError
-REVERT_ERRORS = (ContractLogicError, _TesterRevert)
+
+
+def is_revert(error: BaseException) -> bool:
+    """A revert reported by a node (ContractLogicError) or by in-process py-evm (eth-tester's TransactionFailed,
+    matched by name so that real networks do not pay eth-tester's ~1 s import)."""
+    kind = type(error)
+    return isinstance(error, ContractLogicError) or (
+        kind.__name__ == "TransactionFailed" and kind.__module__.startswith("eth_tester"))
+
 
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"far-mesh:payouts").digest()[:8], "big", signed=True)
 OPEN_STATES = ("planned", "signed", "submitted")
@@ -349,7 +353,9 @@ class PayoutExecutor:
         call = {"from": chain.address, "to": chain.payout.address, "data": data}
         try:
             estimate = w3.eth.estimate_gas(call)
-        except REVERT_ERRORS as error:
+        except Exception as error:  # noqa: BLE001 - only reverts are handled here
+            if not is_revert(error):
+                raise
             return await self._fail(conn, batch, f"gas estimate reverted (nothing sent): {error}")
         gas_limit = min(estimate * 5 // 4 + 20_000, self.gas_cap)
         if estimate > self.gas_cap:
