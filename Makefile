@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.far-mesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lock contracts clean-state bench help
+.PHONY: install demo test lock clean-state bench help
 
 help:
 	@echo "make demo     run a whole local mesh (installs first if needed)"
@@ -17,6 +17,7 @@ help:
 	@echo "make install  create .venv with the pinned, tested dependency set (idempotent)"
 	@echo "make lock     re-resolve requirements/base.in into requirements/lock.txt"
 	@echo "make bench    run the benchmarks in bench/"
+	@echo "make contracts / contracts-check   rebuild / verify the committed Solidity artifacts"
 
 install: $(STAMP)
 
@@ -36,6 +37,8 @@ bench: install
 
 lock:
 	PYTHON=$(PYTHON) bash scripts/lock.sh
+
+include contracts/Makefile.inc
 
 clean-state:
 	$(PY) -m infra.embedded down || true

@@ -5,7 +5,7 @@
 3. DHT bootstrap and two provider nodes (blocks 0:2 and 2:4), registered with demo wallets.
 4. The coordinator; one generation streamed to the terminal with the running cost.
 5. The per-node contributions read back from Postgres.
-6. A payout of the providers' earnings on the local chain (in-process py-evm).
+6. A payout of the providers' earnings on the local chain (in-process py-evm, one batched transaction).
 All state lives in ``.far-mesh/`` (``FAR_MESH_STATE_DIR``); every process started here is stopped by PID.
 """
 
@@ -66,6 +66,33 @@ async def register_demo_nodes(postgres_url: str, nodes) -> None:
         await conn.close()
 
 
+async def create_demo_key(postgres_url: str) -> tuple[str, str]:
+    """A prepaid demo account (10 FAR) and its API key."""
+    import asyncpg
+
+    from services.coordinator.accounts import AccountStore
+
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+    try:
+        store = AccountStore(pool)
+        account_id = await store.create_account("demo user", Decimal("10"))
+        _, key = await store.create_key(account_id, name="demo")
+        return account_id, key
+    finally:
+        await pool.close()
+
+
+async def account_balance(postgres_url: str, account_id: str):
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        return await conn.fetchrow("SELECT balance_far, reserved_far FROM far_accounts WHERE account_id = $1::uuid",
+                                   account_id)
+    finally:
+        await conn.close()
+
+
 async def read_contributions(postgres_url: str, request_id: str):
     import asyncpg
 
@@ -80,11 +107,13 @@ async def read_contributions(postgres_url: str, request_id: str):
         await conn.close()
 
 
-def stream_generation(url: str, request_id: str) -> dict:
+def stream_generation(url: str, request_id: str, api_key: str) -> dict:
     payload = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "request_id": request_id}
     console.print(f"[bold]prompt:[/] {PROMPT}")
     final = None
-    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=120) as response:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=120,
+                      headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"generate failed: HTTP {response.status_code}: {response.read().decode()}")
         event = "message"
@@ -121,10 +150,31 @@ def print_contributions(session, rows) -> None:
                   f"({'exact' if paid + session['fee_far'] == session['cost_far'] else 'MISMATCH'})")
 
 
-def settle_payout(postgres_url: str, state_dir: Path) -> None:
-    from services.payouts.demo import pay_demo_week
+DEMO_MIN_PAYOUT_FAR = Decimal("0.001")
 
-    pay_demo_week(postgres_url, state_dir, console)
+
+def settle_payout(postgres_url: str) -> bool:
+    """Pay the providers what the session earned, in one batched transaction on an in-process py-evm chain
+    (FAR token + payout contract deployed fresh). The demo lowers MIN_PAYOUT_FAR to 0.001 so that one
+    session's earnings are paid; the real weekly minimum is 10 FAR."""
+    from services.payouts.chain import new_local_chain
+    from services.payouts.cli import print_batches, print_plan
+    from services.payouts.executor import PayoutExecutor
+
+    chain = new_local_chain()
+    console.print(f"    local chain {chain.chain_id}: FAR token and payout contract deployed")
+    executor = PayoutExecutor(postgres_url, chain, network="local", min_payout_far=DEMO_MIN_PAYOUT_FAR,
+                              confirmations=1)
+    report = asyncio.run(executor.run_once())
+    print_plan(report.plan, title="payout plan")
+    print_batches(report.batches)
+    table = Table(title="FAR balances on chain after the payout")
+    table.add_column("wallet")
+    table.add_column("FAR", justify="right")
+    for wallet in DEMO_WALLETS.values():
+        table.add_row(wallet, format(Decimal(chain.far_balance(wallet)).scaleb(-18).normalize(), "f"))
+    console.print(table)
+    return report.ok and bool(report.batches)
 
 
 def main() -> int:
@@ -185,21 +235,29 @@ def main() -> int:
         wait_until(lambda: _ready(url), timeout=120, what="the coordinator", process=coordinator)
         console.print(f"    {url}")
 
+        account_id, api_key = asyncio.run(create_demo_key(demo_db))
+        console.print(f"    API key {api_key[:10]}… for a demo account with 10 FAR prepaid")
+
         step("streaming a generation through the swarm")
         request_id = f"demo_{int(time.time())}"
-        final = stream_generation(url, request_id)
+        final = stream_generation(url, request_id, api_key)
         console.print(f"    finish_reason={final['finish_reason']}  tokens={final['usage']['completion_tokens']}  "
                       f"cost={final['cost_far']} FAR")
 
         step("per-node contributions, read back from PostgreSQL")
         session, rows = asyncio.run(read_contributions(demo_db, request_id))
         print_contributions(session, rows)
+        balance = asyncio.run(account_balance(demo_db, account_id))
+        console.print(f"    user account: balance {balance['balance_far'].normalize()} FAR "
+                      f"(reserved {balance['reserved_far'].normalize()})")
         if sum((r["payment_far"] for r in rows), Decimal(0)) + session["fee_far"] != session["cost_far"]:
             console.print("[red]conservation check failed[/]")
             return 1
 
-        step("settling the providers' payout on the local chain")
-        settle_payout(demo_db, state_dir)
+        step("settling the providers' payout on the local chain (one batched transaction)")
+        if not settle_payout(demo_db):
+            console.print("[red]payout did not confirm[/]")
+            return 1
 
         step("shutting everything down")
     console.print(f"[bold green]demo finished in {time.monotonic() - started:.0f} s[/]")
