@@ -56,7 +56,9 @@ class LocalSwarm:
         self.initial_peers = [line for line in maddrs_file.read_text().split() if line]
         return self.initial_peers
 
-    def start_node(self, name: str, span: str, *, extra_args: tuple[str, ...] = ()) -> SwarmNode:
+    def start_node(self, name: str, span: str, *, extra_args: tuple[str, ...] = (),
+                   discovery_url: Optional[str] = None, wallet: Optional[str] = None) -> SwarmNode:
+        """Start a provider node. Without ``discovery_url`` it serves without registering (``--no-register``)."""
         identity = self.workdir / "nodes" / f"{name}.key"
         peer_id = ensure_identity(identity)
         process = ManagedProcess(
@@ -65,7 +67,9 @@ class LocalSwarm:
                         "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
                         "--identity", str(identity), "--public-name", name,
                         "--request-timeout", str(self.request_timeout),
-                        "--update-period", str(self.update_period), *extra_args),
+                        "--update-period", str(self.update_period), "--no-config",
+                        *(("--discovery-url", discovery_url) if discovery_url else ("--no-register",)),
+                        *(("--wallet", wallet) if wallet else ()), *extra_args),
             log_path=self.workdir / "logs" / f"node-{name}.log",
         ).start()
         node = SwarmNode(name, BlockSpan.parse(span), peer_id, identity, process)

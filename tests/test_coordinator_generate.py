@@ -10,7 +10,6 @@ import pytest
 from services.common.money import split_session
 from tests.fixtures.swarm import local_greedy
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _register(db_url_pool, peer_id: str, wallet: str, span):
@@ -59,7 +58,7 @@ async def test_sse_stream_matches_local_model_and_contributions_add_up(coordinat
 
 
 async def test_bad_input_gets_4xx_with_reason(coordinator):
-    async with httpx.AsyncClient(base_url=coordinator.url) as client:
+    async with httpx.AsyncClient(base_url=coordinator.url, headers=coordinator.headers) as client:
         empty = await client.post("/mesh/inference/generate", json={"prompt": "   "})
         assert empty.status_code == 422 and "prompt is empty" in empty.json()["error"]["message"]
         too_many = await client.post("/mesh/inference/generate", json={"prompt": "x", "max_tokens": 10_000})

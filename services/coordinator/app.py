@@ -16,20 +16,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings
+from services.common.http import validation_message
 from services.common.logs import bind_request_id, clear_context, get_logger
+from services.coordinator.accounts import AccountStore
+from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
+from services.coordinator.ratelimit import RateLimiter
+from services.coordinator.readiness import SwarmReadiness
 from services.coordinator.serving import InferenceService, ServingError
 from services.coordinator.store import Pricing, SessionStore
 
 log = get_logger(__name__)
-
-
-def _validation_message(error: RequestValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
-    return "; ".join(parts)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -39,7 +36,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
-        return JSONResponse({"error": {"code": "invalid_request", "message": _validation_message(error)}},
+        return JSONResponse({"error": {"code": "invalid_request", "message": validation_message(error)}},
                             status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -56,37 +53,49 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
                port: int = 8100) -> FastAPI:
-    coordinator_id = coordinator_id or f"{socket.gethostname()}:{port}"
+    # Stable across restarts of the same coordinator, so a restart finalizes what the previous run left running.
+    coordinator_id = coordinator_id or settings.FAR_MESH_COORDINATOR_ID or f"{socket.gethostname()}:{port}"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import redis.asyncio as aioredis
+
         from services.coordinator.engine import SwarmModel
 
-        app.state.pool = await asyncpg.create_pool(settings.POSTGRES_URL, min_size=1, max_size=10)
+        app.state.pool = await asyncpg.create_pool(settings.POSTGRES_URL, min_size=1, max_size=20)
+        app.state.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
         store = SessionStore(app.state.pool)
         interrupted = await store.interrupt_orphans(coordinator_id)
         if interrupted:
-            log.warning("finalized sessions interrupted by a previous crash", count=interrupted)
+            log.warning("finalized sessions interrupted by a previous run", count=interrupted)
         path = model_path or settings.FAR_MESH_MODEL_PATH
         if not path:
             raise SystemExit("far-mesh coordinator: FAR_MESH_MODEL_PATH (or --model) names no model directory")
         log.info("connecting to the swarm", model_id=settings.DEFAULT_MODEL_ID, initial_peers=settings.initial_peers)
         swarm = await asyncio.to_thread(SwarmModel, settings.DEFAULT_MODEL_ID, path, settings.initial_peers,
-                                        request_timeout=settings.PETALS_REQUEST_TIMEOUT_S)
+                                        request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,
+                                        max_retries=settings.PETALS_MAX_RETRIES)
+        readiness = SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S)
+        readiness.start()
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
                           settings.PLATFORM_FEE_BPS)
-        app.state.service = InferenceService(store=store, models={swarm.model_id: swarm},
-                                             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing,
-                                             coordinator_id=coordinator_id)
+        app.state.service = InferenceService(
+            store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(app.state.redis),
+            models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
+            default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
+            jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S)
         log.info("coordinator ready", coordinator_id=coordinator_id)
         try:
             yield
         finally:
-            app.state.service.shutdown()
+            await readiness.stop()
+            await app.state.service.aclose()
             swarm.shutdown()
+            await app.state.redis.aclose()
             await app.state.pool.close()
 
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     return app

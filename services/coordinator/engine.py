@@ -32,7 +32,8 @@ class TokenDelta:
 
 class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
-                 request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0):
+                 request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
+                 min_backoff: float = 0.5):
         import torch
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
@@ -47,6 +48,7 @@ class SwarmModel:
             request_timeout=request_timeout,
             max_retries=max_retries,
             update_period=update_period,
+            min_backoff=min_backoff,
             torch_dtype=torch.float32,
         )
         self.model.eval()
@@ -54,6 +56,20 @@ class SwarmModel:
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
         self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+        self.failure_listeners: list = []  # called with the peer ID of every failed server request
+        manager = self.sequence_manager
+        upstream_on_failure = manager.on_request_failure
+
+        def on_request_failure(peer_id):
+            for listener in self.failure_listeners:
+                listener(peer_id)
+            upstream_on_failure(peer_id)
+
+        manager.on_request_failure = on_request_failure
+
+    @property
+    def dht(self):
+        return self.sequence_manager.dht
 
     @property
     def sequence_manager(self):

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 4096
 WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[dict], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
 class GenerateRequest(BaseModel):
+    """``prompt`` (SPEC), or ``messages`` (chat turns rendered with the model's chat template; an extension)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., max_length=200_000)
+    prompt: Optional[str] = Field(None, max_length=200_000)
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=1000)
     max_tokens: int = Field(100, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
@@ -28,10 +45,18 @@ class GenerateRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_empty(cls, value: str) -> str:
-        if not value.strip():
+    def _prompt_not_empty(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
             raise ValueError("prompt is empty")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not any(m.text().strip() for m in self.messages):
+            raise ValueError("messages are empty")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -1,9 +1,11 @@
-"""Serving logic of ``/mesh/inference/generate``: validation, the generation thread, metering, billing.
+"""Serving logic of the generate APIs: admission, validation, the generation thread, metering, billing.
 
-Routes stay thin (api/routes.py); this module knows nothing about HTTP except the ``ServingError`` status.
-A generation runs in a worker thread (the Petals client is synchronous); tokens come back to the event loop
-through an ``asyncio.Queue``. Contributions are checkpointed while the stream runs and the session is
-finalized exactly once (``finalize_session()`` in SQL), whatever way the stream ends.
+Routes stay thin (api/routes.py, api/openai_routes.py); this module knows nothing about HTTP except the
+``ServingError`` status. Order of admission: credentials (401) → rate limit (429) → input (400/404/422) → swarm
+readiness (503, immediate) → idempotency (replay or 409) → prepaid balance (402, reserved atomically with the
+session row). A generation runs in a worker thread (the Petals client is synchronous); tokens come back to the
+event loop through an ``asyncio.Queue``. Contributions are checkpointed while the stream runs and the session
+is finalized exactly once (``finalize_session()`` in SQL), whatever way the stream ends.
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ from typing import AsyncIterator, Optional
 
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
+from services.coordinator import metrics
+from services.coordinator.accounts import AccountStore, AuthError, Principal
 from services.coordinator.metering import WorkMeter
+from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import Contribution, DoneEvent, GenerateRequest, TokenEvent, Usage
+from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
-from services.coordinator.store import DuplicateRequest, FinalSession, Pricing, SessionStore
+from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
 
 CHECKPOINT_EVERY_TOKENS = 8
 CHECKPOINT_EVERY_SECONDS = 1.0
+SWARM_RETRY_AFTER_S = 5
 _DONE = object()
 
 
@@ -46,41 +53,87 @@ class ActiveGeneration:
     session_id: str
     model_id: str
     prompt_tokens: int
+    account_id: Optional[str]
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: object = None
     tokens_generated: int = 0
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
     request_id: str
+    request_id_given: bool
     model: object  # SwarmModel
     prompt_ids: list
     params: SamplingParams
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A finished request asked for again with the same request_id: its stored result, nothing re-run."""
+
+    final: FinalSession
+
+
 class InferenceService:
-    def __init__(self, *, store: SessionStore, models: dict, default_model_id: str, pricing: Pricing,
-                 coordinator_id: str, max_workers: int = 32):
+    def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter], models: dict,
+                 readiness: dict, default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
+                 generation_timeout_s: float = 600.0, max_workers: int = 64):
         self.store = store
+        self.accounts = accounts
+        self.limiter = limiter
         self.models = models
+        self.readiness = readiness
         self.default_model_id = default_model_id
         self.pricing = pricing
         self.coordinator_id = coordinator_id
+        self.jwt_secret = jwt_secret
+        self.generation_timeout_s = generation_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
         self.active: dict[str, ActiveGeneration] = {}
+        self._settlements: set[asyncio.Future] = set()
+        for model in models.values():
+            model.failure_listeners.append(lambda _peer, model_id=model.model_id:
+                                           metrics.FAILOVERS.labels(model_id).inc())
+
+    # ----------------------------------------------------------------------------------------- admission
+    async def authenticate(self, authorization: Optional[str]) -> Principal:
+        try:
+            return await self.accounts.authenticate(authorization, self.jwt_secret)
+        except AuthError as error:
+            raise ServingError(401, "invalid_credentials", str(error), headers={"WWW-Authenticate": "Bearer"})
+
+    async def admit(self, principal: Principal) -> None:
+        if self.limiter is None:
+            return
+        decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
+        if not decision.allowed:
+            raise ServingError(429, "rate_limited",
+                               f"more than {principal.rate_limit_per_minute} requests per minute for this key; "
+                               f"retry after {decision.retry_after_s} s",
+                               headers={"Retry-After": str(decision.retry_after_s)},
+                               retry_after_s=decision.retry_after_s)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int) -> Decimal:
         return session_cost(completion_tokens, prompt_tokens, self.pricing.price_per_token_far,
                             self.pricing.price_per_prompt_token_far)
 
-    def prepare(self, request: GenerateRequest) -> PreparedRequest:
-        model_id = request.model_id or self.default_model_id
+    def model(self, model_id: Optional[str]):
+        model_id = model_id or self.default_model_id
         model = self.models.get(model_id)
         if model is None:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
-        prompt_ids = model.encode(request.prompt)
+        return model
+
+    def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        model = self.model(request.model_id)
+        stops = list(request.stop)
+        prompt = request.prompt
+        if request.messages is not None:
+            prompt, template_stops = render_chat(model.tokenizer, request.messages)
+            stops += [s for s in template_stops if s not in stops]
+        prompt_ids = model.encode(prompt)
         context = model.context_length
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
@@ -90,26 +143,66 @@ class InferenceService:
                 400, "max_tokens_exceeds_context",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
-        request_id = request.request_id or f"req_{uuid.uuid4().hex}"
-        if request_id in self.active:
-            raise ServingError(409, "duplicate_request", f"request {request_id!r} is already running")
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                top_k=request.top_k, seed=request.seed, stop=tuple(request.stop))
-        return PreparedRequest(request_id, model, prompt_ids, params)
+                                top_k=request.top_k, seed=request.seed, stop=tuple(stops))
+        request_id = request.request_id or f"req_{uuid.uuid4().hex}"
+        return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
 
-    async def open_session(self, prepared: PreparedRequest, request: GenerateRequest) -> ActiveGeneration:
+    async def gate(self, model) -> None:
+        readiness = self.readiness.get(model.model_id)
+        if readiness is None:
+            return
+        coverage = await readiness.current()
+        if not coverage.swarm_ready:
+            raise ServingError(
+                503, "swarm_not_ready",
+                f"model {model.model_id!r} cannot serve now: " + ("; ".join(coverage.blocking) or "blocks missing"),
+                headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
+                loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
+
+    async def begin(self, prepared: PreparedRequest, request: GenerateRequest,
+                    principal: Optional[Principal]) -> ActiveGeneration | Replay:
+        if prepared.request_id in self.active:
+            raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
+        account_id = principal.account_id if principal else None
+        reserved = self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids)) if account_id else Decimal(0)
         try:
             session_id = await self.store.create_session(
                 request_id=prepared.request_id, model_id=prepared.model.model_id, pricing=self.pricing,
-                prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
-                coordinator_id=self.coordinator_id)
+                prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet, account_id=account_id,
+                reserved_far=reserved, coordinator_id=self.coordinator_id)
         except DuplicateRequest:
+            previous = await self.store.read_by_request_id(prepared.request_id)
+            if previous is not None and previous.account_id == account_id and previous.status != "running":
+                return Replay(previous)
             raise ServingError(409, "duplicate_request",
-                               f"request_id {prepared.request_id!r} was used before (it is an idempotency key)")
-        active = ActiveGeneration(prepared.request_id, session_id, prepared.model.model_id, len(prepared.prompt_ids))
+                               f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
+        except InsufficientBalance as error:
+            raise ServingError(402, "insufficient_balance",
+                               f"this request may cost up to {format_far(error.required)} FAR "
+                               f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
+                               f"FAR available", required_far=format_far(error.required),
+                               available_far=format_far(error.available))
+        active = ActiveGeneration(prepared.request_id, session_id, prepared.model.model_id, len(prepared.prompt_ids),
+                                  account_id)
         self.active[prepared.request_id] = active
         return active
 
+    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
+        """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
+        await self.admit(principal)
+        prepared = self.prepare(request)
+        if prepared.request_id_given:  # a finished request asked for again: its stored result, no gate, no charge
+            previous = await self.store.read_by_request_id(prepared.request_id)
+            if previous is not None and previous.account_id == principal.account_id and previous.status != "running":
+                return self.replay_events(Replay(previous))
+        await self.gate(prepared.model)
+        started = await self.begin(prepared, request, principal)
+        if isinstance(started, Replay):
+            return self.replay_events(started)
+        return self.run(prepared, started)
+
+    # --------------------------------------------------------------------------------------- generation
     async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[dict]:
         """Token events (dicts) then the final event. Cancelling the consumer cancels the generation."""
         loop = asyncio.get_running_loop()
@@ -117,6 +210,9 @@ class InferenceService:
         meter = WorkMeter()
         generation = prepared.model.start(prepared.prompt_ids, prepared.params, meter, active.cancel)
         active.generation = generation
+        model_id = active.model_id
+        metrics.RUNNING.labels(model_id).inc()
+        metrics.PROMPT_TOKENS.labels(model_id).inc(active.prompt_tokens)
 
         def worker() -> None:
             try:
@@ -127,54 +223,93 @@ class InferenceService:
                 loop.call_soon_threadsafe(queue.put_nowait, error)
 
         future = loop.run_in_executor(self.executor, worker)
-        status, failure = "completed", None
+        status, failure, error_code = "completed", None, None
+        deadline = active.started_at + self.generation_timeout_s
         last_checkpoint = (0, time.monotonic())
+        last_token_at = None
         try:
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    active.cancel.set()
+                    status, error_code = "failed", "generation_timeout"
+                    failure = TimeoutError(f"generation exceeded {self.generation_timeout_s:.0f} s")
+                    break
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
-                    status, failure = "failed", item
+                    status, failure, error_code = "failed", item, "swarm_error"
                     break
+                now = time.monotonic()
+                if last_token_at is None:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model_id).observe(now - active.started_at)
+                else:
+                    metrics.INTER_TOKEN_LATENCY.labels(model_id).observe(now - last_token_at)
+                last_token_at = now
                 active.tokens_generated = item.index
                 yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
                                  cost_far=format_far(self.cost_of(item.index, active.prompt_tokens))).model_dump()
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
-                        or time.monotonic() - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
+                        or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
                     last_checkpoint = (item.index, time.monotonic())
-            await future
         finally:
-            if not future.done():  # the consumer went away (client disconnected or cancelled): stop and settle
+            if not future.done():  # the consumer went away, or a timeout: stop within one step, then settle
                 active.cancel.set()
-                await asyncio.shield(future)
-            final = await asyncio.shield(self._settle(active, generation, meter, status))
-            self.active.pop(active.request_id, None)
+            # Settle in a task of its own: when the client disconnects, the stream's cancel scope re-raises at
+            # every await here, and the session must still be finalized (and the account settled) exactly once.
+            settlement = asyncio.ensure_future(self._complete(active, generation, meter, status, failure, future))
+            self._settlements.add(settlement)
+            settlement.add_done_callback(self._settlements.discard)
+            final = await asyncio.shield(settlement)
         if failure is not None:
             log.error("generation failed", request_id=active.request_id, error=repr(failure))
-            raise ServingError(502, "swarm_error", f"generation through the swarm failed: {failure!r}",
-                               tokens_generated=generation.completion_tokens)
-        yield self.done_event(final, generation.finish_reason or "length", generation.text.emitted)
+            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code,
+                               f"generation failed after {generation.completion_tokens} tokens: {failure}",
+                               tokens_generated=generation.completion_tokens, cost_far=format_far(final.cost_far))
+        yield self.done_event(final)
 
-    async def _settle(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str) -> FinalSession:
-        if generation.finish_reason == "cancelled":
-            status = "cancelled"
-        await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
-        return await self.store.finalize(active.session_id, status=status, finish_reason=generation.finish_reason,
-                                         prompt_tokens=active.prompt_tokens,
-                                         completion_tokens=generation.completion_tokens)
+    async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
+                        failure: Optional[BaseException], worker) -> FinalSession:
+        """Wait for the generation thread to stop, then checkpoint, finalize once and record metrics."""
+        model_id = active.model_id
+        try:
+            await worker
+            if status == "completed" and generation.finish_reason == "cancelled":
+                status = "cancelled"
+            await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
+            final = await self.store.finalize(active.session_id, status=status,
+                                              finish_reason=generation.finish_reason,
+                                              prompt_tokens=active.prompt_tokens,
+                                              completion_tokens=generation.completion_tokens,
+                                              output_text=generation.text.emitted,
+                                              error=repr(failure) if failure else None)
+        finally:
+            self.active.pop(active.request_id, None)
+            metrics.RUNNING.labels(model_id).dec()
+        metrics.GENERATED_TOKENS.labels(model_id).inc(generation.completion_tokens)
+        metrics.E2E_LATENCY.labels(model_id).observe(time.monotonic() - active.started_at)
+        metrics.REQUESTS.labels(model_id, final.status).inc()
+        for work in meter.snapshot():
+            metrics.NODE_WORK_UNITS.labels(work.peer_id).inc(work.work_units)
+        log.info("session finalized", request_id=active.request_id, status=final.status,
+                 completion_tokens=final.completion_tokens, cost_far=format_far(final.cost_far))
+        return final
 
     @staticmethod
-    def done_event(final: FinalSession, finish_reason: str, text: str) -> dict:
+    def done_event(final: FinalSession) -> dict:
         return DoneEvent(
-            request_id=final.request_id, finish_reason=finish_reason, text=text,
+            request_id=final.request_id, finish_reason=final.finish_reason or "cancelled", text=final.output_text or "",
             usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
             cost_far=format_far(final.cost_far), fee_far=format_far(final.fee_far),
             contributions=[Contribution(node_id=c.node_id, peer_id=c.peer_id, wallet_address=c.wallet_address,
                                         blocks=c.blocks, work_units=c.work_units,
                                         payment_far=format_far(c.payment_far)) for c in final.contributions],
         ).model_dump()
+
+    async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
+        yield self.done_event(replay.final)
 
     def cancel(self, request_id: str) -> bool:
         active = self.active.get(request_id)
@@ -183,7 +318,10 @@ class InferenceService:
         active.cancel.set()
         return True
 
-    def shutdown(self) -> None:
+    async def aclose(self) -> None:
+        """Cancel running generations and wait until each is finalized."""
         for active in self.active.values():
             active.cancel.set()
+        if self._settlements:
+            await asyncio.gather(*self._settlements, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -16,6 +16,12 @@ class DuplicateRequest(Exception):
     """A session with this request_id exists already (request_id is an idempotency key)."""
 
 
+class InsufficientBalance(Exception):
+    def __init__(self, available: Decimal, required: Decimal):
+        super().__init__(f"available {available} FAR, required {required} FAR")
+        self.available, self.required = available, required
+
+
 @dataclass(frozen=True)
 class Pricing:
     price_per_token_far: Decimal
@@ -45,6 +51,8 @@ class FinalSession:
     cost_far: Decimal
     fee_far: Decimal
     contributions: list[ContributionRow]
+    output_text: Optional[str] = None
+    account_id: Optional[str] = None
 
 
 class SessionStore:
@@ -54,19 +62,31 @@ class SessionStore:
     async def create_session(self, *, request_id: str, model_id: str, pricing: Pricing, prompt_tokens: int,
                              user_wallet: Optional[str] = None, account_id: Optional[str] = None,
                              reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None) -> str:
+        """Insert the running session and, for an account, reserve ``reserved_far`` of its prepaid balance, in
+        one transaction (402 if the balance not already reserved is short)."""
         session_id = str(uuid.uuid4())
-        try:
-            await self.pool.execute(
-                """INSERT INTO far_mesh_sessions (session_id, request_id, account_id, user_wallet, model_id,
-                       prompt_tokens, price_per_token_far, price_per_prompt_token_far, platform_fee_bps,
-                       reserved_far, coordinator_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
-                session_id, request_id, account_id, user_wallet, model_id, prompt_tokens,
-                pricing.price_per_token_far, pricing.price_per_prompt_token_far, pricing.platform_fee_bps,
-                reserved_far, coordinator_id,
-            )
-        except asyncpg.UniqueViolationError:
-            raise DuplicateRequest(request_id) from None
+        async with self.pool.acquire() as conn, conn.transaction():
+            if account_id is not None:
+                updated = await conn.fetchrow(
+                    """UPDATE far_accounts SET reserved_far = reserved_far + $2
+                        WHERE account_id = $1 AND balance_far - reserved_far >= $2 RETURNING account_id""",
+                    uuid.UUID(account_id), reserved_far)
+                if updated is None:
+                    row = await conn.fetchrow("SELECT balance_far - reserved_far AS available FROM far_accounts "
+                                              "WHERE account_id = $1", uuid.UUID(account_id))
+                    raise InsufficientBalance(row["available"] if row else Decimal(0), reserved_far)
+            try:
+                await conn.execute(
+                    """INSERT INTO far_mesh_sessions (session_id, request_id, account_id, user_wallet, model_id,
+                           prompt_tokens, price_per_token_far, price_per_prompt_token_far, platform_fee_bps,
+                           reserved_far, coordinator_id)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                    session_id, request_id, uuid.UUID(account_id) if account_id else None, user_wallet, model_id,
+                    prompt_tokens, pricing.price_per_token_far, pricing.price_per_prompt_token_far,
+                    pricing.platform_fee_bps, reserved_far, coordinator_id,
+                )
+            except asyncpg.UniqueViolationError:
+                raise DuplicateRequest(request_id) from None
         return session_id
 
     async def checkpoint(self, session_id: str, completion_tokens: int, work: Sequence[PeerWork]) -> None:
@@ -95,9 +115,12 @@ class SessionStore:
             )
 
     async def finalize(self, session_id: str, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
-                       completion_tokens: int) -> FinalSession:
-        await self.pool.execute("SELECT finalize_session($1, $2, $3, $4, $5)", session_id, status, finish_reason,
-                                prompt_tokens, completion_tokens)
+                       completion_tokens: int, output_text: Optional[str] = None,
+                       error: Optional[str] = None) -> FinalSession:
+        """Finalize once (``finalize_session()``) and settle the account: reserved → charged actual cost."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
+                                       output_text, error)
         return await self.read_session(session_id)
 
     async def read_session(self, session_id: str) -> FinalSession:
@@ -112,7 +135,12 @@ class SessionStore:
             finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
             completion_tokens=row["completion_tokens"], cost_far=row["cost_far"], fee_far=row["fee_far"],
             contributions=[ContributionRow(**dict(c)) for c in contributions],
+            output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
         )
+
+    async def read_by_request_id(self, request_id: str) -> Optional[FinalSession]:
+        row = await self.find_by_request_id(request_id)
+        return None if row is None else await self.read_session(str(row["session_id"]))
 
     async def find_by_request_id(self, request_id: str) -> Optional[asyncpg.Record]:
         return await self.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
@@ -124,6 +152,26 @@ class SessionStore:
             "SELECT session_id, prompt_tokens, completion_tokens FROM far_mesh_sessions "
             "WHERE status = 'running' AND finalized_at IS NULL AND coordinator_id = $1", coordinator_id)
         for row in rows:
-            await self.pool.execute("SELECT finalize_session($1, 'interrupted', NULL, $2, $3)", row["session_id"],
-                                    row["prompt_tokens"], row["completion_tokens"])
+            async with self.pool.acquire() as conn, conn.transaction():
+                await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
+                                           row["completion_tokens"], None, "coordinator restarted mid-session")
         return len(rows)
+
+
+async def _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
+                               output_text, error) -> None:
+    before = await conn.fetchrow(
+        "SELECT finalized_at, account_id, reserved_far FROM far_mesh_sessions WHERE session_id = $1 FOR UPDATE",
+        session_id)
+    if before is None or before["finalized_at"] is not None:
+        return  # already final (idempotent): the account was settled then
+    await conn.execute("UPDATE far_mesh_sessions SET output_text = $2, error = $3 WHERE session_id = $1",
+                       session_id, output_text, error)
+    final = await conn.fetchrow("SELECT * FROM finalize_session($1, $2, $3, $4, $5)", session_id, status,
+                                finish_reason, prompt_tokens, completion_tokens)
+    if before["account_id"] is not None:
+        # cost <= reserved (reserved is the cost of max_tokens), so the balance never goes negative.
+        await conn.execute(
+            """UPDATE far_accounts SET balance_far = balance_far - $2, reserved_far = reserved_far - $3
+                WHERE account_id = $1""",
+            before["account_id"], min(final["cost_far"], before["reserved_far"]), before["reserved_far"])

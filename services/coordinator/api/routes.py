@@ -1,4 +1,4 @@
-"""HTTP routes of the coordinator: thin wrappers over services.coordinator.serving."""
+"""HTTP routes of the coordinator's own API: thin wrappers over services.coordinator.serving."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
-from services.coordinator.api.deps import get_service
+from services.coordinator.accounts import Principal
+from services.coordinator.api.deps import get_principal, get_service
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
 
 
-async def _sse(events, request_id: str):
+async def _sse(events):
     try:
         async for event in events:
             yield {"data": json.dumps(event)}
@@ -25,12 +26,11 @@ async def _sse(events, request_id: str):
 
 
 @router.post("/mesh/inference/generate")
-async def generate(body: GenerateRequest, service: InferenceService = Depends(get_service)):
-    prepared = service.prepare(body)
-    active = await service.open_session(prepared, body)
-    events = service.run(prepared, active)
+async def generate(body: GenerateRequest, service: InferenceService = Depends(get_service),
+                   principal: Principal = Depends(get_principal)):
+    events = await service.start(body, principal)
     if body.stream:
-        return EventSourceResponse(_sse(events, active.request_id), ping=15)
+        return EventSourceResponse(_sse(events), ping=15)
     final = None
     async for event in events:
         if event.get("done"):
@@ -38,26 +38,34 @@ async def generate(body: GenerateRequest, service: InferenceService = Depends(ge
     return JSONResponse(final)
 
 
+async def _owned_session(service: InferenceService, request_id: str, principal: Principal):
+    final = await service.store.read_by_request_id(request_id)
+    if final is None or final.account_id != principal.account_id:
+        raise ServingError(404, "request_not_found", f"no request {request_id!r} for this account")
+    return final
+
+
 @router.get("/mesh/inference/{request_id}")
-async def inference_status(request_id: str, service: InferenceService = Depends(get_service)):
+async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
+                           principal: Principal = Depends(get_principal)):
+    final = await _owned_session(service, request_id, principal)
     active = service.active.get(request_id)
     if active is not None:
         return {"request_id": request_id, "status": "running", "tokens_generated": active.tokens_generated,
+                "cost_far": str(service.cost_of(active.tokens_generated, active.prompt_tokens)),
                 "route": active.generation.route() if active.generation is not None else []}
-    row = await service.store.find_by_request_id(request_id)
-    if row is None:
-        raise ServingError(404, "request_not_found", f"no request {request_id!r}")
-    return {"request_id": request_id, "status": row["status"], "tokens_generated": row["completion_tokens"],
-            "finish_reason": row["finish_reason"], "route": []}
+    return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
+            "finish_reason": final.finish_reason, "cost_far": str(final.cost_far.normalize())
+            if final.cost_far is not None else None, "route": []}
 
 
 @router.delete("/mesh/inference/{request_id}")
-async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service)):
+async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
+                           principal: Principal = Depends(get_principal)):
+    final = await _owned_session(service, request_id, principal)
     if service.cancel(request_id):
         return {"request_id": request_id, "status": "cancelling"}
-    if await service.store.find_by_request_id(request_id) is None:
-        raise ServingError(404, "request_not_found", f"no request {request_id!r}")
-    return {"request_id": request_id, "status": "finished"}
+    return {"request_id": request_id, "status": final.status}
 
 
 @router.get("/healthz")
@@ -73,6 +81,11 @@ async def readyz(request: Request):
         await state.pool.fetchval("SELECT 1")
     except Exception as error:  # noqa: BLE001
         problems.append(f"postgres: {error}")
+    if getattr(state, "redis", None) is not None:
+        try:
+            await state.redis.ping()
+        except Exception as error:  # noqa: BLE001
+            problems.append(f"redis: {error}")
     if not getattr(state, "service", None) or not state.service.models:
         problems.append("no model loaded")
     if problems:

@@ -1,0 +1,121 @@
+"""Accounts, API keys (``fl_…``, stored as sha256) and JWTs (HS256 with ``JWT_SECRET``).
+
+A request is authenticated to a ``Principal`` (account + key). Its prepaid balance is reserved when a session
+starts (max possible cost) and settled to the actual cost when the session is finalized (services/coordinator/
+store.py does both in the same transactions as the session rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Optional
+
+import asyncpg
+import jwt
+
+KEY_PREFIX = "fl_"
+DEFAULT_JWT_RATE_LIMIT_PER_MINUTE = 600
+
+
+@dataclass(frozen=True)
+class Principal:
+    account_id: str
+    key_id: str  # an API key's id, or "jwt:<account_id>"
+    rate_limit_per_minute: int
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[:10]
+
+
+def issue_jwt(account_id: str, secret: str, *, ttl_s: int = 3600) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": account_id, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+
+
+class AuthError(Exception):
+    pass
+
+
+class AccountStore:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def create_account(self, name: str, balance_far: Decimal = Decimal(0)) -> str:
+        return str(await self.pool.fetchval(
+            "INSERT INTO far_accounts (name, balance_far) VALUES ($1, $2) RETURNING account_id", name, balance_far))
+
+    async def credit(self, account_id: str, amount_far: Decimal) -> Decimal:
+        if amount_far <= 0:
+            raise ValueError("credit amount must be positive")
+        balance = await self.pool.fetchval(
+            "UPDATE far_accounts SET balance_far = balance_far + $2 WHERE account_id = $1 RETURNING balance_far",
+            uuid.UUID(account_id), amount_far)
+        if balance is None:
+            raise LookupError(f"no account {account_id}")
+        return balance
+
+    async def create_key(self, account_id: str, *, name: Optional[str] = None,
+                         rate_limit_per_minute: int = 600) -> tuple[str, str]:
+        """Returns (key_id, plaintext key). The plaintext is shown once and never stored."""
+        key = new_api_key()
+        key_id = await self.pool.fetchval(
+            """INSERT INTO far_api_keys (account_id, name, key_prefix, key_hash, rate_limit_per_minute)
+               VALUES ($1, $2, $3, $4, $5) RETURNING key_id""",
+            uuid.UUID(account_id), name, display_prefix(key), hash_api_key(key), rate_limit_per_minute)
+        return str(key_id), key
+
+    async def list_keys(self, account_id: Optional[str] = None) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT k.key_id, k.account_id, a.name AS account, k.name, k.key_prefix, k.rate_limit_per_minute,
+                      k.created_at, k.revoked_at, a.balance_far, a.reserved_far
+                 FROM far_api_keys k JOIN far_accounts a USING (account_id)
+                WHERE $1::uuid IS NULL OR k.account_id = $1 ORDER BY k.created_at""",
+            uuid.UUID(account_id) if account_id else None)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        status = await self.pool.execute(
+            "UPDATE far_api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", uuid.UUID(key_id))
+        return status.endswith(" 1")
+
+    async def account(self, account_id: str) -> Optional[asyncpg.Record]:
+        return await self.pool.fetchrow("SELECT * FROM far_accounts WHERE account_id = $1", uuid.UUID(account_id))
+
+    async def authenticate(self, authorization: Optional[str], jwt_secret: str) -> Principal:
+        """``Authorization: Bearer <fl_… key | JWT>`` → Principal; raises AuthError with a reason."""
+        if not authorization:
+            raise AuthError("missing Authorization header (Bearer <API key or JWT>)")
+        scheme, _, credential = authorization.partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            raise AuthError("Authorization must be 'Bearer <API key or JWT>'")
+        if credential.startswith(KEY_PREFIX):
+            row = await self.pool.fetchrow(
+                "SELECT key_id, account_id, rate_limit_per_minute, revoked_at FROM far_api_keys WHERE key_hash = $1",
+                hash_api_key(credential))
+            if row is None:
+                raise AuthError("invalid API key")
+            if row["revoked_at"] is not None:
+                raise AuthError("this API key was revoked")
+            return Principal(str(row["account_id"]), str(row["key_id"]), row["rate_limit_per_minute"])
+        try:
+            claims = jwt.decode(credential, jwt_secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
+            account_id = str(uuid.UUID(str(claims["sub"])))
+        except (jwt.PyJWTError, ValueError) as error:
+            raise AuthError(f"invalid token: {error}") from None
+        if await self.account(account_id) is None:
+            raise AuthError("the token's account does not exist")
+        return Principal(account_id, f"jwt:{account_id}", DEFAULT_JWT_RATE_LIMIT_PER_MINUTE)

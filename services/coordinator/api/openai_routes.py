@@ -1,0 +1,140 @@
+"""OpenAI-compatible routes (/v1/completions, /v1/chat/completions, /v1/models) over the same serving logic.
+
+The official ``openai`` Python client works unmodified (base_url=http://host:8100/v1, api_key=fl_…).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Optional
+
+from fastapi import APIRouter, Depends
+from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from services.common.http import validation_message
+from services.coordinator.accounts import Principal
+from services.coordinator.api.deps import get_principal, get_service
+from services.coordinator.openai_protocol import ChatCompletionRequest, CompletionRequest, openai_finish_reason
+from services.coordinator.protocol import GenerateRequest
+from services.coordinator.serving import InferenceService, ServingError
+
+router = APIRouter(prefix="/v1")
+
+
+def _generate_request(body, prompt: Optional[str], messages=None) -> GenerateRequest:
+    try:
+        return GenerateRequest(prompt=prompt, messages=messages,
+                               max_tokens=body.max_completion_tokens or body.max_tokens or 16,
+                               temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                               stop=body.stop_list(), seed=body.seed, model_id=body.model,
+                               stream=body.stream)
+    except ValidationError as error:
+        raise ServingError(422, "invalid_request", validation_message(error)) from None
+
+
+def _usage(final: dict) -> dict:
+    usage = final["usage"]
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+async def _openai_stream(events, make_chunk, include_usage: bool, model: str, response_id: str, kind: str):
+    created = int(time.time())
+    try:
+        first = True
+        async for event in events:
+            if event.get("done"):
+                yield {"data": json.dumps(make_chunk(None, openai_finish_reason(event["finish_reason"]), first))}
+                if include_usage:
+                    yield {"data": json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
+                                               "choices": [], "usage": _usage(event)})}
+            else:
+                if event["token"] or first:
+                    yield {"data": json.dumps(make_chunk(event["token"], None, first))}
+                    first = False
+    except ServingError as error:
+        yield {"data": json.dumps(error.body())}
+    yield {"data": "[DONE]"}
+
+
+async def _final(events) -> dict:
+    final = None
+    async for event in events:
+        if event.get("done"):
+            final = event
+    return final
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, service: InferenceService = Depends(get_service),
+                      principal: Principal = Depends(get_principal)):
+    try:
+        prompt = body.prompt_text()
+    except ValueError as error:
+        raise ServingError(400, "invalid_request", str(error))
+    request = _generate_request(body, prompt)
+    model_id = service.model(request.model_id).model_id
+    events = await service.start(request, principal)
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def chunk(text, finish_reason, _first):
+        return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_openai_stream(events, chunk, include_usage, model_id, response_id,
+                                                  "text_completion"))
+    final = await _final(events)
+    return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": model_id,
+                         "choices": [{"index": 0, "text": final["text"], "logprobs": None,
+                                      "finish_reason": openai_finish_reason(final["finish_reason"])}],
+                         "usage": _usage(final), "cost_far": final["cost_far"]})
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, service: InferenceService = Depends(get_service),
+                           principal: Principal = Depends(get_principal)):
+    model = service.model(body.model)
+    request = _generate_request(body, None, body.messages)
+    events = await service.start(request, principal)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def chunk(text, finish_reason, first):
+        delta = {}
+        if first:
+            delta["role"] = "assistant"
+        if text:
+            delta["content"] = text
+        return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model.model_id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_openai_stream(events, chunk, include_usage, model.model_id, response_id,
+                                                  "chat.completion.chunk"))
+    final = await _final(events)
+    return JSONResponse({"id": response_id, "object": "chat.completion", "created": created, "model": model.model_id,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": final["text"]},
+                                      "logprobs": None, "finish_reason": openai_finish_reason(final["finish_reason"])}],
+                         "usage": _usage(final), "cost_far": final["cost_far"]})
+
+
+@router.get("/models")
+async def list_models(service: InferenceService = Depends(get_service), _: Principal = Depends(get_principal)):
+    data = []
+    for model_id, model in service.models.items():
+        readiness = service.readiness.get(model_id)
+        coverage = await readiness.current() if readiness is not None else None
+        data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "far-mesh",
+                     "ready": bool(coverage and coverage.swarm_ready),
+                     "missing_blocks": coverage.missing_blocks if coverage else [],
+                     "loading_blocks": coverage.loading_blocks if coverage else [],
+                     "context_length": model.context_length})
+    return {"object": "list", "data": data}

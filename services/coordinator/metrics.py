@@ -1,0 +1,23 @@
+"""Prometheus metrics of the coordinator (vLLM-style names with a ``farmesh_`` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0)
+
+TIME_TO_FIRST_TOKEN = Histogram("farmesh_time_to_first_token_seconds", "Time to first token", ["model_id"],
+                                buckets=LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram("farmesh_inter_token_latency_seconds", "Time between two tokens of a stream",
+                                ["model_id"], buckets=LATENCY_BUCKETS)
+E2E_LATENCY = Histogram("farmesh_e2e_request_latency_seconds", "End-to-end request latency", ["model_id"],
+                        buckets=LATENCY_BUCKETS)
+GENERATED_TOKENS = Counter("farmesh_generation_tokens_total", "Generated tokens", ["model_id"])
+PROMPT_TOKENS = Counter("farmesh_prompt_tokens_total", "Prompt tokens prefilled", ["model_id"])
+REQUESTS = Counter("farmesh_requests_total", "Requests by outcome", ["model_id", "outcome"])
+FAILOVERS = Counter("farmesh_failovers_total", "Server failures recovered inside a session", ["model_id"])
+NODE_WORK_UNITS = Counter("farmesh_node_work_units_total", "Work units (blocks x positions) per provider peer",
+                          ["peer_id"])
+RUNNING = Gauge("farmesh_num_requests_running", "Generations running now", ["model_id"])
+SWARM_READY = Gauge("farmesh_swarm_ready", "1 if every block of the model has an ONLINE server", ["model_id"])
