@@ -188,3 +188,21 @@ def test_sixteen_concurrent_streams(coordinator, reference):
     assert not errors and len(results) == 16
     for events in results.values():
         assert "".join(e["data"]["token"] for e in events[:-1]) == text(24) == events[-1]["data"]["text"]
+
+
+async def test_request_id_of_a_failed_request_is_reported_not_replayed_as_success(coordinator, postgres_url, db_pool):
+    from services.coordinator.store import Pricing, SessionStore
+
+    account_id, key = await create_api_key(postgres_url, balance="1")
+    store = SessionStore(db_pool)
+    session_id = await store.create_session(request_id="failed_001", model_id=MODEL_ID, account_id=account_id,
+                                            pricing=Pricing(Decimal("0.0001"), Decimal(0), 1000), prompt_tokens=5,
+                                            reserved_far=Decimal("0.001"))
+    await store.finalize(session_id, status="failed", finish_reason=None, prompt_tokens=5, completion_tokens=3,
+                         error="swarm_error")
+    async with httpx.AsyncClient(base_url=coordinator.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        again = await client.post("/mesh/inference/generate",
+                                  json={"prompt": PROMPT, "max_tokens": 4, "request_id": "failed_001"})
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "request_failed" and again.json()["error"]["session_status"] == "failed"
+    assert again.json()["error"]["cost_far"] == "0.0003"

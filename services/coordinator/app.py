@@ -44,6 +44,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": {"code": f"http_{error.status_code}", "message": str(error.detail)}},
                             status_code=error.status_code, headers=getattr(error, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception):
+        log.exception("unhandled error", error=repr(error))
+        return JSONResponse({"error": {"code": "internal_error", "message": f"unexpected error: {type(error).__name__}"}},
+                            status_code=500)
+
     @app.middleware("http")
     async def _request_context(request: Request, call_next):
         clear_context()

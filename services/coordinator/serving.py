@@ -166,36 +166,57 @@ class InferenceService:
             raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         account_id = principal.account_id if principal else None
         reserved = self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids)) if account_id else Decimal(0)
+        # Registered before the row is written, so a DELETE racing the start is never lost.
+        active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
+                                  len(prepared.prompt_ids), account_id)
+        self.active[prepared.request_id] = active
         try:
-            session_id = await self.store.create_session(
-                request_id=prepared.request_id, model_id=prepared.model.model_id, pricing=self.pricing,
-                prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet, account_id=account_id,
-                reserved_far=reserved, coordinator_id=self.coordinator_id)
+            await self.store.create_session(
+                session_id=active.session_id, request_id=prepared.request_id, model_id=prepared.model.model_id,
+                pricing=self.pricing, prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
+                account_id=account_id, reserved_far=reserved, coordinator_id=self.coordinator_id)
         except DuplicateRequest:
+            self.active.pop(prepared.request_id, None)
             previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == account_id and previous.status != "running":
-                return Replay(previous)
+            if previous is not None and previous.account_id == account_id:
+                return self.replay_of(previous)
             raise ServingError(409, "duplicate_request",
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
+            self.active.pop(prepared.request_id, None)
             raise ServingError(402, "insufficient_balance",
                                f"this request may cost up to {format_far(error.required)} FAR "
                                f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
                                f"FAR available", required_far=format_far(error.required),
                                available_far=format_far(error.available))
-        active = ActiveGeneration(prepared.request_id, session_id, prepared.model.model_id, len(prepared.prompt_ids),
-                                  account_id)
-        self.active[prepared.request_id] = active
+        except BaseException:
+            self.active.pop(prepared.request_id, None)
+            raise
         return active
+
+    @staticmethod
+    def replay_of(previous: FinalSession) -> Replay:
+        """The stored outcome of a request_id used before: a finished result is replayed; a running, failed or
+        interrupted one is reported as such (never as a success, never run twice)."""
+        if previous.status in ("completed", "cancelled"):
+            return Replay(previous)
+        if previous.status == "running":
+            raise ServingError(409, "request_in_progress", f"request {previous.request_id!r} is running")
+        raise ServingError(409, "request_failed",
+                           f"request {previous.request_id!r} ended {previous.status} after "
+                           f"{previous.completion_tokens} tokens (billed {format_far(previous.cost_far)} FAR); "
+                           f"send a new request_id to try again", session_status=previous.status,
+                           tokens_generated=previous.completion_tokens, cost_far=format_far(previous.cost_far))
 
     async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
         prepared = self.prepare(request)
-        if prepared.request_id_given:  # a finished request asked for again: its stored result, no gate, no charge
+        if prepared.request_id_given and prepared.request_id not in self.active:
+            # a request_id used before: its stored outcome, without the readiness gate and without a charge
             previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == principal.account_id and previous.status != "running":
-                return self.replay_events(Replay(previous))
+            if previous is not None and previous.account_id == principal.account_id:
+                return self.replay_events(self.replay_of(previous))
         await self.gate(prepared.model)
         started = await self.begin(prepared, request, principal)
         if isinstance(started, Replay):

@@ -61,10 +61,11 @@ class SessionStore:
 
     async def create_session(self, *, request_id: str, model_id: str, pricing: Pricing, prompt_tokens: int,
                              user_wallet: Optional[str] = None, account_id: Optional[str] = None,
-                             reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None) -> str:
+                             reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None,
+                             session_id: Optional[str] = None) -> str:
         """Insert the running session and, for an account, reserve ``reserved_far`` of its prepaid balance, in
         one transaction (402 if the balance not already reserved is short)."""
-        session_id = str(uuid.uuid4())
+        session_id = session_id or str(uuid.uuid4())
         async with self.pool.acquire() as conn, conn.transaction():
             if account_id is not None:
                 updated = await conn.fetchrow(

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from services.common.money import format_far
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service
 from services.coordinator.protocol import GenerateRequest
@@ -48,23 +49,25 @@ async def _owned_session(service: InferenceService, request_id: str, principal: 
 @router.get("/mesh/inference/{request_id}")
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
-    final = await _owned_session(service, request_id, principal)
     active = service.active.get(request_id)
-    if active is not None:
+    if active is not None and active.account_id == principal.account_id:
         return {"request_id": request_id, "status": "running", "tokens_generated": active.tokens_generated,
-                "cost_far": str(service.cost_of(active.tokens_generated, active.prompt_tokens)),
+                "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens)),
                 "route": active.generation.route() if active.generation is not None else []}
+    final = await _owned_session(service, request_id, principal)
     return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
-            "finish_reason": final.finish_reason, "cost_far": str(final.cost_far.normalize())
-            if final.cost_far is not None else None, "route": []}
+            "finish_reason": final.finish_reason,
+            "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": []}
 
 
 @router.delete("/mesh/inference/{request_id}")
 async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
-    final = await _owned_session(service, request_id, principal)
-    if service.cancel(request_id):
+    active = service.active.get(request_id)
+    if active is not None and active.account_id == principal.account_id:
+        service.cancel(request_id)
         return {"request_id": request_id, "status": "cancelling"}
+    final = await _owned_session(service, request_id, principal)
     return {"request_id": request_id, "status": final.status}
 
 

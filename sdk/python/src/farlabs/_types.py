@@ -1,0 +1,126 @@
+"""Response types. Money is a :class:`decimal.Decimal` in FAR (the wire carries decimal strings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, List, Literal, Mapping, Optional, Sequence, TypedDict, Union
+
+FinishReason = Literal["length", "stop", "eos", "cancelled"]
+
+
+class Message(TypedDict):
+    """One chat turn; the coordinator renders the turns with the model's chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+PromptOrMessages = Union[str, Sequence[Mapping[str, Any]]]
+
+
+def _decimal(value: Any) -> Decimal:
+    return Decimal(str(value)) if value is not None else Decimal(0)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one provider node computed for the request, and what it earns for it."""
+
+    node_id: Optional[str]
+    peer_id: str
+    wallet_address: Optional[str]
+    blocks: str
+    work_units: int
+    payment_far: Decimal
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Contribution":
+        return cls(node_id=data.get("node_id"), peer_id=str(data.get("peer_id", "")),
+                   wallet_address=data.get("wallet_address"), blocks=str(data.get("blocks", "")),
+                   work_units=int(data.get("work_units") or 0), payment_far=_decimal(data.get("payment_far")))
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    """The result of a generation: the text, what it cost and which nodes computed it."""
+
+    text: str
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    cost_far: Decimal
+    fee_far: Decimal
+    contributions: List[Contribution] = field(default_factory=list)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ChatResponse":
+        usage = data.get("usage") or {}
+        return cls(text=str(data.get("text") or ""), request_id=str(data.get("request_id", "")),
+                   finish_reason=data.get("finish_reason", "stop"),
+                   usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
+                   cost_far=_decimal(data.get("cost_far")), fee_far=_decimal(data.get("fee_far")),
+                   contributions=[Contribution.from_json(c) for c in data.get("contributions") or []],
+                   raw=dict(data))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed step: ``token`` (may be ``""`` while text is held back), the running count and cost."""
+
+    token: str
+    request_id: str
+    tokens_generated: int
+    cost_far: Decimal
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TokenEvent":
+        return cls(token=str(data.get("token") or ""), request_id=str(data.get("request_id", "")),
+                   tokens_generated=int(data.get("tokens_generated") or 0), cost_far=_decimal(data.get("cost_far")))
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    owned_by: str
+    ready: bool
+    missing_blocks: List[int]
+    loading_blocks: List[int]
+    context_length: Optional[int]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Model":
+        return cls(id=str(data.get("id", "")), owned_by=str(data.get("owned_by", "")), ready=bool(data.get("ready")),
+                   missing_blocks=list(data.get("missing_blocks") or []),
+                   loading_blocks=list(data.get("loading_blocks") or []),
+                   context_length=data.get("context_length"))
+
+
+@dataclass(frozen=True)
+class InferenceStatus:
+    """``GET /mesh/inference/{request_id}``: ``status`` is running, completed, cancelled, failed or interrupted."""
+
+    request_id: str
+    status: str
+    tokens_generated: int
+    finish_reason: Optional[str]
+    cost_far: Optional[Decimal]
+    route: List[Any]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "InferenceStatus":
+        cost = data.get("cost_far")
+        return cls(request_id=str(data.get("request_id", "")), status=str(data.get("status", "")),
+                   tokens_generated=int(data.get("tokens_generated") or 0), finish_reason=data.get("finish_reason"),
+                   cost_far=_decimal(cost) if cost is not None else None, route=list(data.get("route") or []))

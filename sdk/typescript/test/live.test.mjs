@@ -1,0 +1,147 @@
+// Live tests against a coordinator on a live swarm. They SKIP unless FARLABS_TEST_BASE_URL is set; the Python
+// suite (tests/test_sdk_typescript.py) starts the coordinators and sets:
+//   FARLABS_TEST_BASE_URL, FARLABS_TEST_API_KEY   a ready coordinator and a funded key
+//   FARLABS_TEST_BROKE_KEY                        a key of an account with balance 0        (402)
+//   FARLABS_TEST_LIMITED_KEY                      a key limited to 1 request per minute     (429)
+//   FARLABS_TEST_NOT_READY_URL, _NOT_READY_KEY    a coordinator whose swarm lacks blocks 2-3 (503)
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import {
+  AuthenticationError,
+  FarMesh,
+  InsufficientBalanceError,
+  InvalidRequestError,
+  NotFoundError,
+  RateLimitError,
+  SwarmNotReadyError,
+} from "../dist/index.js";
+
+const env = process.env;
+const BASE_URL = env.FARLABS_TEST_BASE_URL;
+const API_KEY = env.FARLABS_TEST_API_KEY;
+const live = BASE_URL && API_KEY ? {} : { skip: "FARLABS_TEST_BASE_URL / FARLABS_TEST_API_KEY not set (no live coordinator)" };
+const needs = (...names) => (BASE_URL && names.every((n) => env[n]) ? {} : { skip: `${names.join(", ")} not set` });
+const PROMPT = "def compute(a, b):";
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A decimal string in FAR -> integer base units (1e-18 FAR). */
+function units(far) {
+  const [whole, fraction = ""] = far.split(".");
+  return BigInt(whole) * 10n ** 18n + BigInt((fraction + "0".repeat(18)).slice(0, 18));
+}
+
+function client(options = {}) {
+  return new FarMesh({ apiKey: API_KEY, baseUrl: BASE_URL, maxRetries: 0, timeout: 120_000, ...options });
+}
+
+async function waitFinal(mesh, requestId) {
+  const deadline = Date.now() + 20_000;
+  let status = await mesh.status(requestId);
+  while (status.status === "running" && Date.now() < deadline) {
+    await sleep(200);
+    status = await mesh.status(requestId);
+  }
+  return status;
+}
+
+describe("live coordinator", live, () => {
+  test("greedy: streamed text equals the non-streamed text", async () => {
+    const mesh = client();
+    const full = await mesh.chat(PROMPT, { maxTokens: 24, temperature: 0 });
+    const stream = mesh.chatStream(PROMPT, { maxTokens: 24, temperature: 0 });
+    const tokens = [];
+    for await (const token of stream) tokens.push(token);
+    assert.ok(tokens.length >= 2);
+    assert.equal(tokens.join(""), full.text);
+    assert.equal(stream.response.text, full.text);
+    assert.equal(stream.finishReason, "length");
+    assert.equal(full.usage.completionTokens, 24);
+    assert.deepEqual(stream.response.usage, full.usage);
+    assert.equal(stream.response.costFar, full.costFar);
+    assert.ok(units(full.costFar) > 0n);
+    for (const response of [full, stream.response]) {
+      assert.deepEqual(response.contributions.map((c) => c.blocks).sort(), ["0:2", "2:4"]);
+      const paid = response.contributions.reduce((sum, c) => sum + units(c.paymentFar), 0n);
+      assert.equal(paid + units(response.feeFar), units(response.costFar));
+    }
+    const status = await mesh.status(stream.requestId);
+    assert.equal(status.status, "completed");
+    assert.equal(status.tokensGenerated, 24);
+  });
+
+  test("chat messages and models", async () => {
+    const mesh = client();
+    const reply = await mesh.chat([{ role: "system", content: "Be brief." }, { role: "user", content: "Hi" }],
+      { maxTokens: 8, temperature: 0 });
+    assert.ok(reply.usage.completionTokens <= 8);
+    const models = await mesh.models();
+    assert.equal(models[0].id, "far-mesh/tiny-llama");
+    assert.equal(models[0].ready, true);
+    assert.deepEqual(models[0].missingBlocks, []);
+  });
+
+  test("cancel stops the stream (finishReason cancelled)", async () => {
+    const mesh = client();
+    const stream = mesh.chatStream(PROMPT, { maxTokens: 200, temperature: 0 });
+    let count = 0;
+    for await (const _ of stream) {
+      if (++count === 3) assert.equal(await stream.cancel(), "cancelling");
+    }
+    assert.equal(stream.finishReason, "cancelled");
+    assert.ok(stream.response.usage.completionTokens < 200);
+    assert.equal((await mesh.status(stream.requestId)).status, "cancelled");
+  });
+
+  test("AbortSignal drops the connection and the coordinator cancels", async () => {
+    const mesh = client();
+    const controller = new AbortController();
+    const stream = mesh.chatStream(PROMPT, { maxTokens: 200, temperature: 0, signal: controller.signal });
+    let count = 0;
+    await assert.rejects(async () => {
+      for await (const _ of stream) {
+        if (++count === 2) controller.abort();
+      }
+    }, (error) => error.name === "AbortError");
+    const status = await waitFinal(mesh, stream.requestId);
+    assert.equal(status.status, "cancelled");
+    assert.ok(status.tokensGenerated < 200);
+  });
+
+  test("401 AuthenticationError, 422 InvalidRequestError, 404 NotFoundError", async () => {
+    await assert.rejects(client({ apiKey: "fl_wrong" }).chat("hi", { maxTokens: 1 }),
+      (error) => error instanceof AuthenticationError && error.status === 401);
+    await assert.rejects(client().chat("hi", { maxTokens: 10_000 }), InvalidRequestError);
+    await assert.rejects(client().chatStream("hi", { model: "nope/nope" }).finalResponse(), NotFoundError);
+    await assert.rejects(client().cancel("req_does_not_exist"), NotFoundError);
+  });
+
+  test("402 InsufficientBalanceError", needs("FARLABS_TEST_BROKE_KEY"), async () => {
+    await assert.rejects(client({ apiKey: env.FARLABS_TEST_BROKE_KEY }).chatStream("hi", { maxTokens: 4 }).finalResponse(),
+      (error) => error instanceof InsufficientBalanceError && units(error.requiredFar) > 0n &&
+        units(error.availableFar) === 0n);
+  });
+
+  test("429 RateLimitError", needs("FARLABS_TEST_LIMITED_KEY"), async () => {
+    const mesh = client({ apiKey: env.FARLABS_TEST_LIMITED_KEY });
+    await assert.rejects(async () => {
+      // a fixed one-minute window: the 2nd request is limited unless the window just rolled over
+      for (let i = 0; i < 3; i++) await mesh.chat("hi", { maxTokens: 1 });
+    }, (error) => error instanceof RateLimitError && error.status === 429 && error.retryAfter >= 1);
+  });
+
+  test("503 SwarmNotReadyError with missingBlocks", needs("FARLABS_TEST_NOT_READY_URL", "FARLABS_TEST_NOT_READY_KEY"),
+    async () => {
+      const mesh = new FarMesh({ apiKey: env.FARLABS_TEST_NOT_READY_KEY, baseUrl: env.FARLABS_TEST_NOT_READY_URL,
+        maxRetries: 0 });
+      await assert.rejects(mesh.chatStream("hi", { maxTokens: 4 }).finalResponse(), (error) => {
+        assert.ok(error instanceof SwarmNotReadyError, String(error));
+        assert.equal(error.status, 503);
+        assert.deepEqual(error.missingBlocks, [2, 3]);
+        assert.ok(error.retryAfter > 0);
+        return true;
+      });
+      const [model] = await mesh.models();
+      assert.equal(model.ready, false);
+    });
+});
