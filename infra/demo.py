@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 from rich.console import Console

@@ -5,7 +5,6 @@ from __future__ import annotations
 from decimal import Decimal
 
 import httpx
-import pytest
 
 from services.common.money import split_session
 from tests.fixtures.swarm import local_greedy

@@ -290,30 +290,20 @@ def test_live_error_classes(coordinator, postgres_url):
         mesh.cancel("req_does_not_exist")
 
 
-def test_live_swarm_not_ready(fresh_swarm, tiny_model_dir, postgres_url, redis_url, tmp_path):
-    from tests.fixtures.swarm import create_api_key, start_coordinator
+def test_live_swarm_not_ready(not_ready_coordinator):
+    key, url = not_ready_coordinator.api_key, not_ready_coordinator.url
+    with pytest.raises(SwarmNotReadyError) as raised:
+        FarMesh(api_key=key, base_url=url, max_retries=0).chat_stream("hi", max_tokens=4)
+    assert raised.value.status_code == 503 and raised.value.missing_blocks == [2, 3]
+    assert raised.value.retry_after and raised.value.retry_after > 0
 
-    _, key = asyncio.run(create_api_key(postgres_url))
-    fresh_swarm.start_node("a", "0:2")
-    fresh_swarm.wait_online(["a"], 4)
-    coordinator = start_coordinator(workdir=tmp_path, model_dir=tiny_model_dir,
-                                    initial_peers=fresh_swarm.initial_peers, postgres_url=postgres_url,
-                                    redis_url=redis_url, api_key=key)
-    try:
-        with pytest.raises(SwarmNotReadyError) as raised:
-            FarMesh(api_key=key, base_url=coordinator.url, max_retries=0).chat_stream("hi", max_tokens=4)
-        assert raised.value.status_code == 503 and raised.value.missing_blocks == [2, 3]
-        assert raised.value.retry_after and raised.value.retry_after > 0
+    started = time.monotonic()  # one retry, after the server's Retry-After
+    with pytest.raises(SwarmNotReadyError):
+        FarMesh(api_key=key, base_url=url, max_retries=1).chat("hi", max_tokens=4)
+    assert time.monotonic() - started >= raised.value.retry_after - 0.5
 
-        started = time.monotonic()  # one retry, after the server's Retry-After
-        with pytest.raises(SwarmNotReadyError):
-            FarMesh(api_key=key, base_url=coordinator.url, max_retries=1).chat("hi", max_tokens=4)
-        assert time.monotonic() - started >= raised.value.retry_after - 0.5
-
-        models = FarMesh(api_key=key, base_url=coordinator.url).models()
-        assert not models[0].ready and models[0].missing_blocks == [2, 3]
-    finally:
-        coordinator.process.stop()
+    models = FarMesh(api_key=key, base_url=url).models()
+    assert not models[0].ready and models[0].missing_blocks == [2, 3]
 
 
 # ------------------------------------------------------------------------------------------ clean install

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.swarm import create_api_key, start_coordinator
+from tests.fixtures.swarm import create_api_key
 
 SDK_DIR = Path(__file__).resolve().parents[1] / "sdk" / "typescript"
 
@@ -26,7 +26,7 @@ def _npm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["npm", *args], cwd=SDK_DIR, capture_output=True, text=True, timeout=timeout)
 
 
-def test_typescript_sdk_live(coordinator, fresh_swarm, tiny_model_dir, postgres_url, redis_url, tmp_path):
+def test_typescript_sdk_live(coordinator, not_ready_coordinator, postgres_url):
     if not (SDK_DIR / "node_modules").is_dir():
         installed = _npm("ci", "--no-audit", "--no-fund")
         assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -35,22 +35,15 @@ def test_typescript_sdk_live(coordinator, fresh_swarm, tiny_model_dir, postgres_
 
     _, broke_key = asyncio.run(create_api_key(postgres_url, balance="0"))
     _, limited_key = asyncio.run(create_api_key(postgres_url, rate_limit=1))
-    _, not_ready_key = asyncio.run(create_api_key(postgres_url))
-    # A swarm that serves blocks 0:2 only: its coordinator answers 503 swarm_not_ready, missing_blocks [2, 3].
-    fresh_swarm.start_node("a", "0:2")
-    fresh_swarm.wait_online(["a"], 4)
-    not_ready = start_coordinator(workdir=tmp_path, model_dir=tiny_model_dir, initial_peers=fresh_swarm.initial_peers,
-                                  postgres_url=postgres_url, redis_url=redis_url, api_key=not_ready_key)
-    try:
-        env = dict(os.environ, FARLABS_TEST_BASE_URL=coordinator.url, FARLABS_TEST_API_KEY=coordinator.api_key,
-                   FARLABS_TEST_BROKE_KEY=broke_key, FARLABS_TEST_LIMITED_KEY=limited_key,
-                   FARLABS_TEST_NOT_READY_URL=not_ready.url, FARLABS_TEST_NOT_READY_KEY=not_ready_key)
-        env.pop("FARLABS_API_KEY", None)
-        env.pop("FARLABS_BASE_URL", None)
-        run = subprocess.run(["node", "--test", "test/"], cwd=SDK_DIR, env=env, capture_output=True, text=True,
-                             timeout=300)
-    finally:
-        not_ready.process.stop()
+    # not_ready_coordinator: a swarm serving blocks 0:2 only, so 503 swarm_not_ready with missing_blocks [2, 3].
+    env = dict(os.environ, FARLABS_TEST_BASE_URL=coordinator.url, FARLABS_TEST_API_KEY=coordinator.api_key,
+               FARLABS_TEST_BROKE_KEY=broke_key, FARLABS_TEST_LIMITED_KEY=limited_key,
+               FARLABS_TEST_NOT_READY_URL=not_ready_coordinator.url,
+               FARLABS_TEST_NOT_READY_KEY=not_ready_coordinator.api_key)
+    env.pop("FARLABS_API_KEY", None)
+    env.pop("FARLABS_BASE_URL", None)
+    run = subprocess.run(["node", "--test", "test/"], cwd=SDK_DIR, env=env, capture_output=True, text=True,
+                         timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     counts = {name: int(value) for name, value in re.findall(r"^# (tests|pass|fail|skipped|cancelled) (\d+)$",
