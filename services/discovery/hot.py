@@ -167,9 +167,18 @@ class HotStore:
         return dict(zip(node_ids, rows))
 
     # --- write-behind -----------------------------------------------------------------------------
-    async def take_pending(self) -> dict[str, dict]:
-        flat = await self._take_pending(keys=[PENDING])
-        return {flat[i]: json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+    async def take_pending(self) -> list[str]:
+        """Atomically take every pending heartbeat: a flat [node_id, json, node_id, json, ...] list."""
+        return await self._take_pending(keys=[PENDING])
+
+    async def restore_pending(self, pending: dict[str, dict]) -> None:
+        """Put heartbeats back after a failed flush (a newer heartbeat of the same node wins)."""
+        if not pending:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node_id, report in pending.items():
+                pipe.hsetnx(PENDING, node_id, json.dumps(report))
+            await pipe.execute()
 
     async def set_ledgers(self, ledgers: dict[str, dict]) -> None:
         if not ledgers:

@@ -87,6 +87,19 @@ class NodeStore:
         found = {r["node_id"]: {"tokens_served": int(r["tokens"]), "earned_far": str(r["earned"])} for r in rows}
         return {node_id: found.get(node_id, {"tokens_served": 0, "earned_far": "0"}) for node_id in node_ids}
 
+    async def nodes_with_ledger_changes(self, since) -> list[str]:
+        """Nodes whose contributions were written (checkpoint, finalize) at or after ``since``."""
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT node_id::text AS node_id FROM far_session_contributions
+                WHERE updated_at >= $1 AND node_id IS NOT NULL""", since)
+        return [r["node_id"] for r in rows]
+
+    async def count_registered(self) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM far_nodes WHERE state = 'online'")
+
+    async def db_now(self):
+        return await self.pool.fetchval("SELECT now()")
+
     async def nodes(self, *, node_ids: Optional[Sequence[str]] = None, model_id: Optional[str] = None,
                     wallet: Optional[str] = None, peer_id: Optional[str] = None,
                     include_unregistered: bool = False) -> list[asyncpg.Record]:

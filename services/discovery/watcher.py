@@ -9,6 +9,7 @@ the time it was taken and the error of the last failed attempt (if any).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -63,6 +64,7 @@ class DhtWatcher:
                 if self.dht is None:
                     self.dht = await asyncio.to_thread(self._connect)
                     self.connect_error = None
+                    gc.freeze()  # petals/torch/hivemind modules: permanent, keep them out of GC pauses
                     log.info("connected to the DHT", initial_peers=self.initial_peers)
             except Exception as error:  # noqa: BLE001 - keep retrying, report in coverage
                 self.connect_error = f"cannot join the DHT via {','.join(self.initial_peers)}: {error}"
