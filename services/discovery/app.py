@@ -1,131 +1,38 @@
-"""The discovery service's FastAPI application: node registry, liveness, swarm coverage, provider views.
+"""The discovery service's FastAPI application: error handling, request context, lifespan.
 
-Postgres (``far_nodes`` and the ledger) is the record; Redis carries the hot path (see
-:mod:`services.discovery.hot`): a heartbeat is one Redis script call, and a background flusher writes the
-latest heartbeat of every node to Postgres with ``update_node_last_seen()`` every DISCOVERY_FLUSH_INTERVAL_S
-and refreshes the nodes' ledger figures (tokens served, FAR earned) in Redis. See docs/discovery.md.
+Logic lives in services/discovery/service.py (``Discovery``), routes in services/discovery/api/routes.py, the
+provider dashboard in services/discovery/dashboard.py. See docs/discovery.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import gc
-import binascii
 import json
-import re
-import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
-from decimal import Decimal
-from typing import Literal, Optional
+from typing import Optional
 
 import asyncpg
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings
-from services.common.coverage import RegisteredNode, compute_coverage
-from services.common.identity import registration_message, verify_signature
+from services.common.http import validation_message
 from services.common.logs import bind_request_id, clear_context, get_logger
-from services.common.money import format_far
-from services.discovery.hot import HotStore, new_token, token_hash
-from services.discovery.metrics import DiscoveryMetrics
+from services.discovery.api.routes import router
+from services.discovery.dashboard import router as dashboard_router
+from services.discovery.hot import HotStore
 from services.discovery.models import known_models
-from services.discovery.store import NodeStore
-from services.discovery.watcher import DhtWatcher, Snapshot
+from services.discovery.protocol import ApiError, HeartbeatRequest
+from services.discovery.service import Discovery
 
 log = get_logger(__name__)
 
-HEARTBEAT_INTERVAL_S = 30
-CHALLENGE_TTL_S = 120
 MAX_BODY_BYTES = 64 * 1024
-LEDGER_REFRESH_S = 10.0
-FLUSH_CHUNK = 500
-LEDGER_SCAN_MARGIN = timedelta(seconds=120)
-EARNINGS_DAYS = 30
-
-PEER_ID_RE = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
-WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
-PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
-WALLET_RULE = "must be 0x followed by 40 hex digits"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, headers: Optional[dict] = None, **extra):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
-
-
-# --------------------------------------------------------------------------------------------------------
-# Request bodies
-# --------------------------------------------------------------------------------------------------------
-class Hardware(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    gpu: Optional[str] = Field(default=None, max_length=200)
-    vram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
-    ram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
-    device: Optional[str] = Field(default=None, max_length=100)
-
-
-class RegisterRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    peer_id: str
-    wallet_address: str
-    model_id: str = Field(min_length=1, max_length=200)
-    start_block: int = Field(ge=0, le=100_000)
-    end_block: int = Field(ge=1, le=100_000)
-    public_name: Optional[str] = Field(default=None, max_length=100)
-    hardware: Hardware = Field(default_factory=Hardware)
-    public_key: str = Field(min_length=1, max_length=8192)
-    signature: str = Field(min_length=1, max_length=8192)
-    nonce: str = Field(min_length=1, max_length=128)
-
-    @field_validator("peer_id")
-    @classmethod
-    def _peer_id(cls, value: str) -> str:
-        if not PEER_ID_RE.match(value):
-            raise ValueError(PEER_ID_RULE)
-        return value
-
-    @field_validator("wallet_address")
-    @classmethod
-    def _wallet(cls, value: str) -> str:
-        if not WALLET_RE.match(value):
-            raise ValueError(WALLET_RULE)
-        return value
-
-
-class HeartbeatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    tokens_served: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
-    vram_used_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
-    gpu_temp_c: Optional[float] = Field(default=None, ge=-100, le=200)
-    state: Optional[Literal["joining", "online"]] = None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Errors, request context, body limit
-# --------------------------------------------------------------------------------------------------------
-def _validation_message(error) -> str:
-    parts = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header"))
-        msg = str(item.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 DEPENDENCY_ERRORS = (RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -149,7 +56,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
-        return JSONResponse({"error": {"code": "invalid_request", "message": _validation_message(error)}},
+        return JSONResponse({"error": {"code": "invalid_request", "message": validation_message(error)}},
                             status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -243,7 +150,7 @@ class RequestContextMiddleware:
             content = await service.heartbeat(authorization, body)
         except ValidationError as error:
             status, content = 422, {"error": {"code": "invalid_request",
-                                              "message": _validation_message(error)}}
+                                              "message": validation_message(error)}}
         except ApiError as error:
             status, content, headers = error.status, error.body(), error.headers
         except DEPENDENCY_ERRORS as error:
@@ -265,274 +172,6 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-# --------------------------------------------------------------------------------------------------------
-# The service
-# --------------------------------------------------------------------------------------------------------
-def _iso(ts) -> Optional[str]:
-    if ts is None:
-        return None
-    if isinstance(ts, (int, float)):
-        ts = datetime.fromtimestamp(ts, timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat()
-
-
-def _far(value) -> str:
-    return format_far(value if isinstance(value, Decimal) else Decimal(str(value)))
-
-
-def check_wallet(wallet: str) -> str:
-    if not WALLET_RE.match(wallet):
-        raise ApiError(422, "invalid_wallet", f"wallet {wallet[:64]!r} {WALLET_RULE}")
-    return wallet
-
-
-def check_peer_id(peer_id: str) -> str:
-    if not PEER_ID_RE.match(peer_id):
-        raise ApiError(422, "invalid_peer_id", f"peer_id {peer_id[:64]!r} {PEER_ID_RULE}")
-    return peer_id
-
-
-class Discovery:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, hot: HotStore, models: dict[str, int]):
-        self.settings = settings
-        self.store = NodeStore(pool)
-        self.hot = hot
-        self.models = models
-        self.metrics = DiscoveryMetrics()
-        self._heartbeats_ok = self.metrics.heartbeats.labels("ok")
-        self.ttl = settings.NODE_HEARTBEAT_TTL_S
-        self.watcher = DhtWatcher(settings.initial_peers, models, settings.DISCOVERY_DHT_REFRESH_S,
-                                  on_refresh=self._on_dht_refresh)
-        self._ledger_scan_at = 0.0  # monotonic time of the last ledger scan
-        self._ledger_since = None  # database time the next scan starts from
-        self._flusher: Optional[asyncio.Task] = None
-        self.last_flush_error: Optional[str] = None
-        for model_id, num_blocks in models.items():
-            self.metrics.expected_blocks.labels(model_id).set(num_blocks)
-            self.metrics.swarm_ready.labels(model_id).set(0)
-
-    # --- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.watcher.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="heartbeat-flusher")
-
-    async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        try:
-            await self.flush(pace=False)  # write what is pending before exiting
-        except Exception as error:  # noqa: BLE001
-            log.warning("final heartbeat flush failed", error=str(error))
-        await self.watcher.stop()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.DISCOVERY_FLUSH_INTERVAL_S)
-            try:
-                await self.flush()
-                self.last_flush_error = None
-            except Exception as error:  # noqa: BLE001 - keep flushing; heartbeats stay in Redis meanwhile
-                self.last_flush_error = str(error)
-                log.warning("heartbeat flush failed", error=str(error))
-
-    async def flush(self, pace: bool = True) -> int:
-        """Write pending heartbeats to Postgres (update_node_last_seen), refresh changed ledgers, update gauges."""
-        started = time.perf_counter()
-        flat = await self.hot.take_pending()
-        written = 0
-        # In chunks, pausing between them as long as the chunk took (Postgres busy at most half the time): a
-        # flush of thousands of nodes neither stalls heartbeats nor starves them of CPU on a small machine.
-        done = 0  # entries of `flat` written
-        try:
-            while done < len(flat):
-                part = flat[done:done + 2 * FLUSH_CHUNK]
-                pending = {part[i]: json.loads(part[i + 1]) for i in range(0, len(part), 2)}
-                chunk_started = time.perf_counter()
-                written += await self.store.flush_heartbeats(pending)
-                done += len(part)
-                if done < len(flat) and pace:
-                    await asyncio.sleep(min(time.perf_counter() - chunk_started, 1.0))
-        except BaseException:  # failed or cancelled: put back what was not written, retried next flush
-            rest = flat[done:]
-            await asyncio.shield(self.hot.restore_pending(
-                {rest[i]: json.loads(rest[i + 1]) for i in range(0, len(rest), 2)}))
-            raise
-        if flat:
-            self.metrics.flushes.inc()
-            self.metrics.flushed_rows.inc(written)
-        if time.monotonic() - self._ledger_scan_at >= LEDGER_REFRESH_S:
-            await self.refresh_ledgers()
-            self.metrics.nodes_registered.set(await self.store.count_registered())
-        await self.hot.prune()
-        self.metrics.nodes_online.set(await self.hot.count_live())
-        self.metrics.flush_seconds.observe(time.perf_counter() - started)
-        return written
-
-    async def heartbeat(self, authorization: Optional[str], body: Optional[HeartbeatRequest]) -> dict:
-        sha = token_hash(_bearer(authorization))
-        report = body.model_dump(exclude_none=True) if body is not None else {}
-        result = await self.hot.heartbeat(sha, report)
-        if result is None:  # not in Redis: maybe Redis lost it; the record decides
-            await self._token_from_postgres(sha)
-            result = await self.hot.heartbeat(sha, report)
-            if result is None:
-                self.metrics.heartbeats.labels("refused").inc()
-                raise ApiError(401, "invalid_token", "unknown or revoked node token: register again")
-        node_id, ledger = result
-        if ledger is None:  # nothing cached (e.g. Redis was flushed): read the record once
-            ledger = (await self.store.ledgers([node_id]))[node_id]
-            await self.hot.set_ledgers({node_id: ledger})
-        self._heartbeats_ok.inc()
-        return {"ok": True, "node_id": node_id, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
-                "tokens_served": ledger["tokens_served"], "earned_far": _far(ledger["earned_far"]),
-                "state": "online"}
-
-    async def refresh_ledgers(self) -> int:
-        """Re-read the ledger figures (tokens served, FAR earned) of the nodes whose contributions changed since
-        the last scan (with a margin for transactions that committed late) into Redis, where heartbeats read
-        them. A node with nothing cached (e.g. after a Redis flush) is read on its next heartbeat."""
-        self._ledger_scan_at = time.monotonic()
-        db_now = await self.store.db_now()
-        since = self._ledger_since if self._ledger_since is not None else db_now
-        changed = await self.store.nodes_with_ledger_changes(since - LEDGER_SCAN_MARGIN)
-        self._ledger_since = db_now
-        if changed:
-            await self.hot.set_ledgers(await self.store.ledgers(changed))
-        return len(changed)
-
-    def _on_dht_refresh(self, model_id: str, snapshot: Snapshot) -> None:
-        if snapshot.error:
-            self.metrics.dht_errors.labels(model_id).inc()
-        if snapshot.block_servers is None:
-            return
-        coverage = compute_coverage(model_id, self.models[model_id], snapshot.block_servers)
-        self.metrics.discovered_blocks.labels(model_id).set(coverage.discovered_blocks)
-        self.metrics.loaded_blocks.labels(model_id).set(coverage.loaded_blocks)
-        self.metrics.swarm_ready.labels(model_id).set(1 if coverage.swarm_ready else 0)
-        self.metrics.dht_age.labels(model_id).set(snapshot.observed_at or 0)
-
-    # --- helpers ---------------------------------------------------------------------------------------
-    def num_blocks(self, model_id: str) -> int:
-        if model_id not in self.models:
-            known = ", ".join(sorted(self.models)) or "none configured"
-            raise ApiError(404, "model_not_found", f"unknown model {model_id[:200]!r} (known: {known})")
-        return self.models[model_id]
-
-    async def node_from_token(self, authorization: Optional[str]) -> str:
-        token = _bearer(authorization)
-        sha = token_hash(token)
-        node_id = await self.hot.node_for_token(sha)
-        if node_id is None:
-            node_id = await self._token_from_postgres(sha)
-        return node_id
-
-    async def _token_from_postgres(self, sha: str) -> str:
-        """Redis does not know the token (e.g. Redis was flushed): ask the record, re-warm Redis."""
-        if await self.hot.is_known_bad(sha):
-            raise ApiError(401, "invalid_token", "unknown or revoked node token: register again")
-        node_id = await self.store.node_for_token(sha)
-        if node_id is None:
-            await self.hot.mark_bad(sha)
-            raise ApiError(401, "invalid_token", "unknown or revoked node token: register again")
-        await self.hot.bind_token(sha, node_id)
-        return node_id
-
-    async def describe_nodes(self, rows, *, with_money: bool = False) -> list[dict]:
-        ids = [r["node_id"] for r in rows]
-        last = await self.hot.last_heartbeats(ids)
-        details = await self.hot.node_details(ids)
-        now = time.time()
-        result = []
-        for r in rows:
-            node_id = r["node_id"]
-            hb = last.get(node_id)
-            detail = details.get(node_id) or {}
-            active = r["state"] == "online" and hb is not None and now - hb <= self.ttl
-            ledger = json.loads(detail["ledger"]) if detail.get("ledger") else None
-            report = json.loads(detail["report"]) if detail.get("report") else {}
-            since = float(detail["online_since"]) if active and detail.get("online_since") else None
-            last_seen = hb if hb is not None else r["last_seen"].timestamp()
-            item = {
-                "node_id": node_id, "peer_id": r["peer_id"], "wallet_address": r["wallet_address"],
-                "model_id": r["model_id"], "start_block": r["start_block"], "end_block": r["end_block"],
-                "blocks": f"{r['start_block']}:{r['end_block']}", "public_name": r["public_name"],
-                "hardware": json.loads(r["hardware"]) if r["hardware"] else {},
-                "state": r["state"], "active": active,
-                "reported_state": report.get("state") if active else None,
-                "last_seen": _iso(last_seen), "seconds_since_heartbeat": round(now - last_seen, 1),
-                "registered_at": _iso(r["registered_at"]),
-                "online_since": _iso(since), "uptime_s": round(now - since, 1) if since else 0,
-                "vram_used_gb": report.get("vram_used_gb", _num(r["vram_used_gb"])),
-                "gpu_temp_c": report.get("gpu_temp_c", _num(r["gpu_temp_c"])),
-                "reported_tokens_served": report.get("tokens_served", r["reported_tokens_served"]),
-            }
-            if ledger is None or with_money:
-                ledger = (await self.store.ledgers([node_id]))[node_id]
-            item["tokens_served"] = ledger["tokens_served"]
-            item["earned_far"] = _far(ledger["earned_far"])
-            if with_money:
-                money = await self.store.node_money(node_id)
-                item.update(paid_far=_far(money["paid_far"]), pending_far=_far(money["pending_far"]),
-                            last_payout=money["last_payout"] and {**money["last_payout"],
-                                                                  "amount_far": _far(money["last_payout"]["amount_far"])})
-            result.append(item)
-        return result
-
-    async def coverage(self, model_id: str) -> dict:
-        num_blocks = self.num_blocks(model_id)
-        snapshot = self.watcher.snapshots.get(model_id) or Snapshot()
-        rows = await self.store.nodes(model_id=model_id)
-        last = await self.hot.last_heartbeats([r["node_id"] for r in rows])
-        now = time.time()
-        registered = [
-            RegisteredNode(peer_id=r["peer_id"], node_id=r["node_id"], start_block=r["start_block"],
-                           end_block=r["end_block"], state=r["state"],
-                           live=last.get(r["node_id"]) is not None and now - last[r["node_id"]] <= self.ttl,
-                           last_seen=last.get(r["node_id"]) or r["last_seen"].timestamp(),
-                           public_name=r["public_name"])
-            for r in rows
-        ]
-        dht_error = snapshot.error
-        if snapshot.block_servers is None:
-            dht_error = self.watcher.connect_error or dht_error or "the DHT has not been read yet (starting)"
-        result = compute_coverage(
-            model_id, num_blocks, snapshot.block_servers, registered, snapshot.joining_since, now,
-            joining_too_long_s=self.settings.JOINING_TOO_LONG_S, heartbeat_ttl_s=self.ttl,
-            observed_at=snapshot.observed_at, dht_error=dht_error,
-        ).to_dict()
-        result["observed_age_s"] = round(now - snapshot.observed_at, 1) if snapshot.observed_at else None
-        names = {r["peer_id"]: r["public_name"] for r in rows}
-        if snapshot.block_servers:
-            for servers in snapshot.block_servers:
-                for s in servers:
-                    names.setdefault(s.peer_id, s.public_name)
-        result["peer_names"] = {p: n for p, n in names.items() if n}
-        return result
-
-
-def _num(value):
-    return None if value is None else float(value)
-
-
-def _bearer(authorization: Optional[str]) -> str:
-    if not authorization:
-        raise ApiError(401, "missing_token", "Authorization: Bearer <node_token> is required",
-                       headers={"WWW-Authenticate": "Bearer"})
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
-        raise ApiError(401, "invalid_token", "Authorization must be 'Bearer <node_token>'",
-                       headers={"WWW-Authenticate": "Bearer"})
-    return token
-
-
-# --------------------------------------------------------------------------------------------------------
-# The application
-# --------------------------------------------------------------------------------------------------------
 def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -> FastAPI:
     models = dict(models) if models is not None else known_models(settings)
 
@@ -558,221 +197,6 @@ def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -
     app = FastAPI(title="Far Mesh discovery", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
-
-    def svc(request: Request) -> Discovery:
-        return request.app.state.discovery
-
-    # --- nodes ---------------------------------------------------------------------------------------------
-    @app.get("/nodes/challenge")
-    async def challenge(request: Request, peer_id: str = Query(..., max_length=128)):
-        check_peer_id(peer_id)
-        nonce = await svc(request).hot.issue_nonce(peer_id, CHALLENGE_TTL_S)
-        return {"nonce": nonce, "expires_in_s": CHALLENGE_TTL_S}
-
-    @app.post("/nodes/register")
-    async def register(request: Request, body: RegisterRequest):
-        service = svc(request)
-        num_blocks = service.num_blocks(body.model_id)
-        if body.end_block <= body.start_block:
-            raise ApiError(422, "invalid_span", f"end_block ({body.end_block}) must be greater than start_block "
-                                                f"({body.start_block})")
-        if body.end_block > num_blocks:
-            raise ApiError(422, "invalid_span", f"blocks {body.start_block}:{body.end_block} go past the "
-                                                f"{num_blocks} blocks of {body.model_id}")
-        issued_for = await service.hot.consume_nonce(body.nonce)
-        refused = None
-        if issued_for is None:
-            refused = "nonce unknown, expired or already used: get a new one from GET /nodes/challenge"
-        elif issued_for != body.peer_id:
-            refused = "nonce was issued for another peer_id"
-        else:
-            message = registration_message(nonce=body.nonce, peer_id=body.peer_id,
-                                           wallet_address=body.wallet_address, model_id=body.model_id,
-                                           start_block=body.start_block, end_block=body.end_block)
-            if not verify_signature(peer_id=body.peer_id, public_key_b64=body.public_key, message=message,
-                                    signature_b64=body.signature):
-                refused = "signature does not prove control of peer_id (wrong key or message)"
-        if refused:
-            service.metrics.registrations.labels("refused").inc()
-            log.warning("registration refused", peer_id=body.peer_id, reason=refused)
-            raise ApiError(401, "invalid_signature", refused)
-        try:
-            public_key = base64.b64decode(body.public_key, validate=True)
-        except binascii.Error:  # pragma: no cover - verify_signature already decoded it
-            raise ApiError(422, "invalid_request", "public_key is not base64") from None
-        token = new_token()
-        sha = token_hash(token)
-        node_id, old_sha, created = await service.store.upsert_node(
-            peer_id=body.peer_id, wallet_address=body.wallet_address, model_id=body.model_id,
-            start_block=body.start_block, end_block=body.end_block, public_name=body.public_name,
-            hardware=body.hardware.model_dump(exclude_none=True), public_key=public_key, token_sha=sha)
-        ledger = (await service.store.ledgers([node_id]))[node_id]
-        await service.hot.bind_token(sha, node_id, old_sha)
-        await service.hot.mark_alive(node_id, ledger=ledger)
-        service.metrics.registrations.labels("created" if created else "updated").inc()
-        log.info("node registered", node_id=node_id, peer_id=body.peer_id, model_id=body.model_id,
-                 blocks=f"{body.start_block}:{body.end_block}", created=created)
-        return {"node_id": node_id, "node_token": token, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S}
-
-    @app.post("/nodes/heartbeat")
-    async def heartbeat(request: Request, body: Optional[HeartbeatRequest] = None,
-                        authorization: Optional[str] = Header(default=None)):
-        """Served by :class:`RequestContextMiddleware`'s fast path (same logic, without FastAPI's per-request
-        overhead); this route documents it in the OpenAPI schema and serves it if the fast path is off."""
-        return JSONResponse(await svc(request).heartbeat(authorization, body))
-
-    @app.post("/nodes/unregister")
-    async def unregister(request: Request, authorization: Optional[str] = Header(default=None)):
-        service = svc(request)
-        node_id = await service.node_from_token(authorization)
-        old_sha = await service.store.unregister(node_id)
-        await service.hot.drop(node_id, old_sha or token_hash(_bearer(authorization)))
-        log.info("node unregistered", node_id=node_id)
-        return {"ok": True, "node_id": node_id, "state": "offline"}
-
-    @app.get("/nodes/active")
-    async def active(request: Request, model_id: Optional[str] = Query(default=None, max_length=200)):
-        service = svc(request)
-        if model_id is not None:
-            service.num_blocks(model_id)
-        live = await service.hot.live_nodes()
-        rows = [r for r in await service.store.nodes(node_ids=list(live), model_id=model_id)
-                if r["state"] == "online"]
-        nodes = await service.describe_nodes(rows)
-        return {"nodes": nodes, "count": len(nodes), "heartbeat_ttl_s": service.ttl}
-
-    @app.get("/nodes/by-peer/{peer_id}")
-    async def node_by_peer(request: Request, peer_id: str):
-        service = svc(request)
-        check_peer_id(peer_id)
-        rows = await service.store.nodes(peer_id=peer_id, include_unregistered=True)
-        if not rows:
-            raise ApiError(404, "node_not_found", f"no node registered with peer_id {peer_id}")
-        return await _node_view(service, rows[0])
-
-    @app.get("/nodes/{node_id}")
-    async def node(request: Request, node_id: str):
-        service = svc(request)
-        try:
-            node_id = str(uuid.UUID(node_id))
-        except ValueError:
-            raise ApiError(422, "invalid_node_id", f"node_id {node_id[:64]!r} is not a UUID") from None
-        rows = await service.store.nodes(node_ids=[node_id], include_unregistered=True)
-        if not rows:
-            raise ApiError(404, "node_not_found", f"no node {node_id}")
-        return await _node_view(service, rows[0])
-
-    # --- models -------------------------------------------------------------------------------------------
-    @app.get("/models")
-    async def list_models(request: Request):
-        service = svc(request)
-        return {"models": [{"model_id": m, "num_blocks": n} for m, n in sorted(service.models.items())]}
-
-    @app.get("/models/{model_id:path}/coverage")
-    async def coverage(request: Request, model_id: str):
-        return await svc(request).coverage(model_id)
-
-    @app.get("/models/{model_id:path}/nodes")
-    async def model_nodes(request: Request, model_id: str):
-        service = svc(request)
-        num_blocks = service.num_blocks(model_id)
-        nodes = await service.describe_nodes(await service.store.nodes(model_id=model_id))
-        snapshot = service.watcher.snapshots.get(model_id)
-        states: dict[str, set] = {}
-        if snapshot is not None and snapshot.block_servers:
-            for servers in snapshot.block_servers:
-                for s in servers:
-                    states.setdefault(s.peer_id, set()).add(s.state)
-        for item in nodes:
-            seen = states.get(item["peer_id"], set())
-            item["dht_state"] = ("ONLINE" if "ONLINE" in seen else "JOINING" if "JOINING" in seen
-                                 else "OFFLINE" if "OFFLINE" in seen else None)
-        return {"model_id": model_id, "num_blocks": num_blocks, "nodes": nodes, "count": len(nodes)}
-
-    # --- providers -----------------------------------------------------------------------------------------
-    @app.get("/provider/{wallet}/stats")
-    async def provider_stats(request: Request, wallet: str):
-        service = svc(request)
-        check_wallet(wallet)
-        totals = await service.store.wallet_totals(wallet)
-        rows = await service.store.nodes(wallet=wallet)
-        live = await service.hot.last_heartbeats([r["node_id"] for r in rows])
-        now = time.time()
-        online = sum(1 for r in rows if r["state"] == "online" and live.get(r["node_id"]) is not None
-                     and now - live[r["node_id"]] <= service.ttl)
-        return {"wallet_address": wallet.lower(), "tokens_served": totals["tokens_served"],
-                "sessions": totals["sessions"], "earned_far": _far(totals["earned"]),
-                "paid_far": _far(totals["paid"]), "pending_far": _far(totals["pending"]),
-                "nodes_online": online, "nodes_total": len(rows)}
-
-    @app.get("/provider/{wallet}/earnings")
-    async def provider_earnings(request: Request, wallet: str):
-        service = svc(request)
-        check_wallet(wallet)
-        days = await service.store.wallet_earnings(wallet, EARNINGS_DAYS)
-        total = sum((d["earned"] for d in days), Decimal(0))
-        return {"wallet_address": wallet.lower(), "days": EARNINGS_DAYS, "total_far": _far(total),
-                "earnings": [{"date": d["date"], "earned_far": _far(d["earned"]), "tokens_served": d["tokens_served"],
-                              "sessions": d["sessions"]} for d in days]}
-
-    @app.get("/provider/{wallet}/payments")
-    async def provider_payments(request: Request, wallet: str):
-        service = svc(request)
-        check_wallet(wallet)
-        rows = await service.store.wallet_payments(wallet)
-        return {"wallet_address": wallet.lower(), "payments": [
-            {"batch_id": r["batch_id"], "batch_number": r["batch_number"],
-             "date": _iso(r["confirmed_at"] or r["created_at"]), "amount_far": _far(r["amount_far"]),
-             "tx_hash": r["tx_hash"], "state": r["state"], "network": r["network"],
-             "block_number": r["block_number"], "session_count": r["session_count"]} for r in rows]}
-
-    @app.get("/provider/{wallet}/nodes")
-    async def provider_nodes(request: Request, wallet: str):
-        service = svc(request)
-        check_wallet(wallet)
-        nodes = await service.describe_nodes(await service.store.nodes(wallet=wallet))
-        return {"wallet_address": wallet.lower(), "nodes": nodes, "count": len(nodes)}
-
-    # --- operations ---------------------------------------------------------------------------------------
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz(request: Request):
-        service = svc(request)
-        problems = []
-        try:
-            await service.store.ping()
-        except Exception as error:  # noqa: BLE001
-            problems.append(f"postgres: {error}")
-        try:
-            await service.hot.ping()
-        except Exception as error:  # noqa: BLE001
-            problems.append(f"redis: {error}")
-        if not service.models:
-            problems.append("no model configured (FAR_MESH_MODEL_PATH or DISCOVERY_MODELS)")
-        if service.watcher.enabled and not service.watcher.ready:
-            problems.append(f"DHT: {service.watcher.connect_error or 'not read yet'}")
-        if problems:
-            return JSONResponse({"status": "not_ready", "problems": problems}, status_code=503)
-        return {"status": "ready", "dht": service.watcher.enabled}
-
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        service = svc(request)
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(router)
+    app.include_router(dashboard_router)
     return app
-
-
-async def _node_view(service: Discovery, row) -> dict:
-    item = (await service.describe_nodes([row], with_money=True))[0]
-    snapshot = service.watcher.snapshots.get(row["model_id"])
-    seen = set()
-    if snapshot is not None and snapshot.block_servers:
-        for servers in snapshot.block_servers:
-            seen |= {s.state for s in servers if s.peer_id == row["peer_id"]}
-    item["dht_state"] = ("ONLINE" if "ONLINE" in seen else "JOINING" if "JOINING" in seen
-                         else "OFFLINE" if "OFFLINE" in seen else None)
-    return item

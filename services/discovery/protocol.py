@@ -1,0 +1,84 @@
+"""Wire models and input rules of the discovery API (pure; shapes in docs/discovery.md)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PEER_ID_RE = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
+WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
+WALLET_RULE = "must be 0x followed by 40 hex digits"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, headers: Optional[dict] = None, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Request bodies
+# --------------------------------------------------------------------------------------------------------
+class Hardware(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    gpu: Optional[str] = Field(default=None, max_length=200)
+    vram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
+    ram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
+    device: Optional[str] = Field(default=None, max_length=100)
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    peer_id: str
+    wallet_address: str
+    model_id: str = Field(min_length=1, max_length=200)
+    start_block: int = Field(ge=0, le=100_000)
+    end_block: int = Field(ge=1, le=100_000)
+    public_name: Optional[str] = Field(default=None, max_length=100)
+    hardware: Hardware = Field(default_factory=Hardware)
+    public_key: str = Field(min_length=1, max_length=8192)
+    signature: str = Field(min_length=1, max_length=8192)
+    nonce: str = Field(min_length=1, max_length=128)
+
+    @field_validator("peer_id")
+    @classmethod
+    def _peer_id(cls, value: str) -> str:
+        if not PEER_ID_RE.match(value):
+            raise ValueError(PEER_ID_RULE)
+        return value
+
+    @field_validator("wallet_address")
+    @classmethod
+    def _wallet(cls, value: str) -> str:
+        if not WALLET_RE.match(value):
+            raise ValueError(WALLET_RULE)
+        return value
+
+
+class HeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens_served: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    vram_used_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
+    gpu_temp_c: Optional[float] = Field(default=None, ge=-100, le=200)
+    state: Optional[Literal["joining", "online"]] = None
+
+
+def check_wallet(wallet: str) -> str:
+    if not WALLET_RE.match(wallet):
+        raise ApiError(422, "invalid_wallet", f"wallet {wallet[:64]!r} {WALLET_RULE}")
+    return wallet
+
+
+def check_peer_id(peer_id: str) -> str:
+    if not PEER_ID_RE.match(peer_id):
+        raise ApiError(422, "invalid_peer_id", f"peer_id {peer_id[:64]!r} {PEER_ID_RULE}")
+    return peer_id
