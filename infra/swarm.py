@@ -58,9 +58,15 @@ class LocalSwarm:
 
     def start_node(self, name: str, span: str, *, extra_args: tuple[str, ...] = (),
                    discovery_url: Optional[str] = None, wallet: Optional[str] = None) -> SwarmNode:
-        """Start a provider node. Without ``discovery_url`` it serves without registering (``--no-register``)."""
+        """Start a provider node. Without a discovery URL (``discovery_url``, or ``--discovery-url`` in
+        ``extra_args``) it serves without registering (``--no-register``)."""
+        import os
+
         identity = self.workdir / "nodes" / f"{name}.key"
         peer_id = ensure_identity(identity)
+        registers = bool(discovery_url) or "--discovery-url" in extra_args
+        # the node's run/registration files go to the swarm's workdir, not the project's state dir
+        env = dict(os.environ, FAR_MESH_STATE_DIR=str(self.workdir / "nodes" / f"{name}-state"))
         process = ManagedProcess(
             f"node-{name}",
             python_argv("node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
@@ -68,9 +74,10 @@ class LocalSwarm:
                         "--identity", str(identity), "--public-name", name,
                         "--request-timeout", str(self.request_timeout),
                         "--update-period", str(self.update_period), "--no-config",
-                        *(("--discovery-url", discovery_url) if discovery_url else ("--no-register",)),
+                        *(("--discovery-url", discovery_url) if discovery_url else ()),
+                        *(() if registers else ("--no-register",)),
                         *(("--wallet", wallet) if wallet else ()), *extra_args),
-            log_path=self.workdir / "logs" / f"node-{name}.log",
+            log_path=self.workdir / "logs" / f"node-{name}.log", env=env,
         ).start()
         node = SwarmNode(name, BlockSpan.parse(span), peer_id, identity, process)
         self.nodes[name] = node

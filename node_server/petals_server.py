@@ -1,5 +1,10 @@
 """Run a Petals server for a span of a model's blocks, with the flags this stack needs.
 
+``far-node run`` (the supervisor, :mod:`node_server.agent`) starts this module as a child process:
+``python -m node_server.petals_server --options FILE.json --status-file FILE.json``. The child writes what it
+announces to the swarm (state JOINING/ONLINE/OFFLINE, the span it chose, device and memory) to the status file
+every second, so the supervisor knows the span to register without running a DHT peer of its own.
+
 ``ServerOptions`` is the typed description of one server; :func:`petals_server_kwargs` turns it into
 ``petals.server.server.Server`` keyword arguments (pure, tested without a network). The flags that are always
 set follow ../shared/SPEC.md "Petals on this stack": explicit initial peers, a numeric throughput (no
@@ -9,8 +14,15 @@ no relays, no reachability probe, no UPnP.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
 import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,14 +49,28 @@ class ServerOptions:
     inference_max_length: int = 2048
     update_period: float = 15.0
     request_timeout: float = 180.0
+    memory_limit_gb: Optional[float] = None  # CUDA: per-process memory fraction; auto span: how many blocks fit
     extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["blocks"] = str(self.blocks) if self.blocks is not None else None
+        data["initial_peers"] = list(self.initial_peers)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServerOptions":
+        data = json.loads(text)
+        data["blocks"] = BlockSpan.parse(data["blocks"]) if data.get("blocks") else None
+        data["initial_peers"] = tuple(data.get("initial_peers") or ())
+        return cls(**data)
 
 
 def petals_server_kwargs(options: ServerOptions) -> dict:
     """Keyword arguments for ``petals.server.server.Server`` (pure)."""
     from petals.utils.convert_block import QuantType
 
-    if options.blocks is None and not options.num_blocks:
+    if options.blocks is None and not options.num_blocks and options.device == "cpu":
         raise ValueError("give either a block span or a number of blocks to serve")
     kwargs = dict(
         initial_peers=list(options.initial_peers),
@@ -69,8 +95,9 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
     )
     if options.blocks is not None:
         kwargs["block_indices"] = str(options.blocks)
-    else:
+    elif options.num_blocks:
         kwargs["num_blocks"] = options.num_blocks
+    # else (GPU, auto): Petals fills the GPU's memory with as many blocks as fit
     if options.identity_path:
         Path(options.identity_path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["identity_path"] = options.identity_path
@@ -78,7 +105,101 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
     return kwargs
 
 
-def run_petals_server(options: ServerOptions) -> None:
+def fitting_num_blocks(model_path: str, *, torch_dtype: str, memory_limit_bytes: float,
+                       cache_tokens: int = 4096) -> int:
+    """How many blocks (weights + attention cache) fit in ``memory_limit_bytes``, at least 1, at most all."""
+    import torch
+    from petals.server.block_utils import get_block_size
+    from petals.utils.auto_config import AutoDistributedConfig
+    from petals.utils.convert_block import QuantType
+    from petals.utils.misc import get_size_in_bytes
+
+    config = AutoDistributedConfig.from_pretrained(model_path)
+    dtype = getattr(torch, torch_dtype)
+    block_bytes = get_block_size(config, "memory", dtype=dtype, quant_type=QuantType.NONE)
+    cache_bytes = 2 * config.hidden_size * cache_tokens * get_size_in_bytes(dtype) // getattr(
+        config, "num_key_value_groups", 1)
+    fitting = math.floor(0.9 * memory_limit_bytes / (block_bytes + cache_bytes))
+    return max(1, min(config.num_hidden_layers, fitting))
+
+
+def _resolve_auto_num_blocks(options: ServerOptions) -> ServerOptions:
+    """CPU auto span with no count: fit the memory limit (default: half the RAM). Petals sizes GPUs itself."""
+    if options.blocks is not None or options.num_blocks:
+        return options
+    if options.device != "cpu" and options.memory_limit_gb is None:
+        return options
+    import psutil
+
+    limit = (options.memory_limit_gb * 1024**3 if options.memory_limit_gb else psutil.virtual_memory().total / 2)
+    count = fitting_num_blocks(options.model_path, torch_dtype=options.torch_dtype, memory_limit_bytes=limit)
+    return dataclasses.replace(options, num_blocks=count)
+
+
+class StatusWriter(threading.Thread):
+    """Writes what this server announces (and its device memory) to a JSON file every ``period`` seconds."""
+
+    def __init__(self, path: Path, options: ServerOptions, period: float = 1.0):
+        super().__init__(name="far-node-status", daemon=True)
+        self.path, self.options, self.period = Path(path), options, period
+        self.server = None
+        self.stopped = threading.Event()
+        self.hardware = _device_hardware(options.device)
+
+    def snapshot(self, state: Optional[str] = None) -> dict:
+        info = getattr(self.server, "server_info", None)
+        data = {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "state": state or (info.state.name if info is not None else "STARTING"),
+            "start_block": getattr(info, "start_block", None),
+            "end_block": getattr(info, "end_block", None),
+            "num_blocks_total": getattr(getattr(self.server, "block_config", None), "num_hidden_layers", None),
+            **self.hardware,
+        }
+        data.update(_device_usage(self.options.device))
+        return data
+
+    def write(self, state: Optional[str] = None) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.snapshot(state)))
+        os.replace(tmp, self.path)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            try:
+                self.write()
+            except Exception:  # a status file is best effort; never take the server down for it
+                pass
+
+
+def _device_hardware(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {"device": device, "gpu": None, "vram_total_gb": None}
+    import torch
+
+    index = torch.device(device).index or 0
+    props = torch.cuda.get_device_properties(index)
+    return {"device": f"cuda:{index}", "gpu": props.name, "vram_total_gb": props.total_memory / 1024**3}
+
+
+def _device_usage(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {}
+    from node_server.hardware import gpu_stats
+    import torch
+
+    index = torch.device(device).index or 0
+    stats = gpu_stats(index)  # NVML: whole-GPU use and temperature
+    if not stats:
+        stats = {"vram_used_gb": torch.cuda.memory_reserved(index) / 1024**3}
+    return stats
+
+
+_KEEP_ALIVE: list = []
+
+
+def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None) -> None:
     """Serve until SIGINT/SIGTERM, then announce OFFLINE and stop every child process."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # measured: a single compute thread per server is fastest here
     from services.common import petals_compat  # noqa: F401
@@ -96,17 +217,40 @@ def run_petals_server(options: ServerOptions) -> None:
             return
         raise KeyboardInterrupt
 
-    server = Server(**petals_server_kwargs(options))
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    writer = StatusWriter(status_file, options) if status_file else None
+    server = None
     try:
+        if writer is not None:
+            writer.write("STARTING")
+        options = _resolve_auto_num_blocks(options)
+        if options.device.startswith("cuda") and options.memory_limit_gb:
+            index = torch.device(options.device).index or 0
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, options.memory_limit_gb * 1024**3 / total), index)
+        server = Server(**petals_server_kwargs(options))
+        if writer is not None:
+            writer.server = server
+            writer.start()
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        server.shutdown()
+        if writer is not None:
+            writer.stopped.set()
+        if server is not None:
+            server.shutdown()
+            # Never let the server be garbage-collected: destroying its torch objects aborts the process
+            # ("terminate called after throwing std::system_error: Broken pipe"). ``main`` exits with _exit.
+            _KEEP_ALIVE.append(server)
+        if writer is not None:
+            try:
+                writer.write("OFFLINE")
+            except Exception:
+                pass
         _reap_children()
 
 
@@ -126,3 +270,21 @@ def _reap_children(timeout: float = 5.0) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Petals server child of `far-node run` (not for direct use).")
+    parser.add_argument("--options", required=True, type=Path, help="JSON file of ServerOptions")
+    parser.add_argument("--status-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    run_petals_server(ServerOptions.from_json(args.options.read_text()), args.status_file)
+    # Everything is shut down and reaped; skip interpreter teardown, where torch's threads abort with
+    # "terminate called after throwing std::system_error: Broken pipe" (SIGABRT) or hang (SPEC "Petals on
+    # this stack"), which would look like a crash to the supervisor.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

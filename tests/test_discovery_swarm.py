@@ -7,41 +7,20 @@ import io
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from rich.console import Console
 
-from infra.processes import ManagedProcess, wait_until
+from infra.processes import wait_until
 from infra.swarm import ensure_identity
 from services.common.identity import load_identity, registration_message
 from services.discovery.status import run_status
-from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, free_port
+from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, start_discovery
 
 pytestmark = pytest.mark.swarm
 
 WALLET = "0x" + "12" * 20
-
-
-def start_discovery(*, workdir, initial_peers, model_dir, postgres_url, redis_url) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    env = dict(os.environ, POSTGRES_URL=postgres_url, REDIS_URL=redis_url,
-               FAR_MESH_DHT_BOOTSTRAP=",".join(initial_peers), DEFAULT_MODEL_ID=MODEL_ID,
-               FAR_MESH_MODEL_PATH=str(model_dir), DISCOVERY_DHT_REFRESH_S="1", DISCOVERY_FLUSH_INTERVAL_S="1",
-               FAR_MESH_STATE_DIR=str(workdir))
-    process = ManagedProcess("discovery", [sys.executable, "-m", "services.cli", "discovery", "--port", str(port)],
-                             env=env, log_path=workdir / "discovery.log").start()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout=90, what="discovery /readyz", process=process)
-    return process, url
 
 
 def register(url: str, identity_path, span: tuple[int, int], name: str) -> dict:
