@@ -2,6 +2,7 @@
 # The test suite: Python tests (real Postgres/Redis/Petals swarm/EVM) and, when present, the TypeScript SDK's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/ensure_chromium.sh   # Debian's chromium for the dashboard's browser tests (never a browser download)
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ -f sdk/typescript/package.json ]; then
   (cd sdk/typescript && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; } && npm test --silent)

@@ -1,5 +1,86 @@
-"""Provider dashboard pages served by the discovery service (being built: issue 8)."""
+"""Provider dashboard pages served by the discovery service (issue 8; docs/dashboard.md).
 
-from fastapi import APIRouter
+Static pages (``services/discovery/static/``) that the browser fills from discovery's own JSON endpoints
+(``/provider/{wallet}/stats|earnings|payments|nodes``, ``/nodes/{id}``, ``/models``, ``/models/{id}/coverage``,
+``/models/{id}/nodes``), so the pages show exactly what the API says and need nothing from the service object:
 
-router = APIRouter()
+* ``GET /dashboard`` — enter or paste a wallet (``/dashboard?wallet=0x…`` redirects to its page, also without JS);
+* ``GET /provider/{wallet}`` — nodes, totals, earnings chart (30 days), hardware, payment history; the JSON
+  endpoints live one level deeper (``/provider/{wallet}/stats`` …), so there is no clash;
+* ``GET /swarm`` and ``GET /swarm/{model_id}`` — block coverage map, ready flag, blocking reasons (the facts
+  of ``far-mesh status``);
+* ``GET /dashboard/static/{file}`` — CSS/JS and the vendored Chart.js (``static/vendor``, built at build time by
+  ``dashboard/vendor.mjs``; nothing is fetched from a CDN at run time).
+
+The pages refresh themselves every 30 s (``?refresh=N`` seconds overrides it, for tests and impatient people).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+STATIC_DIR = (Path(__file__).parent / "static").resolve()
+STATIC_PREFIX = "/dashboard/static"
+WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+# Only our own origin: the vendored chart library is served from here, never from a CDN.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".md": "text/markdown; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+                 ".ico": "image/x-icon"}
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(name: str, status_code: int = 200) -> HTMLResponse:
+    html = (STATIC_DIR / name).read_text(encoding="utf-8")
+    return HTMLResponse(html, status_code=status_code,
+                        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+
+
+@router.get("/")
+async def root():
+    return RedirectResponse("/dashboard", status_code=307)
+
+
+@router.get("/dashboard")
+async def dashboard(wallet: str | None = Query(default=None, max_length=200)):
+    """The entry page; ``?wallet=`` (the form's no-JS submit) redirects to the wallet's page when valid."""
+    if wallet is not None and WALLET_RE.match(wallet.strip()):
+        return RedirectResponse(f"/provider/{wallet.strip()}", status_code=303)
+    return _page("entry.html")
+
+
+@router.get("/provider/{wallet}")
+async def provider_page(wallet: str):
+    """A wallet's page. A malformed wallet gets the same page (it explains the problem) with status 422."""
+    return _page("provider.html", 200 if WALLET_RE.match(wallet) else 422)
+
+
+@router.get("/swarm")
+async def swarm_index():
+    return _page("swarm.html")
+
+
+@router.get("/swarm/{model_id:path}")
+async def swarm_page(model_id: str):
+    return _page("swarm.html")
+
+
+@router.get(STATIC_PREFIX + "/{path:path}")
+async def static_file(path: str):
+    target = (STATIC_DIR / path).resolve()
+    if (STATIC_DIR not in target.parents or not target.is_file() or target.suffix == ".html"
+            or target.suffix not in CONTENT_TYPES):
+        return Response("not found\n", status_code=404, media_type="text/plain")
+    return FileResponse(target, media_type=CONTENT_TYPES[target.suffix],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})

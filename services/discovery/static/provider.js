@@ -1,0 +1,236 @@
+// Far Mesh dashboard: a provider's page (/provider/<wallet>), filled from discovery's provider endpoints.
+"use strict";
+
+(() => {
+  const D = FarDash;
+  const { el } = D;
+
+  /** Where a payout transaction can be looked at, by the batch's network (none for a local chain). */
+  const EXPLORERS = {
+    testnet: "https://testnet.bscscan.com/tx/",
+    mainnet: "https://bscscan.com/tx/",
+  };
+  const STATE_WORDS = {
+    planned: "planned", signed: "signed, not sent yet", submitted: "sent, waiting for confirmation",
+    confirmed: "confirmed", failed: "failed (will be retried)",
+  };
+
+  const state = { chart: null, wallet: null };
+  window.farDashboard = state; // for tests and curious people (chart instance, last data)
+
+  const wallet = decodeURIComponent(window.location.pathname.split("/")[2] || "").trim();
+  state.wallet = wallet;
+  D.setText("wallet", wallet || "—");
+  document.title = `${wallet.slice(0, 10)}… — Far Mesh provider`;
+
+  if (!D.WALLET_RE.test(wallet)) {
+    document.getElementById("invalid").hidden = false;
+    D.setText("invalid-text", `“${wallet.slice(0, 80)}” is not a wallet address: a wallet is 0x followed by 40 ` +
+      "hexadecimal digits (0-9, a-f), like the one you gave far-node with --wallet.");
+    D.setText("updated", "Nothing to load");
+    document.getElementById("refresh-now").disabled = true;
+    document.body.dataset.state = "invalid";
+    return;
+  }
+
+  async function load() {
+    const base = `/provider/${wallet}`;
+    const [stats, earnings, payments, nodes] = await Promise.all([
+      D.api(`${base}/stats`), D.api(`${base}/earnings`), D.api(`${base}/payments`), D.api(`${base}/nodes`),
+    ]);
+    // Per node: DHT state and paid/pending (the wallet list has liveness, hardware and the ledger already).
+    const details = await Promise.all(nodes.nodes.map((n) => D.api(`/nodes/${n.node_id}`).catch(() => null)));
+    const merged = nodes.nodes.map((n, i) => ({ ...n, ...(details[i] || {}) }));
+    Object.assign(state, { stats, earnings, payments, nodes: merged });
+    render(stats, earnings, payments.payments, merged);
+  }
+
+  function render(stats, earnings, payments, nodes) {
+    const unknown = stats.nodes_total === 0 && stats.sessions === 0 && stats.tokens_served === 0 &&
+      payments.length === 0;
+    document.getElementById("empty").hidden = !unknown;
+    document.getElementById("content").hidden = unknown;
+    D.setText("empty-wallet", stats.wallet_address);
+    document.body.dataset.empty = unknown ? "1" : "";
+    if (unknown) return;
+    remember(stats.wallet_address);
+    renderTotals(stats);
+    renderNodes(nodes);
+    renderChart(earnings);
+    renderPayments(payments);
+  }
+
+  /** The entry page lists the wallets opened recently (this browser only). */
+  function remember(address) {
+    try {
+      const key = "farMesh.recentWallets";
+      const list = JSON.parse(window.localStorage.getItem(key) || "[]").filter((w) => w.toLowerCase() !== address);
+      window.localStorage.setItem(key, JSON.stringify([address, ...list].slice(0, 5)));
+    } catch (_) { /* storage off: fine */ }
+  }
+
+  function renderTotals(stats) {
+    D.setText("total-tokens", D.formatInt(stats.tokens_served));
+    D.setText("total-earned", D.formatFar(stats.earned_far));
+    D.setText("total-paid", D.formatFar(stats.paid_far));
+    D.setText("total-pending", D.formatFar(stats.pending_far));
+    D.setText("total-nodes", `${stats.nodes_online} / ${stats.nodes_total}`);
+    const nodesCard = document.getElementById("total-nodes").closest(".card");
+    nodesCard.classList.toggle("warn", stats.nodes_total > 0 && stats.nodes_online < stats.nodes_total);
+  }
+
+  /** [status, badge text, plain-words detail] of a node. */
+  function nodeStatus(node) {
+    if (node.active) {
+      if (node.reported_state === "joining") {
+        return ["online", "Online", "loading its blocks (JOINING): it earns once they are loaded"];
+      }
+      const dht = node.dht_state;
+      if (dht === "ONLINE") return ["online", "Online", "serving its blocks (ONLINE in the swarm)"];
+      if (dht === "JOINING") return ["online", "Online", "announced in the swarm, still loading (JOINING)"];
+      if (dht === "OFFLINE") return ["online", "Online", "heartbeats arrive but its server announced OFFLINE"];
+      return ["online", "Online", "heartbeats arrive; not seen in the swarm (DHT) yet"];
+    }
+    if (node.state === "offline") {
+      return ["offline", "Offline", "unregistered (stopped by its operator); it registers again when restarted"];
+    }
+    if (node.state === "unregistered") return ["offline", "Offline", "unregistered"];
+    return ["offline", "Offline", `no heartbeat for ${D.formatDuration(node.seconds_since_heartbeat)}: ` +
+      "is far-node running, and can it reach discovery?"];
+  }
+
+  function blocksText(node) {
+    const last = node.end_block - 1;
+    const span = node.start_block === last ? `block ${last}` : `blocks ${node.start_block}-${last}`;
+    return `${span} (${node.end_block - node.start_block}) of ${node.model_id}`;
+  }
+
+  function vram(node) {
+    const total = node.hardware && node.hardware.vram_total_gb;
+    const used = node.vram_used_gb;
+    const fmt = (v) => (Number.isInteger(Number(v)) ? String(Number(v)) : Number(v).toFixed(1));
+    if (total === undefined || total === null || Number(total) === 0) {
+      return used !== null && used !== undefined ? `${fmt(used)} GB used` : "—";
+    }
+    const text = `${used !== null && used !== undefined ? fmt(used) : "?"} / ${fmt(total)} GB`;
+    const pct = used !== null && used !== undefined ? Math.min(100, Math.round((100 * used) / total)) : 0;
+    const meter = el("span", { class: "meter", role: "presentation" }, el("span", { class: "meter-fill" }));
+    meter.firstChild.style.width = `${pct}%`;
+    return el("span", { class: "vram" }, el("span", { text }), meter);
+  }
+
+  function renderNodes(nodes) {
+    const box = document.getElementById("nodes");
+    const note = document.getElementById("nodes-empty");
+    note.hidden = nodes.length > 0;
+    note.textContent = nodes.length ? "" : "No node is registered with this wallet now. The earnings and payments " +
+      "below come from work its nodes did earlier.";
+    box.replaceChildren(...nodes.map((node) => {
+      const [status, badge, detail] = nodeStatus(node);
+      const hw = node.hardware || {};
+      const temp = node.gpu_temp_c === null || node.gpu_temp_c === undefined ? "—" : `${Math.round(node.gpu_temp_c)} °C`;
+      const rows = [
+        ["Uptime", node.active ? D.formatDuration(node.uptime_s) : "—", "uptime"],
+        ["Last seen", `${D.formatAgo(node.seconds_since_heartbeat)} (${D.formatUtc(node.last_seen, true)})`, "last-seen"],
+        ["Blocks", blocksText(node), "blocks"],
+        ["State", detail, "state"],
+        ["GPU", hw.gpu || hw.device || "—", "gpu"],
+        ["VRAM", vram(node), "vram"],
+        ["Temperature", temp, "temp"],
+        ["Tokens served", D.formatInt(node.tokens_served), "tokens"],
+        ["Earned", `${D.formatFar(node.earned_far)} FAR`, "earned"],
+      ];
+      if (node.pending_far !== undefined) rows.push(["Pending", `${D.formatFar(node.pending_far)} FAR`, "pending"]);
+      return el("article", { class: `node ${status}`, dataset: { nodeId: node.node_id, status } },
+        el("header", {},
+          el("span", { class: "dot", "aria-hidden": "true" }),
+          el("h3", { text: node.public_name || D.shortPeer(node.peer_id) }),
+          el("span", { class: `badge ${status}`, text: badge, "data-field": "status" })),
+        el("dl", {}, rows.map(([label, value, field]) => [
+          el("dt", { text: label }),
+          el("dd", { "data-field": field }, value),
+        ])),
+        el("p", { class: "peer muted" }, "peer ", el("code", { text: node.peer_id, title: node.peer_id })));
+    }));
+  }
+
+  function renderChart(earnings) {
+    const days = earnings.earnings;
+    const labels = days.map((d) => d.date.slice(5));
+    const values = days.map((d) => Number(d.earned_far));
+    const active = days.filter((d) => Number(d.earned_far) > 0).length;
+    D.setText("earnings-note", active
+      ? `${D.formatFar(earnings.total_far)} FAR earned in the last ${earnings.days} days, on ${active} ` +
+        `day${active === 1 ? "" : "s"}.`
+      : `Nothing earned in the last ${earnings.days} days.`);
+    if (typeof Chart === "undefined") {
+      throw new D.ApiError("http", "the chart library did not load (/dashboard/static/vendor/chart.umd.min.js)");
+    }
+    if (state.chart) {
+      state.chart.data.labels = labels;
+      state.chart.data.datasets[0].data = values;
+      state.chart.$days = days;
+      state.chart.update("none");
+      return;
+    }
+    const canvas = document.getElementById("earnings-chart");
+    state.chart = new Chart(canvas, {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [{ label: "FAR earned", data: values, backgroundColor: "#0f766e", hoverBackgroundColor: "#115e59",
+                     borderRadius: 3, maxBarThickness: 28, minBarLength: 0 }],
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        animation: false,
+        plugins: {
+          legend: { display: false },
+          tooltip: {
+            callbacks: {
+              title: (items) => state.chart.$days[items[0].dataIndex].date,
+              label: (item) => {
+                const day = state.chart.$days[item.dataIndex];
+                return [`${D.formatFar(day.earned_far)} FAR`, `${D.formatInt(day.tokens_served)} tokens, ` +
+                        `${day.sessions} session${day.sessions === 1 ? "" : "s"}`];
+              },
+            },
+          },
+        },
+        scales: {
+          x: { grid: { display: false }, ticks: { maxRotation: 0, autoSkipPadding: 8 } },
+          y: { beginAtZero: true, title: { display: true, text: "FAR" }, ticks: { maxTicksLimit: 6 } },
+        },
+      },
+    });
+    state.chart.$days = days;
+  }
+
+  function txCell(payment) {
+    if (!payment.tx_hash) return el("span", { class: "muted", text: "not signed yet" });
+    const short = `${payment.tx_hash.slice(0, 10)}…${payment.tx_hash.slice(-6)}`;
+    const explorer = EXPLORERS[payment.network];
+    if (!explorer) {
+      return el("span", {}, el("code", { text: short, title: payment.tx_hash, class: "tx" }),
+        el("span", { class: "muted", text: ` (${payment.network} chain: no explorer)` }));
+    }
+    return el("a", { href: `${explorer}${payment.tx_hash}`, target: "_blank", rel: "noopener noreferrer",
+                     class: "tx", title: payment.tx_hash }, el("code", { text: short }), " ↗");
+  }
+
+  function renderPayments(payments) {
+    document.getElementById("payments-empty").hidden = payments.length > 0;
+    const table = document.getElementById("payments");
+    table.hidden = payments.length === 0;
+    table.tBodies[0].replaceChildren(...payments.map((p) => el("tr", { dataset: { batchId: p.batch_id, state: p.state } },
+      el("td", { "data-label": "Date", text: D.formatUtc(p.date) }),
+      el("td", { "data-label": "Amount (FAR)", class: "num", "data-field": "amount", text: D.formatFar(p.amount_far) }),
+      el("td", { "data-label": "Transaction", "data-field": "tx" }, txCell(p)),
+      el("td", { "data-label": "Status" }, el("span", { class: `badge pay-${p.state}`, text: STATE_WORDS[p.state] || p.state })),
+      el("td", { "data-label": "Network", text: p.network }),
+      el("td", { "data-label": "Batch", class: "num", text: `#${p.batch_number}` }))));
+  }
+
+  D.autoRefresh(load);
+})();
