@@ -18,6 +18,28 @@ from typing import Callable, Optional, Sequence
 import psutil
 
 
+def kill_all(procs, *, timeout: float = 10.0) -> None:
+    """SIGKILL each ``psutil.Process`` (those already gone are skipped) and wait for them to be reaped."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def reap_children(timeout: float = 5.0) -> None:
+    """Last line of defence against orphans: SIGTERM every descendant of this process, SIGKILL the survivors."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    kill_all(alive, timeout=timeout)
+
+
 class ManagedProcess:
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: Optional[dict] = None,
                  cwd: Optional[Path] = None):
@@ -63,12 +85,7 @@ class ManagedProcess:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        kill_all(procs)
         if self.popen is not None:
             self.popen.wait(timeout=10)
 

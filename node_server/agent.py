@@ -33,6 +33,7 @@ from typing import Callable, Optional, TextIO
 
 import psutil
 
+from infra.processes import kill_all
 from node_server import keys
 from node_server.discovery_client import (DiscoveryClient, DiscoveryError, DiscoveryRefused, NotRegistered,
                                           Registration)
@@ -238,12 +239,7 @@ class ServerProcess:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=timeout)
+        kill_all(procs, timeout=timeout)
         return [p.pid for p in procs]
 
     def stop(self, timeout: float) -> Optional[int]:
@@ -383,13 +379,7 @@ class Supervisor:
         if self.agent is not None:
             self.agent.stop()
         # Last sweep: anything still parented to us (we are a subreaper) goes too.
-        rest = psutil.Process().children(recursive=True)
-        for proc in rest:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(rest, timeout=5)
+        kill_all(psutil.Process().children(recursive=True), timeout=5)
         log.info("far-node stopped")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from infra.processes import reap_children
 from services.common.swarm import BlockSpan, dht_prefix_for
 
 
@@ -251,25 +252,7 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
                 writer.write("OFFLINE")
             except Exception:
                 pass
-        _reap_children()
-
-
-def _reap_children(timeout: float = 5.0) -> None:
-    """Last line of defence against orphans: terminate, then kill, any child left behind."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+        reap_children()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

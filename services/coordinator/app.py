@@ -11,44 +11,24 @@ from typing import Optional
 
 import asyncpg
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings
-from services.common.http import validation_message
+from services.common.http import install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.coordinator.accounts import AccountStore
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
-from services.coordinator.serving import InferenceService, ServingError
+from services.coordinator.serving import InferenceService
 from services.coordinator.store import Pricing, SessionStore
 
 log = get_logger(__name__)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServingError)
-    async def _serving(_: Request, error: ServingError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError):
-        return JSONResponse({"error": {"code": "invalid_request", "message": validation_message(error)}},
-                            status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException):
-        return JSONResponse({"error": {"code": f"http_{error.status_code}", "message": str(error.detail)}},
-                            status_code=error.status_code, headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception):
-        log.exception("unhandled error", error=repr(error))
-        return JSONResponse({"error": {"code": "internal_error", "message": f"unexpected error: {type(error).__name__}"}},
-                            status_code=500)
+def install_coordinator_handlers(app: FastAPI) -> None:
+    """The shared error handlers, and ``request_id`` bound to every log line of a request."""
+    install_error_handlers(app, log)
 
     @app.middleware("http")
     async def _request_context(request: Request, call_next):
@@ -101,7 +81,7 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             await app.state.pool.close()
 
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
+    install_coordinator_handlers(app)
     app.include_router(router)
     app.include_router(openai_router)
     return app

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import AsyncIterator, Optional
 
+from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.coordinator import metrics
@@ -38,13 +39,8 @@ SWARM_RETRY_AFTER_S = 5
 _DONE = object()
 
 
-class ServingError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, headers: Optional[dict] = None, **extra):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers or {}, extra
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+class ServingError(ApiError):
+    """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
 
 
 @dataclass

@@ -14,14 +14,12 @@ from typing import Optional
 
 import asyncpg
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings
-from services.common.http import validation_message
+from services.common.http import install_error_handlers, validation_message
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.discovery.api.routes import router
 from services.discovery.dashboard import router as dashboard_router
@@ -49,29 +47,10 @@ async def _dependency_error(_: Request, error: Exception):
     return JSONResponse(_dependency_body(error), status_code=503, headers={"Retry-After": "5"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError):
-        return JSONResponse({"error": {"code": "invalid_request", "message": validation_message(error)}},
-                            status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException):
-        return JSONResponse({"error": {"code": f"http_{error.status_code}", "message": str(error.detail)}},
-                            status_code=error.status_code, headers=getattr(error, "headers", None))
-
-    for kind in DEPENDENCY_ERRORS:
+def install_discovery_error_handlers(app: FastAPI) -> None:
+    install_error_handlers(app, log)
+    for kind in DEPENDENCY_ERRORS:  # Postgres/Redis down: 503 with Retry-After, not 500
         app.add_exception_handler(kind, _dependency_error)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception):
-        log.error("unhandled error", error=repr(error), exc_info=error)
-        return JSONResponse({"error": {"code": "internal_error", "message": "internal error (logged)"}},
-                            status_code=500)
 
 
 class RequestContextMiddleware:
@@ -195,7 +174,7 @@ def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -
             await pool.close()
 
     app = FastAPI(title="Far Mesh discovery", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
+    install_discovery_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(router)
     app.include_router(dashboard_router)

@@ -7,19 +7,12 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.common.http import ApiError  # noqa: F401  (re-exported: the discovery code raises it)
+
 PEER_ID_RE = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
 WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
 WALLET_RULE = "must be 0x followed by 40 hex digits"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, headers: Optional[dict] = None, **extra):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
 # --------------------------------------------------------------------------------------------------------
