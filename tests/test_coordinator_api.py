@@ -206,3 +206,15 @@ async def test_request_id_of_a_failed_request_is_reported_not_replayed_as_succes
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "request_failed" and again.json()["error"]["session_status"] == "failed"
     assert again.json()["error"]["cost_far"] == "0.0003"
+
+
+def test_browsers_may_call_the_api_cross_origin(coordinator):
+    preflight = httpx.options(f"{coordinator.url}/mesh/inference/generate", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    answer = httpx.get(f"{coordinator.url}/v1/models", headers={**coordinator.headers, "Origin": "https://app.example"})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+    assert "retry-after" in answer.headers["access-control-expose-headers"].lower()

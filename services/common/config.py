@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
     FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (demo/tests)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
+    FAR_MESH_CORS_ORIGINS: str = Field(default="*", description="origins allowed to call the coordinator from a "
+                                       "browser (comma-separated; '' = none)")
     FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
     PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
         if value < 0 or not value.is_finite():
             raise ValueError("must be a finite, non-negative decimal")
         return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.FAR_MESH_CORS_ORIGINS.split(",") if origin.strip()]
 
     @property
     def initial_peers(self) -> list[str]:

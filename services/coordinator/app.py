@@ -11,6 +11,7 @@ from typing import Optional
 
 import asyncpg
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
 from services.common.config import Settings
 from services.common.http import install_error_handlers
@@ -82,6 +83,10 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
 
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_coordinator_handlers(app)
+    if settings.cors_origins:  # browsers (the TypeScript SDK in a web page) call with a Bearer key, no cookies
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.include_router(router)
     app.include_router(openai_router)
     return app
