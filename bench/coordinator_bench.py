@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -24,14 +23,17 @@ import sys
 import tempfile
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
+from httpx_sse import EventSource  # noqa: E402
 
 from infra.swarm import LocalSwarm  # noqa: E402
-from tests.fixtures.swarm import MODEL_ID, create_api_key, start_coordinator  # noqa: E402
+from services.coordinator.accounts import provision_api_key  # noqa: E402
+from tests.fixtures.swarm import MODEL_ID, start_coordinator  # noqa: E402
 
 PROMPT = "def compute(a, b):"
 
@@ -44,11 +46,12 @@ def stream(url: str, key: str, tokens: int, on_token=None) -> dict:
     with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=600,
                       headers={"Authorization": f"Bearer {key}"}) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data:") and '"done"' not in line:
+        for sse in EventSource(response).iter_sse():
+            event = sse.json()
+            if not event.get("done"):
                 stamps.append(time.perf_counter())
                 if on_token is not None:
-                    on_token(len(stamps), json.loads(line[5:]))
+                    on_token(len(stamps), event)
     return {"elapsed": time.perf_counter() - started, "ttft": stamps[0] - started, "stamps": stamps,
             "tokens": len(stamps)}
 
@@ -60,7 +63,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
-    from database.migrate import migrate
+    from database.migrate import create_database, drop_database, migrate
     from infra.embedded import ensure_postgres, ensure_redis
     from services.common.config import get_settings
     from services.common.tiny_model import build_tiny_model
@@ -72,9 +75,10 @@ def main() -> int:
         tmp.chmod(0o755)
         with ensure_postgres(settings.POSTGRES_URL, tmp / "state") as pg, ensure_redis(settings.REDIS_URL,
                                                                                         tmp / "state") as redis:
-            db_url = _fresh_database(pg.url)
+            db_url = create_database(pg.url, f"farmesh_bench_{os.getpid()}", replace=True)
             migrate(db_url)
-            _, key = asyncio.run(create_api_key(db_url, balance="100000", rate_limit=100000))
+            _, key = asyncio.run(provision_api_key(db_url, name="bench", balance_far=Decimal("100000"),
+                                                   rate_limit_per_minute=100000))
             model_dir = build_tiny_model(tmp / "model")
             with LocalSwarm(model_dir, MODEL_ID, tmp / "swarm", request_timeout=30) as swarm:
                 swarm.start_bootstrap()
@@ -144,6 +148,7 @@ def main() -> int:
                     around = max(gaps[max(0, args.tokens // 3 - 2):args.tokens // 3 + 3])
                 finally:
                     coordinator.process.stop()
+            drop_database(pg.url, f"farmesh_bench_{os.getpid()}")
 
     sse, base = statistics.median(sse_rates), statistics.median(raw_rates)
     print(f"tiny Llama, {args.tokens} greedy tokens, 2 servers on loopback, median of {args.repeats}")
@@ -156,24 +161,6 @@ def main() -> int:
     print(f"provider killed mid-stream: next token {stall * 1000:.0f} ms after the SIGKILL; longest gap around the "
           f"kill {around * 1000:.0f} ms vs median inter-token gap {statistics.median(gaps) * 1000:.1f} ms")
     return 0
-
-
-def _fresh_database(server_url: str) -> str:
-    import asyncpg
-    from urllib.parse import urlsplit, urlunsplit
-
-    name = f"farmesh_bench_{os.getpid()}"
-
-    async def create():
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            await conn.execute(f"CREATE DATABASE {name}")
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
 if __name__ == "__main__":

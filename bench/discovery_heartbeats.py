@@ -199,16 +199,13 @@ def metric(text: str, name: str) -> float:
 
 async def main_async(args) -> int:
     import asyncpg
-    import psycopg
     import redis
 
-    from database.migrate import libpq_url, migrate
+    from database.migrate import create_database, drop_database, migrate
 
     name = f"farmesh_bench_{secrets.token_hex(4)}"
     server_url = args.postgres_url
-    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    postgres_url = server_url.rsplit("/", 1)[0] + f"/{name}"
+    postgres_url = create_database(server_url, name)
     redis_db = None
     for db in range(15, 0, -1):
         client = redis.Redis.from_url(f"{args.redis_url.rsplit('/', 1)[0]}/{db}")
@@ -284,8 +281,7 @@ async def main_async(args) -> int:
         client = redis.Redis.from_url(redis_url)
         client.flushdb()
         client.close()
-        with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(server_url, name)
 
 
 def main() -> None:

@@ -91,14 +91,11 @@ ANALYZE;
 
 async def planner_bench(server_url: str, rows: int, wallets: int, per_session: int = 4) -> dict:
     import asyncpg
-    import psycopg
 
-    from database.migrate import libpq_url, migrate
+    from database.migrate import create_database, drop_database, migrate
 
     name = f"farmesh_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = re.sub(r"/[^/]*$", f"/{name}", server_url)
+    url = create_database(server_url, name)
     try:
         migrate(url)
         sessions = rows // per_session
@@ -133,8 +130,7 @@ async def planner_bench(server_url: str, rows: int, wallets: int, per_session: i
                 "carried": len(plan.carried_over), "batches": len(plan.batches), "total": plan.total_far,
                 "attach_s": attach_s, "attached_wallets": len(attached)}
     finally:
-        with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(server_url, name)
 
 
 def render(gas: dict, plan: dict | None, command: str) -> str:

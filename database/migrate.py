@@ -36,6 +36,26 @@ def yoyo_url(url: str) -> str:
     return urlunsplit(("postgresql+psycopg", *urlsplit(libpq_url(url))[1:]))
 
 
+def with_database(url: str, database: str) -> str:
+    """``url`` naming another database on the same server."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+def create_database(server_url: str, name: str, *, replace: bool = False) -> str:
+    """Create database ``name`` on the server of ``server_url`` (dropping an old one first with ``replace``);
+    returns its URL. Used by the demo, the test fixtures and the benchmarks for databases of their own."""
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        if replace:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def redact(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)

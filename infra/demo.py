@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -21,6 +20,7 @@ import time
 from decimal import Decimal
 
 import httpx
+from httpx_sse import EventSource
 from rich.console import Console
 from rich.table import Table
 
@@ -65,22 +65,6 @@ async def register_demo_nodes(postgres_url: str, nodes) -> None:
         await conn.close()
 
 
-async def create_demo_key(postgres_url: str) -> tuple[str, str]:
-    """A prepaid demo account (10 FAR) and its API key."""
-    import asyncpg
-
-    from services.coordinator.accounts import AccountStore
-
-    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
-    try:
-        store = AccountStore(pool)
-        account_id = await store.create_account("demo user", Decimal("10"))
-        _, key = await store.create_key(account_id, name="demo")
-        return account_id, key
-    finally:
-        await pool.close()
-
-
 async def account_balance(postgres_url: str, account_id: str):
     import asyncpg
 
@@ -115,22 +99,17 @@ def stream_generation(url: str, request_id: str, api_key: str) -> dict:
                       headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"generate failed: HTTP {response.status_code}: {response.read().decode()}")
-        event = "message"
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line.split(":", 1)[1])
-                if event == "error":
-                    raise RuntimeError(f"generation failed: {data['error']}")
-                if data.get("done"):
-                    final = data
-                else:
-                    sys.stdout.write(data["token"])
-                    sys.stdout.write(f"\x1b[s  [{data['tokens_generated']} tok, {data['cost_far']} FAR]\x1b[K\x1b[u"
-                                     if sys.stdout.isatty() else "")
-                    sys.stdout.flush()
-                event = "message"
+        for sse in EventSource(response).iter_sse():
+            data = sse.json()
+            if sse.event == "error":
+                raise RuntimeError(f"generation failed: {data['error']}")
+            if data.get("done"):
+                final = data
+            else:
+                sys.stdout.write(data["token"])
+                sys.stdout.write(f"\x1b[s  [{data['tokens_generated']} tok, {data['cost_far']} FAR]\x1b[K\x1b[u"
+                                 if sys.stdout.isatty() else "")
+                sys.stdout.flush()
     print()
     return final
 
@@ -199,10 +178,10 @@ def main() -> int:
         redis = stack.enter_context(ensure_redis(settings.REDIS_URL, state_dir))
         console.print(f"    {'embedded' if redis.embedded else 'using'} {redis.url}")
 
-        demo_db = _fresh_demo_database(postgres.url)
-        step("applying database migrations")
-        from database.migrate import migrate
+        from database.migrate import create_database, migrate
 
+        demo_db = create_database(postgres.url, "farmesh_demo", replace=True)  # each run records on its own
+        step("applying database migrations")
         applied = migrate(demo_db)
         console.print(f"    applied {len(applied)} migration(s) to {demo_db}")
 
@@ -234,7 +213,9 @@ def main() -> int:
         wait_until(lambda: _ready(url), timeout=120, what="the coordinator", process=coordinator)
         console.print(f"    {url}")
 
-        account_id, api_key = asyncio.run(create_demo_key(demo_db))
+        from services.coordinator.accounts import provision_api_key
+
+        account_id, api_key = asyncio.run(provision_api_key(demo_db, name="demo user", balance_far=Decimal("10")))
         console.print(f"    API key {api_key[:10]}… for a demo account with 10 FAR prepaid")
 
         step("streaming a generation through the swarm")
@@ -268,23 +249,6 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _fresh_demo_database(server_url: str) -> str:
-    """Each demo run records into its own database ``farmesh_demo`` (recreated), so runs never mix."""
-    import asyncpg
-    from urllib.parse import urlsplit, urlunsplit
-
-    async def recreate() -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute("DROP DATABASE IF EXISTS farmesh_demo WITH (FORCE)")
-            await conn.execute("CREATE DATABASE farmesh_demo")
-        finally:
-            await conn.close()
-
-    asyncio.run(recreate())
-    return urlunsplit(urlsplit(server_url)._replace(path="/farmesh_demo"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures.swarm import MODEL_ID, create_api_key, local_greedy, parse_sse
+from tests.fixtures.swarm import MODEL_ID, create_api_key, local_greedy, sse_events
 
 PROMPT = "def compute(a, b):"
 
@@ -139,7 +139,7 @@ def test_cancel_with_delete_and_by_dropping_the_connection(coordinator):
     seen, status = [], {}
     with httpx.stream("POST", f"{coordinator.url}/mesh/inference/generate", json=payload, headers=coordinator.headers,
                       timeout=120) as response:
-        for event in parse_sse(response.iter_lines()):
+        for event in sse_events(response):
             seen.append(event["data"])
             if len(seen) == 5:
                 status = httpx.get(f"{coordinator.url}/mesh/inference/{request_id}", headers=coordinator.headers).json()

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import httpx
 
-from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, create_api_key, local_greedy, parse_sse, start_coordinator
+from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, asse_events, create_api_key, local_greedy, start_coordinator
 
 PROMPT = "def compute(a, b):"
 PRICE = Decimal("0.0001")
@@ -57,19 +57,18 @@ async def test_not_ready_gate_then_replica_killed_mid_stream(fresh_swarm, tiny_m
             tokens, victim = [], None
             async with client.stream("POST", "/mesh/inference/generate", json={
                     "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "request_id": request_id}) as response:
-                lines = []
-                async for line in response.aiter_lines():
-                    lines.append(line)
-                    events = list(parse_sse([line]))
-                    if not events or events[0]["data"].get("done"):
+                events = []
+                async for event in asse_events(response):
+                    events.append(event["data"])
+                    if event["data"].get("done"):
                         continue
-                    tokens.append(events[0]["data"]["token"])
+                    tokens.append(event["data"]["token"])
                     if len(tokens) == 10:
                         route = (await client.get(f"/mesh/inference/{request_id}")).json()["route"]
                         on_route = {hop["peer_id"] for hop in route}
                         victim = next(n for n in ("b", "c") if fresh_swarm.nodes[n].peer_id in on_route)
                         await asyncio.to_thread(fresh_swarm.nodes[victim].process.kill)
-            final = list(parse_sse(lines))[-1]["data"]
+            final = events[-1]
     finally:
         await asyncio.to_thread(coordinator.process.stop)
 
@@ -121,11 +120,10 @@ async def test_coordinator_killed_mid_stream_is_interrupted_and_billed_once(swar
             async with client.stream("POST", "/mesh/inference/generate", json={
                     "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "request_id": request_id}) as response:
                 try:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data:"):
-                            received += 1
-                            if received == 20:
-                                await asyncio.to_thread(coordinator.process.kill)  # SIGKILL, whole tree
+                    async for _ in asse_events(response):
+                        received += 1
+                        if received == 20:
+                            await asyncio.to_thread(coordinator.process.kill)  # SIGKILL, whole tree
                 except httpx.HTTPError:
                     pass  # the connection dies with the coordinator
     finally:

@@ -119,3 +119,16 @@ class AccountStore:
         if await self.account(account_id) is None:
             raise AuthError("the token's account does not exist")
         return Principal(account_id, f"jwt:{account_id}", DEFAULT_JWT_RATE_LIMIT_PER_MINUTE)
+
+
+async def provision_api_key(postgres_url: str, *, name: str, balance_far: Decimal = Decimal(0),
+                            rate_limit_per_minute: int = 600) -> tuple[str, str]:
+    """A new prepaid account holding ``balance_far`` and one API key for it: (account_id, plaintext key)."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+    try:
+        store = AccountStore(pool)
+        account_id = await store.create_account(name, balance_far)
+        _, key = await store.create_key(account_id, name=name, rate_limit_per_minute=rate_limit_per_minute)
+        return account_id, key
+    finally:
+        await pool.close()
