@@ -22,7 +22,7 @@ help:
 install: $(STAMP)
 
 # The stamp depends on the lock and the project metadata: a second `make install` is a no-op.
-$(STAMP): requirements/lock.txt pyproject.toml scripts/install.sh
+$(STAMP): requirements/lock.txt requirements/no-deps.txt pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh
 	@touch $(STAMP)
 

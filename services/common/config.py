@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     FAR_MESH_DHT_BOOTSTRAP: str = Field(default="", description="comma-separated multiaddrs of DHT bootstrap peers")
     POSTGRES_URL: str = "postgresql://postgres@127.0.0.1:5432/test"
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
-    DEFAULT_MODEL_ID: str = "far-mesh/tiny-llama"
+    DEFAULT_MODEL_ID: str = "far-mesh/smollm2-135m-instruct"
     PRICE_PER_TOKEN_FAR: Decimal = Decimal("0.0001")
     PRICE_PER_PROMPT_TOKEN_FAR: Decimal = Decimal("0")
     PLATFORM_FEE_BPS: int = Field(default=1000, ge=0, le=10000)
@@ -52,7 +52,8 @@ class Settings(BaseSettings):
 
     # Not in SPEC's list, documented in docs/configuration.md.
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
-    FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (demo/tests)")
+    FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (default: built "
+                                     "from the catalog, or downloaded from the hub)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
     FAR_MESH_CORS_ORIGINS: str = Field(default="*", description="origins allowed to call the coordinator from a "
                                        "browser (comma-separated; '' = none)")

@@ -15,8 +15,10 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     no-op on the pinned set and only aliases the names when the old module lacks them.
 ``no_upnp``
     ``P2P.create`` defaults to ``nat_port_map=True`` which makes p2pd probe the LAN for UPnP gateways. Forced off.
-``hf_offline``
-    ``HF_HUB_OFFLINE=1``: the hub is never contacted (models are local directories here).
+``hf_no_telemetry``
+    ``HF_HUB_DISABLE_TELEMETRY=1``: downloads of hub models are allowed (real deployments name hub models), but
+    nothing else is sent to the hub. Tests and the demo set ``HF_HUB_OFFLINE=1`` themselves (their models are
+    built locally); an unreachable hub then fails with one clear line (services/models/hub.py).
 ``no_version_check``
     ``petals.cli.run_server`` queries PyPI for the latest version at start; replaced by a log line.
 ``quiet_session_del``
@@ -62,7 +64,7 @@ FIXES = (
     "hivemind_reexports",
     "grad_scaler_location",
     "no_upnp",
-    "hf_offline",
+    "hf_no_telemetry",
     "no_version_check",
     "quiet_session_del",
     "task_cancel_from_any_thread",
@@ -80,9 +82,7 @@ def _enabled(name: str) -> bool:
     return name not in disabled
 
 
-def _fix_hf_offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def _fix_hf_no_telemetry() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
@@ -357,7 +357,7 @@ def _fix_failover_replay() -> None:
 
 
 _PRE_PETALS = {
-    "hf_offline": _fix_hf_offline,
+    "hf_no_telemetry": _fix_hf_no_telemetry,
     "grad_scaler_location": _fix_grad_scaler_location,
     "hivemind_reexports": _fix_hivemind_reexports,
     "no_upnp": _fix_no_upnp,

@@ -55,9 +55,11 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
         interrupted = await store.interrupt_orphans(coordinator_id)
         if interrupted:
             log.warning("finalized sessions interrupted by a previous run", count=interrupted)
-        path = model_path or settings.FAR_MESH_MODEL_PATH
-        if not path:
-            raise SystemExit("far-mesh coordinator: FAR_MESH_MODEL_PATH (or --model) names no model directory")
+        from services.models.catalog import resolve_model
+
+        # a local directory (explicit, or a catalog model built once in the state folder) or a hub name
+        path = await asyncio.to_thread(resolve_model, settings.DEFAULT_MODEL_ID,
+                                       model_path or settings.FAR_MESH_MODEL_PATH or None)
         log.info("connecting to the swarm", model_id=settings.DEFAULT_MODEL_ID, initial_peers=settings.initial_peers)
         swarm = await asyncio.to_thread(SwarmModel, settings.DEFAULT_MODEL_ID, path, settings.initial_peers,
                                         request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,

@@ -30,32 +30,38 @@ class TokenDelta:
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
 
 
+def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
+    """Tokens that end a generation: the tokenizer's EOS (a chat model's end-of-turn, e.g. ``<|im_end|>``) and
+    every ``eos_token_id`` of the model's generation config (e.g. ``<|endoftext|>``)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    return frozenset(ids)
+
+
 class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
                  min_backoff: float = 0.5):
-        import torch
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
+        from services.models.hub import hub_errors_explained
+
         self.model_id = model_id
-        self.model_path = str(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            self.model_path,
-            initial_peers=initial_peers,
-            dht_prefix=dht_prefix_for(model_id),
-            request_timeout=request_timeout,
-            max_retries=max_retries,
-            update_period=update_period,
-            min_backoff=min_backoff,
-            torch_dtype=torch.float32,
-        )
+        self.model_path = str(model_path)  # a local directory or a Hugging Face hub name (downloaded here)
+        with hub_errors_explained(self.model_path):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.model = self._load_client(AutoDistributedModelForCausalLM, initial_peers, request_timeout,
+                                           max_retries, update_period, min_backoff)
         self.model.eval()
         config = self.model.config
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
-        self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
         self.failure_listeners: list = []  # called with the peer ID of every failed server request
         manager = self.sequence_manager
         upstream_on_failure = manager.on_request_failure
@@ -66,6 +72,20 @@ class SwarmModel:
             upstream_on_failure(peer_id)
 
         manager.on_request_failure = on_request_failure
+
+    def _load_client(self, auto_class, initial_peers, request_timeout, max_retries, update_period, min_backoff):
+        import torch
+
+        return auto_class.from_pretrained(
+            self.model_path,
+            initial_peers=initial_peers,
+            dht_prefix=dht_prefix_for(self.model_id),
+            request_timeout=request_timeout,
+            max_retries=max_retries,
+            update_period=update_period,
+            min_backoff=min_backoff,
+            torch_dtype=torch.float32,
+        )
 
     @property
     def dht(self):
@@ -137,7 +157,7 @@ class Generation:
                     return
                 token_id = self.sampler.sample(logits)
                 self.token_ids.append(token_id)
-                if token_id == self.swarm.eos_token_id:
+                if token_id in self.swarm.eos_token_ids:
                     self.finish_reason = "eos"
                     tail = self.text.flush()
                     if tail:

@@ -39,9 +39,15 @@ def parse_models_setting(text: str) -> dict[str, int]:
 
 
 def known_models(settings: Settings) -> dict[str, int]:
-    """DEFAULT_MODEL_ID (block count from FAR_MESH_MODEL_PATH/config.json) plus DISCOVERY_MODELS."""
+    """DEFAULT_MODEL_ID (block count from FAR_MESH_MODEL_PATH/config.json, else from the model catalog) plus
+    DISCOVERY_MODELS (which also names hub models: discovery never downloads a model)."""
+    from services.models.catalog import find_catalog_model
+
     models: dict[str, int] = {}
+    catalog_model = find_catalog_model(settings.DEFAULT_MODEL_ID)
     if settings.FAR_MESH_MODEL_PATH:
         models[settings.DEFAULT_MODEL_ID] = num_blocks_of(settings.FAR_MESH_MODEL_PATH)
+    elif catalog_model is not None:
+        models[catalog_model.model_id] = catalog_model.num_blocks
     models.update(parse_models_setting(settings.DISCOVERY_MODELS))
     return models

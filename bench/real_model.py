@@ -1,0 +1,159 @@
+"""The default real model (SmolLM2-135M-Instruct, 30 blocks) through a 3-server swarm, each figure against a
+baseline measured in the same run.
+
+    .venv/bin/python bench/real_model.py [--tokens 32] [--repeats 5]
+
+1. Launch -> ready: seconds from starting the DHT bootstrap and three servers (0:10, 10:20, 20:30) until every
+   block has an ONLINE server in the DHT (what `far-mesh status` calls "Swarm Ready: YES"), and from starting
+   the coordinator until its /readyz answers 200.
+2. Greedy tokens/s (``--tokens``, median of ``--repeats``, runs interleaved so load changes hit every path
+   alike): local transformers ``generate`` (the same checkpoint, 2 threads), the raw Petals client
+   ``model.generate`` through the swarm, and the coordinator's SSE stream. Ratios swarm/local and SSE/raw.
+3. Resident memory (RSS) of each server's process tree and of the coordinator.
+Needs PostgreSQL and Redis (POSTGRES_URL / REDIS_URL, else embedded ones). Everything it starts is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+from httpx_sse import EventSource  # noqa: E402
+
+from infra.swarm import LocalSwarm  # noqa: E402
+from services.coordinator.accounts import provision_api_key  # noqa: E402
+from tests.fixtures.swarm import start_coordinator  # noqa: E402
+
+PROMPT = "The three most important inventions of the nineteenth century were"
+SPANS = {"a": "0:10", "b": "10:20", "c": "20:30"}
+
+
+def sse_rate(url: str, key: str, tokens: int) -> float:
+    payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    started = time.perf_counter()
+    count = 0
+    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=600,
+                      headers={"Authorization": f"Bearer {key}"}) as response:
+        response.raise_for_status()
+        for sse in EventSource(response).iter_sse():
+            if not sse.json().get("done"):
+                count += 1
+    assert count == tokens, f"the stream ended after {count} tokens"
+    return count / (time.perf_counter() - started)
+
+
+def tree_rss_mib(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from services.common import petals_compat  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from database.migrate import create_database, drop_database, migrate
+    from infra.embedded import ensure_postgres, ensure_redis
+    from services.common.config import get_settings
+    from services.coordinator.engine import SwarmModel
+    from services.models.catalog import SMOLLM2, pull
+
+    settings = get_settings()
+    model_dir = pull(SMOLLM2)
+    db_name = f"farmesh_bench_{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="far-mesh-bench-") as tmp:
+        tmp = Path(tmp)
+        tmp.chmod(0o755)
+        with ensure_postgres(settings.POSTGRES_URL, tmp / "state") as pg, \
+                ensure_redis(settings.REDIS_URL, tmp / "state") as redis:
+            db_url = create_database(pg.url, db_name, replace=True)
+            migrate(db_url)
+            _, key = asyncio.run(provision_api_key(db_url, name="bench", balance_far=Decimal("100000"),
+                                                   rate_limit_per_minute=100000))
+            with LocalSwarm(model_dir, SMOLLM2.model_id, tmp / "swarm") as swarm:
+                launched = time.perf_counter()
+                swarm.start_bootstrap()
+                for name, span in SPANS.items():
+                    swarm.start_node(name, span)
+                swarm.wait_online(list(SPANS), SMOLLM2.num_blocks, timeout=300)
+                swarm_ready_s = time.perf_counter() - launched
+                launched = time.perf_counter()
+                coordinator = start_coordinator(workdir=tmp / "coordinator", model_dir=model_dir,
+                                                initial_peers=swarm.initial_peers, postgres_url=db_url,
+                                                redis_url=redis.url, api_key=key, model_id=SMOLLM2.model_id)
+                coordinator_ready_s = time.perf_counter() - launched
+                client = None
+                try:
+                    torch.set_num_threads(2)
+                    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+                    client = SwarmModel(SMOLLM2.model_id, model_dir, swarm.initial_peers)
+                    inputs = torch.tensor([client.encode(PROMPT)])
+
+                    def timed(generate) -> float:
+                        start = time.perf_counter()
+                        with torch.inference_mode():
+                            out = generate(inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                           do_sample=False, pad_token_id=2)
+                        return (out.shape[1] - inputs.shape[1]) / (time.perf_counter() - start)
+
+                    timed(local.generate), timed(client.model.generate), sse_rate(coordinator.url, key, args.tokens)
+                    local_rates, raw_rates, sse_rates = [], [], []
+                    for _ in range(args.repeats):
+                        local_rates.append(timed(local.generate))
+                        raw_rates.append(timed(client.model.generate))
+                        sse_rates.append(sse_rate(coordinator.url, key, args.tokens))
+                    rss = {name: tree_rss_mib(node.process.pid) for name, node in swarm.nodes.items()}
+                    rss["coordinator"] = tree_rss_mib(coordinator.process.pid)
+                finally:
+                    if client is not None:
+                        client.shutdown()
+                    coordinator.process.stop()
+            drop_database(pg.url, db_name)
+
+    local_rate, raw_rate, sse = (statistics.median(r) for r in (local_rates, raw_rates, sse_rates))
+
+    def runs(rates):
+        return ", ".join(f"{r:.2f}" for r in rates)
+
+    print(f"SmolLM2-135M-Instruct (30 blocks, float32), {args.tokens} greedy tokens, median of {args.repeats}; "
+          f"servers {', '.join(SPANS.values())} on loopback")
+    print(f"  launch -> swarm ready (every block ONLINE)   {swarm_ready_s:6.1f} s")
+    print(f"  coordinator launch -> /readyz               {coordinator_ready_s:6.1f} s")
+    print(f"  local transformers generate   {local_rate:6.2f} tok/s  ({runs(local_rates)})")
+    print(f"  swarm, raw Petals client      {raw_rate:6.2f} tok/s  ({runs(raw_rates)})")
+    print(f"  swarm, coordinator SSE        {sse:6.2f} tok/s  ({runs(sse_rates)})")
+    print(f"  ratio swarm (raw) / local     {raw_rate / local_rate:6.3f}")
+    print(f"  ratio swarm (SSE) / local     {sse / local_rate:6.3f}")
+    print(f"  ratio SSE / raw client        {sse / raw_rate:6.3f}")
+    print("  RSS per process tree (MiB):   " + ", ".join(
+        f"{name} {SPANS.get(name, '')} {value:.0f}".replace("  ", " ") for name, value in rss.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
