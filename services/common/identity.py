@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])
-REGISTRATION_DOMAIN = "far-mesh-register-v1"
+REGISTRATION_DOMAIN = "far-mesh-register-v2"
 
 
 def _crypto_pb2():
@@ -79,10 +80,40 @@ def load_identity(path: str | Path) -> NodeIdentity:
     return NodeIdentity(path, peer_id_from_public_key(public), public, key)
 
 
+# What a node may say about its hardware (discovery refuses any other field): name -> kind.
+HARDWARE_FIELDS = {"gpu": str, "vram_total_gb": float, "ram_total_gb": float, "device": str}
+
+
+def canonical_hardware(hardware: dict | None) -> str:
+    """The signed form of ``hardware``: JSON of the known fields that are not None, numbers as floats (the node may
+    send 24, discovery parses 24.0), keys sorted, no spaces, ASCII."""
+    hardware = hardware or {}
+    unknown = sorted(set(hardware) - set(HARDWARE_FIELDS))
+    if unknown:
+        raise ValueError(f"hardware: unknown fields {unknown} (allowed: {', '.join(HARDWARE_FIELDS)})")
+    values = {name: kind(hardware[name]) for name, kind in HARDWARE_FIELDS.items() if hardware.get(name) is not None}
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def registration_message(*, nonce: str, peer_id: str, wallet_address: str, model_id: str, start_block: int,
-                         end_block: int) -> bytes:
+                         end_block: int, public_name: str | None, hardware: dict | None) -> bytes:
+    """What a node signs to register (docs/discovery.md "Registration"): one field per line, UTF-8::
+
+        far-mesh-register-v2
+        <nonce>
+        <peer_id>
+        <wallet_address, lowercase>
+        <model_id>
+        <start_block>
+        <end_block>
+        <public_name as JSON: "name" or null>
+        <canonical_hardware(hardware)>
+
+    Every field discovery stores and publishes is covered, so nothing can be changed on the way.
+    """
     return "\n".join([REGISTRATION_DOMAIN, nonce, peer_id, wallet_address.lower(), model_id, str(start_block),
-                      str(end_block)]).encode()
+                      str(end_block), json.dumps(public_name, ensure_ascii=True),
+                      canonical_hardware(hardware)]).encode()
 
 
 def verify_signature(*, peer_id: str, public_key_b64: str, message: bytes, signature_b64: str) -> bool:

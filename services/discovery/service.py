@@ -300,7 +300,9 @@ class Discovery:
         else:
             message = registration_message(nonce=body.nonce, peer_id=body.peer_id,
                                            wallet_address=body.wallet_address, model_id=body.model_id,
-                                           start_block=body.start_block, end_block=body.end_block)
+                                           start_block=body.start_block, end_block=body.end_block,
+                                           public_name=body.public_name,
+                                           hardware=body.hardware.model_dump(exclude_none=True))
             if not verify_signature(peer_id=body.peer_id, public_key_b64=body.public_key, message=message,
                                     signature_b64=body.signature):
                 refused = "signature does not prove control of peer_id (wrong key or message)"
