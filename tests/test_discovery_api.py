@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 
 from services.common.config import load_settings
-from services.common.identity import HARDWARE_FIELDS, create_identity, load_identity, registration_message
+from services.common.identity import (HARDWARE_FIELDS, NodeIdentity, create_identity, load_identity,
+                                      peer_id_from_public_key, registration_message)
 from services.discovery.app import create_app
 
 MODEL_ID = "far-mesh/tiny-llama"
@@ -33,7 +34,8 @@ def identities(tmp_path_factory):
 @pytest_asyncio.fixture
 async def api(clean_db, postgres_url, redis_url):
     settings = load_settings(POSTGRES_URL=postgres_url, REDIS_URL=redis_url, FAR_MESH_DHT_BOOTSTRAP="",
-                             NODE_HEARTBEAT_TTL_S=TTL_S, DISCOVERY_FLUSH_INTERVAL_S=0.3)
+                             NODE_HEARTBEAT_TTL_S=TTL_S, DISCOVERY_FLUSH_INTERVAL_S=0.3,
+                             DISCOVERY_CHALLENGES_PER_MINUTE=100_000)  # one client address for every test
     app = create_app(settings, models={MODEL_ID: 4, "org/big": 32})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -280,6 +282,66 @@ async def test_hardware_is_whitelisted_and_signed_with_public_name(api, identiti
     node = (await api.get("/nodes/active")).json()["nodes"][0]
     assert node["hardware"] == {"gpu": "NVIDIA H200", "vram_total_gb": 0.0, "ram_total_gb": 8.0, "device": "cpu"}
     assert node["public_name"] == "a"
+
+
+async def test_challenges_are_rate_limited_per_client(api):
+    """Each challenge is a Redis key for 120 s: at most DISCOVERY_CHALLENGES_PER_MINUTE per client address, then 429
+    with Retry-After."""
+    discovery = api.app.state.discovery
+    discovery.settings = discovery.settings.model_copy(update={"DISCOVERY_CHALLENGES_PER_MINUTE": 3})
+    peer = "Qm" + "a" * 44
+
+    def client_at(address: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app, client=(address, 4000)),
+                                 base_url="http://discovery")
+
+    async with client_at("203.0.113.7") as noisy, client_at("203.0.113.8") as other:
+        for _ in range(3):
+            assert (await noisy.get("/nodes/challenge", params={"peer_id": peer})).status_code == 200
+        r = await noisy.get("/nodes/challenge", params={"peer_id": peer})
+        assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert (await other.get("/nodes/challenge", params={"peer_id": peer})).status_code == 200
+
+
+def _identity_with(key) -> NodeIdentity:
+    """A NodeIdentity around any RSA key (create_identity always makes 2048-bit keys with e = 65537)."""
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=spki).SerializeToString()
+    return NodeIdentity(Path("/dev/null"), peer_id_from_public_key(public), public, key)
+
+
+async def test_only_rsa_2048_to_4096_with_e_65537_verified_off_the_event_loop(api, identities, db_pool, monkeypatch):
+    """Node identities are RSA 2048 / e = 65537 (hivemind, create_identity). Bigger keys or exponents make a verify far
+    more expensive: refused before verifying. The verify itself runs in a worker thread, not on the event loop."""
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from services.discovery import service as service_module
+
+    for key in (rsa.generate_private_key(public_exponent=65537, key_size=1024),
+                rsa.generate_private_key(public_exponent=3, key_size=2048)):
+        r, _ = await register(api, _identity_with(key))
+        assert r.status_code == 401 and "unacceptable identity key" in r.json()["error"]["message"], r.text
+
+    threads = []
+    verify = service_module.verify_signature
+
+    def recording_verify(**kwargs):
+        threads.append(threading.current_thread())
+        return verify(**kwargs)
+
+    monkeypatch.setattr(service_module, "verify_signature", recording_verify)
+    big = _identity_with(rsa.generate_private_key(public_exponent=65537, key_size=4096))
+    for identity in (identities[0], big):
+        r, _ = await register(api, identity)
+        assert r.status_code == 200, r.text
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+    assert await db_pool.fetchval("SELECT count(*) FROM far_nodes") == 2
 
 
 class _LoopTransport(httpx.BaseTransport):
