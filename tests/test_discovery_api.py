@@ -380,6 +380,39 @@ async def test_the_node_signer_registers_with_the_real_discovery(api, identities
     assert r.status_code == 200, r.text
 
 
+async def test_work_of_a_node_that_unregistered_is_paid_never_registered_peer_is_not(api, identities, db_pool):
+    """The payment rule (docs/discovery.md "Who is paid"): the coordinator's checkpoint links a peer's work to its
+    registration whatever the registration's state (a node that unregistered, state offline, is paid for work its
+    server still does, to the wallet it registered); a peer that never registered earns nothing."""
+    import uuid
+
+    from services.coordinator.metering import PeerWork
+    from services.coordinator.store import SessionStore
+
+    left, parked, stranger = identities[0], identities[1], "Qm" + "z" * 44
+    r, _ = await register(api, left)
+    assert (await api.post("/nodes/unregister", headers=bearer(r.json()["node_token"]))).status_code == 200
+    r, _ = await register(api, parked, wallet="0x" + "cd" * 20, span=(2, 4))
+    # 'unregistered' is an allowed far_nodes state too (nothing writes it today): same rule.
+    await db_pool.execute("UPDATE far_nodes SET state = 'unregistered' WHERE peer_id = $1", parked.peer_id)
+    session_id = str(uuid.uuid4())
+    await db_pool.execute(
+        "INSERT INTO far_mesh_sessions (session_id, request_id, model_id, price_per_token_far, "
+        "price_per_prompt_token_far, platform_fee_bps) VALUES ($1, $2, $3, 1, 0, 0)",
+        uuid.UUID(session_id), f"req-{session_id}", MODEL_ID)
+    await SessionStore(db_pool).checkpoint(session_id, 10, [
+        PeerWork(left.peer_id, 10, 5, {(0, 2)}), PeerWork(parked.peer_id, 10, 5, {(2, 4)}),
+        PeerWork(stranger, 20, 5, {(0, 4)})])
+    await db_pool.execute("SELECT finalize_session($1, 'completed', 'length', 0, 10)", uuid.UUID(session_id))
+    rows = {row["peer_id"]: row for row in await db_pool.fetch(
+        "SELECT c.peer_id, c.node_id, c.wallet_address, c.payment_far, n.state FROM far_session_contributions c "
+        "LEFT JOIN far_nodes n USING (node_id)")}
+    assert rows[left.peer_id]["state"] == "offline" and rows[left.peer_id]["wallet_address"] == WALLET
+    assert rows[parked.peer_id]["state"] == "unregistered" and rows[parked.peer_id]["wallet_address"] == "0x" + "cd" * 20
+    assert rows[left.peer_id]["payment_far"] == rows[parked.peer_id]["payment_far"] == Decimal("2.5")
+    assert rows[stranger]["node_id"] is None and rows[stranger]["payment_far"] == 0
+
+
 async def test_silent_node_drops_out_of_active_within_ttl(api, identities):
     a, b = identities[0], identities[1]
     ra, _ = await register(api, a, name="a")
