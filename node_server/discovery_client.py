@@ -1,8 +1,9 @@
 """The node's side of the discovery API (../shared/SPEC.md "Discovery API").
 
 Registration proves control of the peer ID: the node fetches a single-use nonce (``GET /nodes/challenge``),
-signs ``registration_message(...)`` with its libp2p identity key and sends its public key; discovery checks the
-key hashes to the peer ID and the signature is valid. Errors are JSON ``{"error": {"code", "message"}}``.
+signs ``registration_message(...)`` — every stored field, public_name and hardware included — with its libp2p
+identity key and sends its public key; discovery checks the key hashes to the peer ID and the signature is valid.
+A 429 on the challenge (rate limited) is retryable. Errors are JSON ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def _error_from(response: httpx.Response) -> DiscoveryError:
     text = f"HTTP {response.status_code}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     if response.status_code == 401:
         return NotRegistered(text, status=401, code=code)
+    if response.status_code == 429:  # rate limited (e.g. challenges): try again later
+        return DiscoveryUnavailable(text, status=429, code=code)
     if 400 <= response.status_code < 500:
         return DiscoveryRefused(text, status=response.status_code, code=code)
     return DiscoveryUnavailable(text, status=response.status_code, code=code)
@@ -92,8 +95,10 @@ class DiscoveryClient:
     def register(self, identity: NodeIdentity, *, wallet_address: str, model_id: str, start_block: int,
                  end_block: int, public_name: Optional[str], hardware: dict) -> Registration:
         nonce = self.challenge(identity.peer_id)
+        hardware = {name: value for name, value in hardware.items() if value is not None}
         message = registration_message(nonce=nonce, peer_id=identity.peer_id, wallet_address=wallet_address,
-                                       model_id=model_id, start_block=start_block, end_block=end_block)
+                                       model_id=model_id, start_block=start_block, end_block=end_block,
+                                       public_name=public_name, hardware=hardware)
         body = {
             "peer_id": identity.peer_id,
             "wallet_address": wallet_address,

@@ -99,7 +99,8 @@ class FakeDiscovery:
                 return self.error(401, "bad_nonce", "unknown or used nonce")
             message = registration_message(nonce=nonce, peer_id=body["peer_id"],
                                            wallet_address=body["wallet_address"], model_id=body["model_id"],
-                                           start_block=body["start_block"], end_block=body["end_block"])
+                                           start_block=body["start_block"], end_block=body["end_block"],
+                                           public_name=body.get("public_name"), hardware=body.get("hardware"))
             if not verify_signature(peer_id=body["peer_id"], public_key_b64=body.get("public_key", ""),
                                     message=message, signature_b64=body.get("signature", "")):
                 return self.error(401, "bad_signature", "signature does not prove control of peer_id")

@@ -192,7 +192,7 @@ class Stack:
 def register(url: str, identity, *, wallet: str, span: tuple[int, int], name: str, hardware: dict) -> dict:
     nonce = httpx.get(f"{url}/nodes/challenge", params={"peer_id": identity.peer_id}).json()["nonce"]
     message = registration_message(nonce=nonce, peer_id=identity.peer_id, wallet_address=wallet, model_id=MODEL_ID,
-                                   start_block=span[0], end_block=span[1])
+                                   start_block=span[0], end_block=span[1], public_name=name, hardware=hardware)
     response = httpx.post(f"{url}/nodes/register", json={
         "peer_id": identity.peer_id, "wallet_address": wallet, "model_id": MODEL_ID, "start_block": span[0],
         "end_block": span[1], "public_name": name, "hardware": hardware, "public_key": identity.public_key_b64,

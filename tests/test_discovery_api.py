@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 
 from services.common.config import load_settings
-from services.common.identity import create_identity, load_identity, registration_message
+from services.common.identity import (HARDWARE_FIELDS, NodeIdentity, create_identity, load_identity,
+                                      peer_id_from_public_key, registration_message)
 from services.discovery.app import create_app
 
 MODEL_ID = "far-mesh/tiny-llama"
@@ -33,7 +34,8 @@ def identities(tmp_path_factory):
 @pytest_asyncio.fixture
 async def api(clean_db, postgres_url, redis_url):
     settings = load_settings(POSTGRES_URL=postgres_url, REDIS_URL=redis_url, FAR_MESH_DHT_BOOTSTRAP="",
-                             NODE_HEARTBEAT_TTL_S=TTL_S, DISCOVERY_FLUSH_INTERVAL_S=0.3)
+                             NODE_HEARTBEAT_TTL_S=TTL_S, DISCOVERY_FLUSH_INTERVAL_S=0.3,
+                             DISCOVERY_CHALLENGES_PER_MINUTE=100_000)  # one client address for every test
     app = create_app(settings, models={MODEL_ID: 4, "org/big": 32})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -42,21 +44,27 @@ async def api(clean_db, postgres_url, redis_url):
             yield client
 
 
+HARDWARE = {"gpu": "none", "vram_total_gb": 0, "ram_total_gb": 8, "device": "cpu"}
+
+
 async def register(client, identity, *, wallet=WALLET, span=(0, 2), model_id=MODEL_ID, name="a",
-                   sign_with=None, nonce=None, **overrides):
+                   hardware=HARDWARE, sign_with=None, nonce=None, tamper=None, **overrides):
+    """Sign and send a registration; ``overrides`` and ``tamper`` replace body fields AFTER signing."""
     if nonce is None:
         r = await client.get("/nodes/challenge", params={"peer_id": identity.peer_id})
         assert r.status_code == 200, r.text
         assert r.json()["expires_in_s"] == 120
         nonce = r.json()["nonce"]
+    signable = isinstance(hardware, dict) and set(hardware) <= set(HARDWARE_FIELDS)  # else refused before
     message = registration_message(nonce=nonce, peer_id=identity.peer_id, wallet_address=wallet,
-                                   model_id=model_id, start_block=span[0], end_block=span[1])
+                                   model_id=model_id, start_block=span[0], end_block=span[1], public_name=name,
+                                   hardware=hardware if signable else HARDWARE)
     signer = sign_with or identity
     body = {"peer_id": identity.peer_id, "wallet_address": wallet, "model_id": model_id, "start_block": span[0],
-            "end_block": span[1], "public_name": name,
-            "hardware": {"gpu": "none", "vram_total_gb": 0, "ram_total_gb": 8, "device": "cpu"},
+            "end_block": span[1], "public_name": name, "hardware": hardware,
             "public_key": signer.public_key_b64, "signature": signer.sign(message), "nonce": nonce}
     body.update(overrides)
+    body.update(tamper or {})
     return await client.post("/nodes/register", json=body), nonce
 
 
@@ -136,7 +144,7 @@ async def test_forged_other_key_and_replayed_proofs_are_refused(api, identities,
     r = await api.get("/nodes/challenge", params={"peer_id": victim.peer_id})
     nonce = r.json()["nonce"]
     msg = registration_message(nonce=nonce, peer_id=victim.peer_id, wallet_address=WALLET, model_id=MODEL_ID,
-                               start_block=0, end_block=2)
+                               start_block=0, end_block=2, public_name="a", hardware=HARDWARE)
     r, _ = await register(api, victim, nonce=nonce, signature=attacker.sign(msg))
     assert r.status_code == 401 and "signature" in r.json()["error"]["message"]
     # garbage signature / key
@@ -146,7 +154,7 @@ async def test_forged_other_key_and_replayed_proofs_are_refused(api, identities,
     r = await api.get("/nodes/challenge", params={"peer_id": victim.peer_id})
     nonce = r.json()["nonce"]
     msg = registration_message(nonce=nonce, peer_id=victim.peer_id, wallet_address=WALLET, model_id=MODEL_ID,
-                               start_block=0, end_block=2)
+                               start_block=0, end_block=2, public_name="a", hardware=HARDWARE)
     r, _ = await register(api, victim, nonce=nonce, signature=victim.sign(msg), wallet_address="0x" + "ee" * 20)
     assert r.status_code == 401
     # nonce issued for another peer
@@ -189,6 +197,9 @@ async def test_bad_input_is_4xx_with_reason(api, identities):
     cases.append((r, 422, "invalid_request"))
     r, _ = await register(api, ident, hardware="lots")
     cases.append((r, 422, "invalid_request"))
+    r, _ = await register(api, ident, wallet="0x" + "aB" * 20)  # mixed case, wrong EIP-55 checksum
+    cases.append((r, 422, "invalid_request"))
+    assert "EIP-55" in r.json()["error"]["message"]
     r = await api.post("/nodes/register", content=b"{not json", headers={"content-type": "application/json"})
     cases.append((r, 422, "invalid_request"))
     r = await api.post("/nodes/register", content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
@@ -235,6 +246,171 @@ async def test_bad_input_is_4xx_with_reason(api, identities):
         assert response.status_code == status, (response.request.url, response.text)
         assert error_code(response) == code, response.text
         assert response.json()["error"]["message"]
+
+
+async def test_wallet_checksum(api, identities, db_pool):
+    """A mixed-case wallet must be a valid EIP-55 checksum (one mistyped character would be paid to an address nobody
+    controls); all-lowercase and all-uppercase hex carry no checksum and are accepted."""
+    from eth_utils import to_checksum_address
+
+    good = to_checksum_address("0x" + "5a" * 19 + "0b")
+    typo = good[:-1] + ("B" if good[-1] == "b" else "b")  # one letter's case flipped
+    r, _ = await register(api, identities[0], wallet=typo)
+    assert r.status_code == 422 and "EIP-55 checksum" in r.json()["error"]["message"], r.text
+    for wallet in (good, good.lower(), "0x" + good[2:].upper()):
+        r, _ = await register(api, identities[0], wallet=wallet)
+        assert r.status_code == 200, (wallet, r.text)
+        assert await db_pool.fetchval("SELECT wallet_address FROM far_nodes") == wallet
+
+
+async def test_hardware_is_whitelisted_and_signed_with_public_name(api, identities, db_pool):
+    ident = identities[0]
+    # Extra fields (a 50 KB junk field was once stored and published) are refused, as are unbounded values.
+    for hardware in ({**HARDWARE, "junk": "x" * 50_000}, {**HARDWARE, "gpu": "g" * 201},
+                     {**HARDWARE, "vram_total_gb": 1e9}, {**HARDWARE, "ram_total_gb": -1}):
+        r, _ = await register(api, ident, hardware=hardware)
+        assert r.status_code == 422 and error_code(r) == "invalid_request", r.text
+    # hardware and public_name are covered by the signature: changed after signing -> refused.
+    r, _ = await register(api, ident, hardware=HARDWARE, public_name="someone else")
+    assert r.status_code == 401 and error_code(r) == "invalid_signature"
+    r, _ = await register(api, ident, hardware={**HARDWARE, "gpu": "NVIDIA H200"}, name="a")
+    assert r.status_code == 200  # signed as sent
+    r, _ = await register(api, ident, name="a", hardware={**HARDWARE, "gpu": "NVIDIA H200"},
+                          tamper={"hardware": {**HARDWARE, "gpu": "NVIDIA B200"}})
+    assert r.status_code == 401
+    assert await db_pool.fetchval("SELECT count(*) FROM far_nodes") == 1
+    node = (await api.get("/nodes/active")).json()["nodes"][0]
+    assert node["hardware"] == {"gpu": "NVIDIA H200", "vram_total_gb": 0.0, "ram_total_gb": 8.0, "device": "cpu"}
+    assert node["public_name"] == "a"
+
+
+async def test_challenges_are_rate_limited_per_client(api):
+    """Each challenge is a Redis key for 120 s: at most DISCOVERY_CHALLENGES_PER_MINUTE per client address, then 429
+    with Retry-After."""
+    discovery = api.app.state.discovery
+    discovery.settings = discovery.settings.model_copy(update={"DISCOVERY_CHALLENGES_PER_MINUTE": 3})
+    peer = "Qm" + "a" * 44
+
+    def client_at(address: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app, client=(address, 4000)),
+                                 base_url="http://discovery")
+
+    async with client_at("203.0.113.7") as noisy, client_at("203.0.113.8") as other:
+        for _ in range(3):
+            assert (await noisy.get("/nodes/challenge", params={"peer_id": peer})).status_code == 200
+        r = await noisy.get("/nodes/challenge", params={"peer_id": peer})
+        assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert (await other.get("/nodes/challenge", params={"peer_id": peer})).status_code == 200
+
+
+def _identity_with(key) -> NodeIdentity:
+    """A NodeIdentity around any RSA key (create_identity always makes 2048-bit keys with e = 65537)."""
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=spki).SerializeToString()
+    return NodeIdentity(Path("/dev/null"), peer_id_from_public_key(public), public, key)
+
+
+async def test_only_rsa_2048_to_4096_with_e_65537_verified_off_the_event_loop(api, identities, db_pool, monkeypatch):
+    """Node identities are RSA 2048 / e = 65537 (hivemind, create_identity). Bigger keys or exponents make a verify far
+    more expensive: refused before verifying. The verify itself runs in a worker thread, not on the event loop."""
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from services.discovery import service as service_module
+
+    for key in (rsa.generate_private_key(public_exponent=65537, key_size=1024),
+                rsa.generate_private_key(public_exponent=3, key_size=2048)):
+        r, _ = await register(api, _identity_with(key))
+        assert r.status_code == 401 and "unacceptable identity key" in r.json()["error"]["message"], r.text
+
+    threads = []
+    verify = service_module.verify_signature
+
+    def recording_verify(**kwargs):
+        threads.append(threading.current_thread())
+        return verify(**kwargs)
+
+    monkeypatch.setattr(service_module, "verify_signature", recording_verify)
+    big = _identity_with(rsa.generate_private_key(public_exponent=65537, key_size=4096))
+    for identity in (identities[0], big):
+        r, _ = await register(api, identity)
+        assert r.status_code == 200, r.text
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+    assert await db_pool.fetchval("SELECT count(*) FROM far_nodes") == 2
+
+
+class _LoopTransport(httpx.BaseTransport):
+    """A sync httpx transport (the node's DiscoveryClient is sync) that sends each request through the test's async
+    ASGI client on the test's event loop (the client runs in a worker thread)."""
+
+    def __init__(self, client: httpx.AsyncClient, loop: asyncio.AbstractEventLoop):
+        self.client, self.loop = client, loop
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send():
+            return await self.client.request(request.method, request.url.raw_path.decode(), content=request.read(),
+                                             headers={k: v for k, v in request.headers.items() if k != "host"})
+
+        answer = asyncio.run_coroutine_threadsafe(send(), self.loop).result(30)
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+
+async def test_the_node_signer_registers_with_the_real_discovery(api, identities, db_pool):
+    """node_server's DiscoveryClient (the signer the agent uses) against the real discovery app: integer and None
+    hardware values as the agent builds them, a public name with non-ASCII characters."""
+    from node_server.discovery_client import DiscoveryClient
+
+    client = DiscoveryClient("http://discovery", transport=_LoopTransport(api, asyncio.get_running_loop()))
+    try:
+        registration = await asyncio.to_thread(
+            client.register, identities[2], wallet_address=WALLET, model_id=MODEL_ID, start_block=1, end_block=3,
+            public_name="Zoë's \"node\"\nline", hardware={"gpu": None, "vram_total_gb": None, "ram_total_gb": 16,
+                                                        "device": "cpu"})
+    finally:
+        client.close()
+    row = await db_pool.fetchrow("SELECT * FROM far_nodes WHERE peer_id = $1", identities[2].peer_id)
+    assert str(row["node_id"]) == registration.node_id and row["public_name"] == "Zoë's \"node\"\nline"
+    assert (row["start_block"], row["end_block"]) == (1, 3)
+    r = await api.post("/nodes/heartbeat", json={"state": "online"}, headers=bearer(registration.node_token))
+    assert r.status_code == 200, r.text
+
+
+async def test_work_of_a_node_that_unregistered_is_paid_never_registered_peer_is_not(api, identities, db_pool):
+    """The payment rule (docs/discovery.md "Who is paid"): the coordinator's checkpoint links a peer's work to its
+    registration whatever the registration's state (a node that unregistered, state offline, is paid for work its
+    server still does, to the wallet it registered); a peer that never registered earns nothing."""
+    import uuid
+
+    from services.coordinator.metering import PeerWork
+    from services.coordinator.store import SessionStore
+
+    left, parked, stranger = identities[0], identities[1], "Qm" + "z" * 44
+    r, _ = await register(api, left)
+    assert (await api.post("/nodes/unregister", headers=bearer(r.json()["node_token"]))).status_code == 200
+    r, _ = await register(api, parked, wallet="0x" + "cd" * 20, span=(2, 4))
+    # 'unregistered' is an allowed far_nodes state too (nothing writes it today): same rule.
+    await db_pool.execute("UPDATE far_nodes SET state = 'unregistered' WHERE peer_id = $1", parked.peer_id)
+    session_id = str(uuid.uuid4())
+    await db_pool.execute(
+        "INSERT INTO far_mesh_sessions (session_id, request_id, model_id, price_per_token_far, "
+        "price_per_prompt_token_far, platform_fee_bps) VALUES ($1, $2, $3, 1, 0, 0)",
+        uuid.UUID(session_id), f"req-{session_id}", MODEL_ID)
+    await SessionStore(db_pool).checkpoint(session_id, 10, [
+        PeerWork(left.peer_id, 10, 5, {(0, 2)}), PeerWork(parked.peer_id, 10, 5, {(2, 4)}),
+        PeerWork(stranger, 20, 5, {(0, 4)})])
+    await db_pool.execute("SELECT finalize_session($1, 'completed', 'length', 0, 10)", uuid.UUID(session_id))
+    rows = {row["peer_id"]: row for row in await db_pool.fetch(
+        "SELECT c.peer_id, c.node_id, c.wallet_address, c.payment_far, n.state FROM far_session_contributions c "
+        "LEFT JOIN far_nodes n USING (node_id)")}
+    assert rows[left.peer_id]["state"] == "offline" and rows[left.peer_id]["wallet_address"] == WALLET
+    assert rows[parked.peer_id]["state"] == "unregistered" and rows[parked.peer_id]["wallet_address"] == "0x" + "cd" * 20
+    assert rows[left.peer_id]["payment_far"] == rows[parked.peer_id]["payment_far"] == Decimal("2.5")
+    assert rows[stranger]["node_id"] is None and rows[stranger]["payment_far"] == 0
 
 
 async def test_silent_node_drops_out_of_active_within_ttl(api, identities):
@@ -311,7 +487,7 @@ async def test_ledger_in_heartbeat_and_provider_views(api, identities, db_pool):
     import uuid
 
     ident = identities[0]
-    mixed_case = "0x" + "Ab" * 20
+    mixed_case = "0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB"  # EIP-55 checksum of 0x + "ab" * 20
     r, _ = await register(api, ident, wallet=mixed_case)
     node_id, token = r.json()["node_id"], r.json()["node_token"]
     # 10 tokens through blocks 0:2 -> 20 units; only this node -> pool = 0.001 * 0.9

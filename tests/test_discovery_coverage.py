@@ -67,8 +67,13 @@ def test_unregistered_peer_earns_nothing():
     assert cov.swarm_ready
     assert cov.blocking == [f'peer "b" ({B}) serves blocks 2-3 but is not registered: it earns nothing']
     # a node that unregistered (offline) but still serves
+    # (a registered peer is paid for work it does even after unregistering: the text must not say "earns nothing")
     cov = compute_coverage("m", 4, servers(4, (A, 0, 4, "ONLINE", None)), [node(A, 0, 4, state="offline")], {}, 0)
-    assert "unregistered (state offline)" in cov.blocking[0]
+    assert cov.blocking == [f"peer {A} serves blocks 0-3 but its node unregistered (state offline): it is not listed "
+                            "as active; its work is still paid to the wallet it registered"]
+    cov = compute_coverage("m", 4, servers(4, (A, 0, 4, "ONLINE", None)), [node(A, 0, 4, state="unregistered")],
+                           {}, 0)
+    assert "earns nothing" not in cov.blocking[0] and "still paid" in cov.blocking[0]
 
 
 def test_registered_but_absent_from_dht():

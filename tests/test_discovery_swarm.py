@@ -27,7 +27,8 @@ def register(url: str, identity_path, span: tuple[int, int], name: str) -> dict:
     identity = load_identity(identity_path)
     nonce = httpx.get(f"{url}/nodes/challenge", params={"peer_id": identity.peer_id}).json()["nonce"]
     message = registration_message(nonce=nonce, peer_id=identity.peer_id, wallet_address=WALLET, model_id=MODEL_ID,
-                                   start_block=span[0], end_block=span[1])
+                                   start_block=span[0], end_block=span[1], public_name=name,
+                                   hardware={"device": "cpu"})
     response = httpx.post(f"{url}/nodes/register", json={
         "peer_id": identity.peer_id, "wallet_address": WALLET, "model_id": MODEL_ID, "start_block": span[0],
         "end_block": span[1], "public_name": name, "hardware": {"device": "cpu"},

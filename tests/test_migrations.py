@@ -446,3 +446,74 @@ async def test_check_constraints(db_pool):
                                "VALUES ($1, $2, 1.5, 15)", batch_id, wallet())
         await conn.execute("INSERT INTO far_payment_batch_items (batch_id, wallet_address, amount_far, amount_base) "
                            "VALUES ($1, $2, 1.5, 1500000000000000000)", batch_id, wallet())
+
+
+# --------------------------------------------------------------------------------------------- payout guards (0004)
+async def test_payout_batch_transitions_and_paid_contributions_are_guarded(db_pool):
+    """Trigger far_payment_batches_guard: only planned -> signed -> submitted -> confirmed and open -> failed;
+    final states stay final; the signed transaction never changes; open/paid batches are not deleted. Trigger
+    far_contributions_batch_guard: contributions leave a batch only once it is failed (or deleted while planned)."""
+    async with db_pool.acquire() as conn:
+        node = await add_node(conn)
+
+        async def paid_session() -> uuid.UUID:
+            session_id = await add_session(conn, price=Decimal("1"), bps=0)
+            await checkpoint(conn, session_id, node["peer_id"], node["node_id"], node["wallet_address"], 1)
+            await conn.fetchrow("SELECT * FROM finalize_session($1, 'completed', 'length', 0, 1)", session_id)
+            return session_id
+
+        async def planned_batch(session_id) -> uuid.UUID:
+            batch_id = await conn.fetchval("INSERT INTO far_payment_batches (network, cutoff, total_far, recipient_count)"
+                                           " VALUES ('local', now(), 1, 1) RETURNING batch_id")
+            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = $1 WHERE session_id = $2",
+                               batch_id, session_id)
+            return batch_id
+
+        async def move(batch_id, state: str, **extra) -> None:
+            sets = "".join(f", {k} = {v}" for k, v in extra.items())
+            await conn.execute(f"UPDATE far_payment_batches SET state = $2{sets} WHERE batch_id = $1", batch_id, state)
+
+        async def attached(session_id):
+            return await conn.fetchval("SELECT payment_batch_id FROM far_session_contributions WHERE session_id = $1",
+                                       session_id)
+
+        signed = {"raw_tx": "'\\x01'::bytea", "tx_hash": f"'0x{secrets.token_hex(32)}'", "nonce": "7"}
+        paid = await paid_session()
+        batch = await planned_batch(paid)
+        with pytest.raises(asyncpg.CheckViolationError):  # planned -> submitted skips signing
+            await move(batch, "submitted", **signed)
+        await move(batch, "signed", **signed)
+        with pytest.raises(asyncpg.CheckViolationError):  # signed -> planned: never back
+            await move(batch, "planned")
+        with pytest.raises(asyncpg.CheckViolationError):  # the signed transaction is never replaced
+            await conn.execute("UPDATE far_payment_batches SET nonce = 8 WHERE batch_id = $1", batch)
+        with pytest.raises(asyncpg.CheckViolationError):  # an open batch keeps its contributions until it fails
+            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL WHERE session_id = $1", paid)
+        await move(batch, "submitted")
+        await move(batch, "confirmed", confirmed_at="now()", block_number="12")
+        for state in ("failed", "submitted", "planned"):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await move(batch, state)
+        with pytest.raises(asyncpg.CheckViolationError):  # paid contributions are never detached...
+            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL WHERE session_id = $1", paid)
+        other = await conn.fetchval("INSERT INTO far_payment_batches (network, cutoff, total_far, recipient_count)"
+                                    " VALUES ('local', now(), 1, 1) RETURNING batch_id")
+        with pytest.raises(asyncpg.CheckViolationError):  # ...nor moved to another batch...
+            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = $2 WHERE session_id = $1",
+                               paid, other)
+        with pytest.raises(asyncpg.CheckViolationError):  # ...nor detached by deleting their batch
+            await conn.execute("DELETE FROM far_payment_batches WHERE batch_id = $1", batch)
+        assert await attached(paid) == batch
+        await conn.execute("UPDATE far_payment_batches SET error = 'note' WHERE batch_id = $1", batch)  # same state: ok
+
+        # A failed batch releases its contributions; a planned one may be deleted (never signed).
+        released = await paid_session()
+        failing = await planned_batch(released)
+        await move(failing, "failed")
+        await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL WHERE session_id = $1",
+                           released)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await move(failing, "planned")
+        dropped = await paid_session()
+        await conn.execute("DELETE FROM far_payment_batches WHERE batch_id = $1", await planned_batch(dropped))
+        assert await attached(released) is None and await attached(dropped) is None

@@ -140,3 +140,56 @@ def test_service_endpoints(cli_env, postgres_url):
         for name in ("farmesh_payouts_last_run_timestamp_seconds", "farmesh_payouts_paid_far_total",
                      "farmesh_payouts_failures_total", "farmesh_payouts_batches_total"):
             assert name in metrics
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_readyz_never_shows_the_rpc_api_key(cli_env, postgres_url):
+    """Providers put API keys in the RPC URL (path, query, user info): /readyz shows scheme and host only, also in the
+    error of an unreachable node and in last_error."""
+    port = _closed_port()
+    url = f"http://user:pw-SECRET0@127.0.0.1:{port}/v3/SECRET1KEY?apikey=SECRET2"
+    service = PayoutService(Settings(POSTGRES_URL=postgres_url, BSC_RPC_URL=url), "local")
+    service.run_job()  # fails to connect: last_error is shown on /readyz too
+    with TestClient(create_app(service, start_scheduler=False)) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert "SECRET" not in ready.text and "pw-" not in ready.text, ready.text
+    assert body["rpc"] == f"http://127.0.0.1:{port}"
+    assert body["checks"]["chain"].startswith("error: ChainConfigError: BSC_RPC_URL: cannot reach "
+                                              f"http://127.0.0.1:{port}")
+    assert body["last_error"] and "SECRET" not in body["last_error"]
+
+    # The node answered once, then fails: requests quotes the path ("url: /v3/...") in its error.
+    class Broken:
+        class w3:
+            class eth:
+                @property
+                def block_number(self):
+                    raise ConnectionError(f"HTTPConnectionPool(host='127.0.0.1', port={port}): Max retries exceeded "
+                                          "with url: /v3/SECRET1KEY?apikey=SECRET2")
+            eth = eth()
+
+    service._chain = Broken()
+    with TestClient(create_app(service, start_scheduler=False)) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503 and "SECRET" not in ready.text, ready.text
+    assert "/<redacted>" in ready.json()["checks"]["chain"]
+
+
+def test_redact_url():
+    from services.payouts.chain import redact_url, scrub_url
+
+    assert redact_url("https://bsc-mainnet.example.com/v1/abc123") == "https://bsc-mainnet.example.com"
+    assert redact_url("https://u:k@[::1]:8545/x?key=1") == "https://[::1]:8545"
+    assert redact_url("not a url") == "<redacted URL>"
+    url = "https://rpc.example/key/abc123?token=zz9"
+    assert scrub_url(f"cannot reach {url}: url: /key/abc123?token=zz9", url) == (
+        "cannot reach https://rpc.example: url: /<redacted>")

@@ -2,8 +2,10 @@
 
 Covers: a week across ~50 wallets pays exactly what each earned; below-minimum wallets carry over and are paid
 once they cross it; several batches per week; crash (injected) at every state transition then re-run pays every
-wallet exactly once; a reverted batch releases its contributions, paid by the next run; a nonce taken by another
-transaction; --dry-run changes nothing; two trackers at once; audit.
+wallet exactly once; a reverted batch releases its contributions (only once the revert is PAYOUT_CONFIRMATIONS deep),
+paid by the next run; a nonce taken by another transaction; reorgs (eth-tester snapshots) that turn a revert into a
+success, a success into a revert, or drop the transaction that took the nonce; the transition table; --dry-run
+changes nothing; two trackers at once; audit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from services.payouts.audit import run_audit
 from services.payouts.chain import deploy_contracts, new_local_chain
-from services.payouts.executor import CHECKPOINTS, InjectedCrash, PayoutError, PayoutExecutor
+from services.payouts.executor import CHECKPOINTS, TRANSITIONS, InjectedCrash, PayoutError, PayoutExecutor
 from tests.payouts_support import (
     contribution_state,
     earned_by_wallet,
@@ -160,14 +162,50 @@ async def test_crash_at_every_transition_then_rerun_pays_once(clean_db, chain, m
     assert chain.w3.eth.get_transaction_count(chain.address) == 3 + 3  # 3 deploy/approve txs + 3 batches
 
 
-async def test_reverted_batch_releases_contributions_paid_next_run(clean_db, chain, make_executor, postgres_url):
-    """Tokens come from a separate treasury; it revokes the allowance between signing and broadcasting."""
+def use_treasury(chain):
+    """Tokens come from a separate (unlocked tester) treasury; returns allow(bool), which grants or revokes the
+    payout contract's allowance without touching the payer's nonce."""
     w3 = chain.w3
-    treasury = w3.eth.accounts[1]  # unlocked tester account
+    treasury = w3.eth.accounts[1]
     chain.send(chain.token.functions.transfer(treasury, 10**24).build_transaction({"from": chain.address}))
     chain.send(chain.payout.functions.setTreasury(treasury).build_transaction({"from": chain.address}))
-    w3.eth.send_transaction({"from": treasury, "to": chain.token.address,
-                             "data": chain.token.encode_abi("approve", args=[chain.payout.address, 2**256 - 1])})
+
+    def allow(allowed: bool) -> None:
+        w3.eth.send_transaction({"from": treasury, "to": chain.token.address, "data": chain.token.encode_abi(
+            "approve", args=[chain.payout.address, 2**256 - 1 if allowed else 0])})
+
+    allow(True)
+    return allow
+
+
+def stored_raw_tx(postgres_url: str, batch_number: int) -> bytes:
+    """The raw transaction the database stored for a batch (sync: read from inside executor hooks)."""
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:
+        return bytes(conn.execute("SELECT raw_tx FROM far_payment_batches WHERE batch_number = %s",
+                                  (batch_number,)).fetchone()[0])
+
+
+class HookedExecutor(PayoutExecutor):
+    """Calls hooks[checkpoint](batch_number) once, when the executor reaches that checkpoint (a reorg at a precise
+    moment)."""
+
+    def __init__(self, *args, hooks, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hooks = dict(hooks)
+
+    def _checkpoint(self, name, batch_number=None):
+        super()._checkpoint(name, batch_number)
+        hook = self.hooks.pop(name, None)
+        if hook is not None:
+            hook(batch_number)
+
+
+async def test_reverted_batch_releases_contributions_paid_next_run(clean_db, chain, make_executor, postgres_url):
+    """The treasury revokes the allowance between signing and broadcasting."""
+    w3 = chain.w3
+    allow = use_treasury(chain)
     wallets = [wallet(200 + i) for i in range(3)]
     async with clean_db.acquire() as conn:
         for w in wallets:
@@ -175,22 +213,25 @@ async def test_reverted_batch_releases_contributions_paid_next_run(clean_db, cha
 
     with pytest.raises(InjectedCrash):
         await make_executor(crash_at="signed").run_once()
-    w3.eth.send_transaction({"from": treasury, "to": chain.token.address,
-                             "data": chain.token.encode_abi("approve", args=[chain.payout.address, 0])})
+    allow(False)
     report = await make_executor().run_once()
-    # Batch 1 (signed, rebroadcast) reverts on chain; its contributions are released and re-planned at once as
-    # batch 2, whose gas estimate reverts too (nothing sent). Both failed, nothing paid.
-    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed"), (2, "failed")]
-    assert "reverted" in report.batches[0].error and "estimate" in report.batches[1].error
+    # Batch 1 (signed, rebroadcast) reverts on chain; once the revert is PAYOUT_CONFIRMATIONS deep its contributions
+    # are released, and NOT re-planned by the same run.
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
+    assert "reverted" in report.batches[0].error and not report.ok and report.plan is None
     receipt = w3.eth.get_transaction_receipt(report.batches[0].tx_hash)
-    assert receipt["status"] == 0
+    assert receipt["status"] == 0 and w3.eth.block_number - receipt["blockNumber"] >= 2
     async with clean_db.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM far_session_contributions "
                                    "WHERE payment_batch_id IS NOT NULL") == 0
         assert all(v == 0 for v in onchain_balances(chain, wallets).values())
 
-    w3.eth.send_transaction({"from": treasury, "to": chain.token.address,
-                             "data": chain.token.encode_abi("approve", args=[chain.payout.address, 2**256 - 1])})
+    # Still no allowance: the next plan's gas estimate reverts (nothing sent), released again.
+    report = await make_executor().run_once()
+    assert [(b.batch_number, b.state) for b in report.batches] == [(2, "failed")]
+    assert "estimate" in report.batches[0].error
+
+    allow(True)
     report = await make_executor().run_once()
     assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(3, "confirmed")]
     async with clean_db.acquire() as conn:
@@ -209,10 +250,131 @@ async def test_nonce_used_elsewhere_fails_the_signed_batch_and_repays(clean_db, 
     # The operator uses the payer key for something else: the stored tx's nonce is gone.
     chain.send({"to": chain.address, "value": 1})
     report = await make_executor().run_once()
-    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed"), (2, "confirmed")]
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
     assert "nonce" in report.batches[0].error
+    report = await make_executor().run_once()  # the next run re-plans the released contributions
+    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(2, "confirmed")]
     async with clean_db.acquire() as conn:
         await assert_paid_exactly(conn, chain, wallets)
+
+
+async def test_nonce_taken_by_a_transaction_a_reorg_drops_is_not_failed(clean_db, chain, make_executor,
+                                                                        postgres_url, monkeypatch):
+    """The nonce looks used at `latest`, but that transaction is reorged out and the batch's own transaction is
+    mined instead: deciding "used by another transaction" from one `latest` read would release a batch that then
+    pays. The decision waits until the other transaction is PAYOUT_CONFIRMATIONS deep."""
+    w = wallet(320)
+    async with clean_db.acquire() as conn:
+        await seed_session(conn, [(w, 1)], completion_tokens=2500)  # 22.5 FAR
+    with pytest.raises(InjectedCrash):
+        await make_executor(crash_at="signed").run_once()
+    tester = chain.w3.provider.ethereum_tester
+    snapshot_id = tester.take_snapshot()
+    chain.send({"to": chain.address, "value": 1})  # uses the stored transaction's nonce, at `latest` only
+    advance = chain.advance
+    reorged = []
+
+    def advance_with_reorg(blocks: int = 1) -> None:
+        if not reorged:
+            reorged.append(True)
+            tester.revert_to_snapshot(snapshot_id)
+            chain.w3.eth.send_raw_transaction(stored_raw_tx(postgres_url, 1))
+        advance(blocks)
+
+    monkeypatch.setattr(chain, "advance", advance_with_reorg)
+    report = await make_executor().run_once()
+    assert reorged
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "confirmed")], report.errors
+    assert (await make_executor().run_once()).batches == []
+    assert onchain_balances(chain, [w]) == {w: Decimal("22.5")}
+    async with clean_db.acquire() as conn:
+        await assert_paid_exactly(conn, chain, [w])
+    assert (await run_audit(postgres_url, chain)).ok
+
+
+async def test_revert_reorged_into_success_is_not_released(clean_db, chain, postgres_url):
+    """A reverted receipt at 0 confirmations is not final: a reorg re-mines the same transaction as a success.
+    Releasing (and re-planning) at once would pay the wallet twice (22.5 FAR owed, 45 received)."""
+    allow = use_treasury(chain)
+    w = wallet(330)
+    async with clean_db.acquire() as conn:
+        await seed_session(conn, [(w, 1)], completion_tokens=2500)  # 22.5 FAR
+    tester = chain.w3.provider.ethereum_tester
+    state = {}
+
+    def before_broadcast(number):
+        state["snapshot"] = tester.take_snapshot()
+        allow(False)  # the broadcast transaction reverts...
+
+    def reorg(number):
+        # ...but a reorg drops those blocks and the same raw transaction is mined where the allowance exists.
+        tester.revert_to_snapshot(state["snapshot"])
+        chain.w3.eth.send_raw_transaction(stored_raw_tx(postgres_url, number))
+
+    executor = HookedExecutor(postgres_url, chain, network="local", min_payout_far=MIN, confirmations=2,
+                              receipt_timeout_s=10, hooks={"signed": before_broadcast, "mined": reorg})
+    report = await executor.run_once()
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "confirmed")], report.errors
+    assert onchain_balances(chain, [w]) == {w: Decimal("22.5")}
+    assert (await PayoutExecutor(postgres_url, chain, network="local", min_payout_far=MIN,
+                                 confirmations=2).run_once()).batches == []
+    assert onchain_balances(chain, [w]) == {w: Decimal("22.5")}
+    assert (await run_audit(postgres_url, chain)).ok
+
+
+async def test_success_reorged_into_revert_is_not_confirmed(clean_db, chain, postgres_url):
+    """The receipt said status 1, a reorg re-mines the transaction as a revert: the status is read again after the
+    confirmations wait, the batch fails (released, paid by the next run) instead of being recorded confirmed."""
+    allow = use_treasury(chain)
+    w = wallet(340)
+    async with clean_db.acquire() as conn:
+        await seed_session(conn, [(w, 1)], completion_tokens=2500)  # 22.5 FAR
+    tester = chain.w3.provider.ethereum_tester
+    state = {}
+
+    def before_broadcast(number):
+        state["snapshot"] = tester.take_snapshot()
+
+    def reorg(number):
+        tester.revert_to_snapshot(state["snapshot"])
+        allow(False)
+        chain.w3.eth.send_raw_transaction(stored_raw_tx(postgres_url, number))
+
+    executor = HookedExecutor(postgres_url, chain, network="local", min_payout_far=MIN, confirmations=2,
+                              receipt_timeout_s=10, hooks={"signed": before_broadcast, "mined": reorg})
+    report = await executor.run_once()
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
+    assert "reverted" in report.batches[0].error
+    assert onchain_balances(chain, [w]) == {w: Decimal(0)}
+    allow(True)
+    report = await PayoutExecutor(postgres_url, chain, network="local", min_payout_far=MIN,
+                                  confirmations=2).run_once()
+    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(2, "confirmed")]
+    assert onchain_balances(chain, [w]) == {w: Decimal("22.5")}
+    assert (await run_audit(postgres_url, chain)).ok
+
+
+async def test_every_state_change_goes_through_the_transition_table(clean_db, chain, make_executor):
+    """A confirmed batch can never be failed (which would release, i.e. re-pay, its contributions): not by the
+    executor's code, not by SQL."""
+    import asyncpg
+
+    w = wallet(350)
+    async with clean_db.acquire() as conn:
+        await seed_session(conn, [(w, 1)], completion_tokens=2500)
+    executor = make_executor()
+    assert (await executor.run_once()).ok
+    async with clean_db.acquire() as conn:
+        batch = await conn.fetchrow("SELECT * FROM far_payment_batches")
+        assert batch["state"] == "confirmed"
+        with pytest.raises(PayoutError, match="illegal state change confirmed -> failed"):
+            await executor._fail(conn, batch, "tampering")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE far_payment_batches SET state = 'failed'")
+        assert {s for *_, s in await contribution_state(conn)} == {"confirmed"}
+    assert TRANSITIONS["confirmed"] == TRANSITIONS["failed"] == frozenset()
 
 
 async def test_two_trackers_at_once_pay_once(clean_db, chain, make_executor, postgres_url):
@@ -262,7 +424,11 @@ async def test_audit_detects_tampering(clean_db, chain, make_executor, postgres_
         await conn.execute("UPDATE far_payment_batch_items SET amount_far = amount_far - 1, "
                            "amount_base = (amount_far - 1) * 1000000000000000000 WHERE wallet_address = $1",
                            wallets[0])
-        # A failed batch whose contributions were not released.
-        await conn.execute("UPDATE far_payment_batches SET state = 'failed'")
+        # A failed batch whose contributions were not released (the trigger refuses confirmed -> failed: bypassed,
+        # as a tamperer with the table owner's rights could).
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE far_payment_batches DISABLE TRIGGER far_payment_batches_guard")
+            await conn.execute("UPDATE far_payment_batches SET state = 'failed'")
+            await conn.execute("ALTER TABLE far_payment_batches ENABLE TRIGGER far_payment_batches_guard")
     report = await run_audit(postgres_url, chain)
     assert {c.name.split(":")[0] for c in report.checks if not c.ok} == {"attachment", "items", "chain"}

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     DISCOVERY_FLUSH_INTERVAL_S: float = Field(default=5.0, gt=0, description="heartbeat write-behind to Postgres")
     JOINING_TOO_LONG_S: float = Field(default=300.0, gt=0, description="a server JOINING longer than this is reported")
     DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
+    DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
+                                                 description="GET /nodes/challenge per client address per minute")
 
     @field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR", "MIN_PAYOUT_FAR")
     @classmethod

@@ -191,12 +191,15 @@ def compute_coverage(
     for peer_id, info in sorted(announced.items()):
         node = registered_by_peer.get(peer_id)
         span = describe_blocks(info["blocks"])
-        if node is None or node.state == "unregistered":
+        if node is None:
             blocking.append(f"peer {_who(peer_id, info['name'])} serves {span} but is not registered: "
                             "it earns nothing")
         elif node.state != "online":
+            # Payment rule (docs/discovery.md "Who is paid"): a peer that registered is paid for the work its server
+            # does, to the wallet it registered, even after it unregistered; only never-registered peers earn nothing.
             blocking.append(f"peer {_who(peer_id, info['name'] or node.public_name)} serves {span} but its node "
-                            "unregistered (state offline): it earns nothing until it registers again")
+                            f"unregistered (state {node.state}): it is not listed as active; its work is still paid "
+                            "to the wallet it registered")
         elif not node.live:
             silent = f" for {int(now - node.last_seen)} s" if node.last_seen else ""
             blocking.append(f"node {_who(peer_id, node.public_name or info['name'])} serves {span} but sent no "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])
-REGISTRATION_DOMAIN = "far-mesh-register-v1"
+REGISTRATION_DOMAIN = "far-mesh-register-v2"
+# Node identities are RSA (hivemind and create_identity() make 2048-bit keys with e = 65537). Verifying costs grow
+# with the key size and the exponent (a crafted huge key or exponent costs ~80x a normal verify), so only these
+# are accepted.
+RSA_MIN_BITS, RSA_MAX_BITS, RSA_EXPONENT = 2048, 4096, 65537
 
 
 def _crypto_pb2():
@@ -79,26 +84,74 @@ def load_identity(path: str | Path) -> NodeIdentity:
     return NodeIdentity(path, peer_id_from_public_key(public), public, key)
 
 
+# What a node may say about its hardware (discovery refuses any other field): name -> kind.
+HARDWARE_FIELDS = {"gpu": str, "vram_total_gb": float, "ram_total_gb": float, "device": str}
+
+
+def canonical_hardware(hardware: dict | None) -> str:
+    """The signed form of ``hardware``: JSON of the known fields that are not None, numbers as floats (the node may
+    send 24, discovery parses 24.0), keys sorted, no spaces, ASCII."""
+    hardware = hardware or {}
+    unknown = sorted(set(hardware) - set(HARDWARE_FIELDS))
+    if unknown:
+        raise ValueError(f"hardware: unknown fields {unknown} (allowed: {', '.join(HARDWARE_FIELDS)})")
+    values = {name: kind(hardware[name]) for name, kind in HARDWARE_FIELDS.items() if hardware.get(name) is not None}
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def registration_message(*, nonce: str, peer_id: str, wallet_address: str, model_id: str, start_block: int,
-                         end_block: int) -> bytes:
+                         end_block: int, public_name: str | None, hardware: dict | None) -> bytes:
+    """What a node signs to register (docs/discovery.md "Registration"): one field per line, UTF-8::
+
+        far-mesh-register-v2
+        <nonce>
+        <peer_id>
+        <wallet_address, lowercase>
+        <model_id>
+        <start_block>
+        <end_block>
+        <public_name as JSON: "name" or null>
+        <canonical_hardware(hardware)>
+
+    Every field discovery stores and publishes is covered, so nothing can be changed on the way.
+    """
     return "\n".join([REGISTRATION_DOMAIN, nonce, peer_id, wallet_address.lower(), model_id, str(start_block),
-                      str(end_block)]).encode()
+                      str(end_block), json.dumps(public_name, ensure_ascii=True),
+                      canonical_hardware(hardware)]).encode()
+
+
+def public_key_problem(public_key_b64: str) -> str | None:
+    """Why ``public_key_b64`` is not an acceptable node identity key (None if it is): a libp2p protobuf RSA key of
+    RSA_MIN_BITS..RSA_MAX_BITS bits with exponent RSA_EXPONENT. Cheap (parsing only, no signature check)."""
+    crypto_pb2 = _crypto_pb2()
+    try:
+        parsed = crypto_pb2.PublicKey.FromString(base64.b64decode(public_key_b64, validate=True))
+        if parsed.key_type != crypto_pb2.RSA:
+            return "public_key is not an RSA key"
+        key = serialization.load_der_public_key(parsed.data)
+    except Exception:  # noqa: BLE001 - any parse failure is "not a key"
+        return "public_key is not a base64 libp2p RSA public key"
+    if not isinstance(key, rsa.RSAPublicKey):
+        return "public_key is not an RSA key"
+    if not RSA_MIN_BITS <= key.key_size <= RSA_MAX_BITS:
+        return f"RSA key of {key.key_size} bits (accepted: {RSA_MIN_BITS}-{RSA_MAX_BITS})"
+    if key.public_numbers().e != RSA_EXPONENT:
+        return f"RSA public exponent must be {RSA_EXPONENT}"
+    return None
 
 
 def verify_signature(*, peer_id: str, public_key_b64: str, message: bytes, signature_b64: str) -> bool:
-    """True iff the public key hashes to ``peer_id`` and ``signature`` is its signature of ``message``."""
+    """True iff the public key is acceptable (:func:`public_key_problem`), hashes to ``peer_id`` and ``signature`` is
+    its signature of ``message``. CPU-bound (an RSA verify): async callers run it in a worker thread."""
     crypto_pb2 = _crypto_pb2()
     try:
         public = base64.b64decode(public_key_b64, validate=True)
         signature = base64.b64decode(signature_b64, validate=True)
         if peer_id_from_public_key(public) != peer_id:
             return False
-        parsed = crypto_pb2.PublicKey.FromString(public)
-        if parsed.key_type != crypto_pb2.RSA:
+        if public_key_problem(public_key_b64) is not None:
             return False
-        key = serialization.load_der_public_key(parsed.data)
-        if not isinstance(key, rsa.RSAPublicKey):
-            return False
+        key = serialization.load_der_public_key(crypto_pb2.PublicKey.FromString(public).data)
         key.verify(signature, message, _PSS, hashes.SHA256())
         return True
     except (binascii.Error, ValueError, TypeError, exceptions.InvalidSignature, Exception):

@@ -104,7 +104,7 @@ class SessionStore:
                        (session_id, peer_id, node_id, wallet_address, blocks, work_units, steps)
                    SELECT $1, p.peer_id, n.node_id, n.wallet_address, p.blocks, p.units, p.steps
                      FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS p(peer_id, blocks, units, steps)
-                     LEFT JOIN far_nodes n ON n.peer_id = p.peer_id AND n.state <> 'unregistered'
+                     LEFT JOIN far_nodes n ON n.peer_id = p.peer_id  -- any registration, whatever its state
                    ON CONFLICT (session_id, peer_id) DO UPDATE
                       SET work_units = excluded.work_units, steps = excluded.steps, blocks = excluded.blocks,
                           node_id = coalesce(far_session_contributions.node_id, excluded.node_id),

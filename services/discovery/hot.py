@@ -3,6 +3,7 @@
 Keys (prefix ``fm:disc:``; a single Redis, not a cluster: the heartbeat script derives a key from a value):
 
 * ``nonce:<nonce>`` -> peer ID it was issued for, ``EX`` = challenge lifetime; consumed with ``GETDEL``.
+* ``rl:challenge:<client address>`` -> challenges issued to that client in the current minute (``EX`` 60 s).
 * ``tok:<sha256(token)>`` -> node_id (no expiry; deleted on unregister / re-registration).
 * ``badtok:<sha256>`` -> "1" for a few seconds: a token Postgres does not know either (negative cache).
 * ``alive`` (sorted set) node_id -> unix time of the last heartbeat. A node is live while that time is within
@@ -81,6 +82,19 @@ class HotStore:
         nonce = secrets.token_hex(32)
         await self.redis.set(PREFIX + "nonce:" + nonce, peer_id, ex=lifetime_s)
         return nonce
+
+    async def rate_limit(self, key: str, limit: int, window_s: int) -> Optional[int]:
+        """Fixed window: count one hit of ``key``; None if within ``limit`` per ``window_s``, else the seconds until
+        the window ends (for Retry-After). Key ``rl:<key>`` expires with its window."""
+        name = PREFIX + "rl:" + key
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(name, 0, ex=window_s, nx=True)
+            pipe.incr(name)
+            pipe.ttl(name)
+            _, count, ttl = await pipe.execute()
+        if count <= limit:
+            return None
+        return max(1, int(ttl) if ttl and ttl > 0 else window_s)
 
     async def consume_nonce(self, nonce: str) -> Optional[str]:
         """The peer ID the nonce was issued for (and the nonce is gone), or None."""

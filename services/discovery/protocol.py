@@ -13,17 +13,37 @@ PEER_ID_RE = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
 WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
 WALLET_RULE = "must be 0x followed by 40 hex digits"
+CHECKSUM_RULE = ("fails its EIP-55 checksum (mixed case that does not match): probably a typo; "
+                 "use the address exactly as your wallet shows it, or all lowercase")
+
+
+def wallet_problem(value: str) -> Optional[str]:
+    """Why ``value`` is not a payable wallet, or None. Mixed case must be a valid EIP-55 checksum (a mistyped
+    character would otherwise be paid to an address nobody controls); all-lowercase or all-uppercase hex carries no
+    checksum and is accepted."""
+    if not WALLET_RE.match(value):
+        return WALLET_RULE
+    digits = value[2:]
+    if digits != digits.lower() and digits != digits.upper():
+        from eth_utils import to_checksum_address
+
+        if to_checksum_address(value) != value:
+            return CHECKSUM_RULE
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
 # Request bodies
 # --------------------------------------------------------------------------------------------------------
 class Hardware(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Exactly these fields (services.common.identity.HARDWARE_FIELDS), bounded; anything else is refused (422):
+    whatever is accepted here is stored and published by GET /nodes/active."""
+
+    model_config = ConfigDict(extra="forbid")
 
     gpu: Optional[str] = Field(default=None, max_length=200)
-    vram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
-    ram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000)
+    vram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
+    ram_total_gb: Optional[float] = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
     device: Optional[str] = Field(default=None, max_length=100)
 
 
@@ -51,8 +71,9 @@ class RegisterRequest(BaseModel):
     @field_validator("wallet_address")
     @classmethod
     def _wallet(cls, value: str) -> str:
-        if not WALLET_RE.match(value):
-            raise ValueError(WALLET_RULE)
+        problem = wallet_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 

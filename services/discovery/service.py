@@ -23,7 +23,7 @@ import asyncpg
 
 from services.common.config import Settings
 from services.common.coverage import RegisteredNode, compute_coverage
-from services.common.identity import registration_message, verify_signature
+from services.common.identity import public_key_problem, registration_message, verify_signature
 from services.common.logs import get_logger
 from services.common.money import format_far
 from services.discovery.hot import HotStore, new_token, token_hash
@@ -36,6 +36,7 @@ log = get_logger(__name__)
 
 HEARTBEAT_INTERVAL_S = 30
 CHALLENGE_TTL_S = 120
+CHALLENGE_WINDOW_S = 60
 LEDGER_REFRESH_S = 10.0
 FLUSH_CHUNK = 500
 LEDGER_SCAN_MARGIN = timedelta(seconds=120)
@@ -277,8 +278,17 @@ class Discovery:
 
 
     # --- registration --------------------------------------------------------------------------------------
-    async def challenge(self, peer_id: str) -> dict:
+    async def challenge(self, peer_id: str, client: str = "unknown") -> dict:
+        """A single-use nonce; at most DISCOVERY_CHALLENGES_PER_MINUTE per client address (each is a Redis key for
+        CHALLENGE_TTL_S), else 429 with Retry-After."""
         check_peer_id(peer_id)
+        retry_after = await self.hot.rate_limit(f"challenge:{client}", self.settings.DISCOVERY_CHALLENGES_PER_MINUTE,
+                                                CHALLENGE_WINDOW_S)
+        if retry_after is not None:
+            self.metrics.registrations.labels("rate_limited").inc()
+            raise ApiError(429, "rate_limited", f"too many challenges from {client} (at most "
+                                                f"{self.settings.DISCOVERY_CHALLENGES_PER_MINUTE} per minute); retry "
+                                                f"in {retry_after} s", headers={"Retry-After": str(retry_after)})
         nonce = await self.hot.issue_nonce(peer_id, CHALLENGE_TTL_S)
         return {"nonce": nonce, "expires_in_s": CHALLENGE_TTL_S}
 
@@ -297,12 +307,17 @@ class Discovery:
             refused = "nonce unknown, expired or already used: get a new one from GET /nodes/challenge"
         elif issued_for != body.peer_id:
             refused = "nonce was issued for another peer_id"
+        elif (problem := public_key_problem(body.public_key)) is not None:
+            refused = f"unacceptable identity key: {problem}"
         else:
             message = registration_message(nonce=body.nonce, peer_id=body.peer_id,
                                            wallet_address=body.wallet_address, model_id=body.model_id,
-                                           start_block=body.start_block, end_block=body.end_block)
-            if not verify_signature(peer_id=body.peer_id, public_key_b64=body.public_key, message=message,
-                                    signature_b64=body.signature):
+                                           start_block=body.start_block, end_block=body.end_block,
+                                           public_name=body.public_name,
+                                           hardware=body.hardware.model_dump(exclude_none=True))
+            # An RSA verify is CPU work: off the event loop, so registrations never stall heartbeats.
+            if not await asyncio.to_thread(verify_signature, peer_id=body.peer_id, public_key_b64=body.public_key,
+                                           message=message, signature_b64=body.signature):
                 refused = "signature does not prove control of peer_id (wrong key or message)"
         if refused:
             self.metrics.registrations.labels("refused").inc()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -48,6 +49,38 @@ LOCAL_INITIAL_SUPPLY_FAR = Decimal("1000000000")
 
 class ChainConfigError(RuntimeError):
     """A configuration problem detected while connecting (bad network, key, chain id, addresses)."""
+
+
+def redact_url(url: str) -> str:
+    """Scheme and host (and port) of an RPC URL, nothing else: providers put API keys in the path, the query or the
+    user info (``https://bsc.example/v1/<key>``, ``?apikey=``, ``https://user:key@host``)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparseable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}" if parts.scheme and host else "<redacted URL>"
+
+
+def scrub_url(text: str, url: str | None) -> str:
+    """``text`` (an error message) without any secret part of ``url``: the whole URL becomes its scheme + host, and the
+    path, query, fragment and user info are removed wherever they appear alone (requests quotes ``url: /path?query``)."""
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return text
+    path_query = parts.path + (f"?{parts.query}" if parts.query else "")
+    secrets = [path_query, parts.path, parts.query, parts.fragment, parts.username, parts.password,
+               parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""]
+    for secret in sorted({s for s in secrets if s and s != "/"}, key=len, reverse=True):
+        text = text.replace(secret, "/<redacted>" if secret.startswith("/") else "<redacted>")
+    return text
 
 
 def base_to_far(amount: int) -> Decimal:
@@ -261,12 +294,14 @@ def connect(settings: Settings, network: str | None = None, *, rpc_url: str | No
     try:
         chain_id = w3.eth.chain_id
     except Exception as error:  # noqa: BLE001
-        raise ChainConfigError(f"BSC_RPC_URL: cannot reach {rpc_url}: {error}") from None
+        raise ChainConfigError(f"BSC_RPC_URL: cannot reach {redact_url(rpc_url)}: "
+                               f"{scrub_url(str(error), rpc_url)}") from None
     expected = CHAIN_IDS.get(network)
     if expected is not None and chain_id != expected:
-        raise ChainConfigError(f"BSC_RPC_URL: {rpc_url} is chain {chain_id}, network {network} needs {expected}")
+        raise ChainConfigError(f"BSC_RPC_URL: {redact_url(rpc_url)} is chain {chain_id}, network {network} "
+                               f"needs {expected}")
     if network == "local" and chain_id in CHAIN_IDS.values():
-        raise ChainConfigError(f"BSC_RPC_URL: {rpc_url} is BSC chain {chain_id}; use --network "
+        raise ChainConfigError(f"BSC_RPC_URL: {redact_url(rpc_url)} is BSC chain {chain_id}; use --network "
                                f"{'mainnet' if chain_id == 56 else 'testnet'}")
     chain = Chain(w3=w3, network=network, account=account)
     if network == "local" and not (token_address and payout_address):

@@ -10,10 +10,16 @@ A batch moves::
   written in ONE database transaction, so contributions are either in exactly one open batch or free.
 * **signed**: raw transaction, hash, nonce, gas limit (and chain id + contract) are stored *before* the first
   broadcast. From here on the batch is only ever paid by this exact raw transaction: it is never re-signed.
-* **submitted**: the node has the transaction. **confirmed**: mined with status 1 and at least
-  ``PAYOUT_CONFIRMATIONS`` blocks on top. **failed**: reverted (or its nonce was consumed by another
-  transaction, so it can never be mined); its contributions get ``payment_batch_id = NULL`` in the same
-  database transaction and are planned again by the next run.
+* **submitted**: the node has the transaction. **confirmed**: mined with status 1, and that receipt, re-read once
+  ``PAYOUT_CONFIRMATIONS`` blocks are on top, is still in a canonical block. **failed**: reverted — decided the
+  same way, from a receipt ``PAYOUT_CONFIRMATIONS`` deep and canonical, never from a fresh one (a reorg can re-mine
+  a revert as a success) — or its nonce was consumed by another transaction (nonce and ``paid()`` read at one block
+  ``PAYOUT_CONFIRMATIONS`` deep), so it can never be mined; its contributions get ``payment_batch_id = NULL`` in
+  the same database transaction and are planned again by the *next* run, never by the run that released them.
+
+Every state change goes through ``PayoutExecutor._transition`` and the table ``TRANSITIONS``; the database
+enforces the same table and refuses to detach the contributions of a batch that is not failed
+(migration ``0004_payout_guards``).
 
 A run takes a PostgreSQL advisory lock (a second tracker skips), first resumes every open batch (a signed
 batch already on chain is just awaited; one the node does not know is re-broadcast, same bytes), and plans
@@ -67,6 +73,15 @@ def is_revert(error: BaseException) -> bool:
 
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"far-mesh:payouts").digest()[:8], "big", signed=True)
 OPEN_STATES = ("planned", "signed", "submitted")
+# The one table of legal batch state changes. Every state change goes through PayoutExecutor._transition, and the
+# database enforces the same table (trigger far_payment_batches_guard, migration 0004_payout_guards).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "planned": frozenset({"signed", "failed"}),
+    "signed": frozenset({"submitted", "failed"}),
+    "submitted": frozenset({"confirmed", "failed"}),
+    "confirmed": frozenset(),
+    "failed": frozenset(),
+}
 CHECKPOINTS = ("planned", "signed", "broadcast", "submitted", "mined", "confirmed", "failed")
 CRASH_ENV = "FAR_MESH_PAYOUTS_CRASH_AT"
 
@@ -146,6 +161,7 @@ class PayoutExecutor:
         self._crash_at = crash_at
         self._crash_env = os.environ.get(CRASH_ENV)
         self._seen: dict[str, int] = {}
+        self.released = False  # a batch failed (released its contributions) in this run: plan nothing more
 
     @classmethod
     def from_settings(cls, settings, chain: Chain | None, *, network: str | None = None, **overrides):
@@ -207,6 +223,7 @@ class PayoutExecutor:
     async def _run_locked(self, conn, cutoff: datetime, report: RunReport, *, resume_only: bool) -> None:
         if self.chain is None:
             raise PayoutError("no chain connection")
+        self.released = False
         for row in await self._open_batches(conn):
             outcome = await self._drive(conn, row, resumed=True)
             report.batches.append(outcome)
@@ -217,6 +234,10 @@ class PayoutExecutor:
             report.errors.append(f"batches still open after resuming ({numbers}); no new batch planned")
             return
         if resume_only:
+            return
+        if self.released:
+            # Never re-plan in the run that released contributions: the next run plans them, with a new batchId.
+            report.errors.append("a batch failed and released its contributions; the next run plans them again")
             return
         plan = await build_plan(conn, cutoff=cutoff, min_payout_far=self.min_payout_far,
                                 max_recipients=self.max_recipients)
@@ -367,14 +388,9 @@ class PayoutExecutor:
         del tx["from"]
         signed = chain.account.sign_transaction(tx)
         tx_hash = "0x" + bytes(signed.hash).hex()
-        batch = await conn.fetchrow(
-            "UPDATE far_payment_batches SET state = 'signed', raw_tx = $2, tx_hash = $3, nonce = $4, gas_limit = $5,"
-            " from_address = $6, chain_id = $7, contract_address = $8, error = NULL"
-            " WHERE batch_id = $1 AND state = 'planned' RETURNING *",
-            batch["batch_id"], bytes(signed.raw_transaction), tx_hash, nonce, gas_limit, chain.address,
-            chain.chain_id, chain.payout.address)
-        if batch is None:
-            raise PayoutError(f"batch {number} changed state while signing")
+        batch = await self._transition(conn, batch, "signed", raw_tx=bytes(signed.raw_transaction), tx_hash=tx_hash,
+                                       nonce=nonce, gas_limit=gas_limit, from_address=chain.address,
+                                       chain_id=chain.chain_id, contract_address=chain.payout.address, error=None)
         log.info("payouts.batch_signed", batch_number=number, tx_hash=tx_hash, nonce=nonce, gas_limit=gas_limit)
         self._checkpoint("signed", number)
         return batch
@@ -394,29 +410,33 @@ class PayoutExecutor:
 
     async def _advance_signed(self, conn, batch):
         """signed/submitted -> submitted/confirmed/failed. Returns (batch, still_waiting)."""
-        chain, w3 = self.chain, self.chain.w3
+        chain = self.chain
         number, tx_hash = batch["batch_number"], batch["tx_hash"]
-        receipt = self._receipt(tx_hash)
-        if receipt is None and not self._known(tx_hash):
-            mined_nonce = w3.eth.get_transaction_count(batch["from_address"], "latest")
-            if mined_nonce > batch["nonce"]:
-                # Our nonce was used by another transaction: this raw tx can never be mined.
-                if chain.payout.functions.paid(number).call():
+        if self._receipt(tx_hash) is None and not self._known(tx_hash):
+            nonce_state, block = await self._nonce_state(batch)
+            if nonce_state == "wait":
+                log.warning("payouts.nonce_used_not_deep", batch_number=number, nonce=batch["nonce"])
+                return batch, True
+            if nonce_state == "taken":
+                # Our nonce was used by another transaction, PAYOUT_CONFIRMATIONS deep: this raw tx can never be
+                # mined. paid() is read at the same block as the nonce.
+                if chain.payout.functions.paid(number).call(block_identifier=block):
                     raise PayoutError(f"batch {number}: its nonce was used by another transaction and the contract "
                                       "says the batchId is paid; investigate before releasing")
-                return await self._fail(conn, batch, f"nonce {batch['nonce']} was used by another transaction; "
-                                                     "this batch was never mined"), False
-            try:
-                w3.eth.send_raw_transaction(bytes(batch["raw_tx"]))
-                log.info("payouts.broadcast", batch_number=number, tx_hash=tx_hash, rebroadcast=batch["state"] != "signed")
-            except Exception as error:  # noqa: BLE001 - "already known" races; re-checked below
-                if not self._known(tx_hash) and self._receipt(tx_hash) is None:
-                    raise PayoutError(f"batch {number}: broadcast of {tx_hash} failed: {error}") from error
-            self._checkpoint("broadcast", number)
+                return await self._fail(conn, batch, f"nonce {batch['nonce']} was used by another transaction "
+                                                     f"(block {block}); this batch was never mined"), False
+            if nonce_state == "free":
+                try:
+                    chain.w3.eth.send_raw_transaction(bytes(batch["raw_tx"]))
+                    log.info("payouts.broadcast", batch_number=number, tx_hash=tx_hash,
+                             rebroadcast=batch["state"] != "signed")
+                except Exception as error:  # noqa: BLE001 - "already known" races; re-checked below
+                    if not self._known(tx_hash) and self._receipt(tx_hash) is None:
+                        raise PayoutError(f"batch {number}: broadcast of {tx_hash} failed: {error}") from error
+                self._checkpoint("broadcast", number)
         if batch["state"] == "signed":
-            batch = await conn.fetchrow(
-                "UPDATE far_payment_batches SET state = 'submitted', submitted_at = coalesce(submitted_at, now())"
-                " WHERE batch_id = $1 AND state = 'signed' RETURNING *", batch["batch_id"])
+            batch = await self._transition(conn, batch, "submitted",
+                                           submitted_at=batch["submitted_at"] or datetime.now(timezone.utc))
             log.info("payouts.batch_submitted", batch_number=number, tx_hash=tx_hash)
             self._checkpoint("submitted", number)
         receipt = await self._wait_receipt(tx_hash)
@@ -424,16 +444,21 @@ class PayoutExecutor:
             log.warning("payouts.receipt_timeout", batch_number=number, tx_hash=tx_hash)
             return batch, True
         self._checkpoint("mined", number)
-        if receipt["status"] != 1:
-            return await self._fail(conn, batch, f"transaction {tx_hash} reverted in block "
-                                                 f"{receipt['blockNumber']}"), False
-        receipt = await self._wait_confirmations(receipt)
-        if receipt is None:
+        # Whatever the first receipt said, nothing is decided before it is PAYOUT_CONFIRMATIONS deep and still
+        # canonical: a revert can be re-mined as a success (releasing it would pay twice) and a success as a revert.
+        settled = await self._wait_confirmations(receipt)
+        if settled is None:
+            log.warning("payouts.receipt_not_settled", batch_number=number, tx_hash=tx_hash)
             return batch, True
-        batch = await conn.fetchrow(
-            "UPDATE far_payment_batches SET state = 'confirmed', block_number = $2, gas_used = $3, confirmed_at = now(),"
-            " error = NULL WHERE batch_id = $1 AND state = 'submitted' RETURNING *",
-            batch["batch_id"], receipt["blockNumber"], receipt["gasUsed"])
+        receipt, head = settled
+        if receipt["status"] != 1:
+            if chain.payout.functions.paid(number).call(block_identifier=head - self.confirmations):
+                raise PayoutError(f"batch {number}: transaction {tx_hash} reverted but the contract says the batchId "
+                                  "is paid; investigate before releasing")
+            return await self._fail(conn, batch, f"transaction {tx_hash} reverted in block {receipt['blockNumber']} "
+                                                 f"({head - receipt['blockNumber']} confirmations)"), False
+        batch = await self._transition(conn, batch, "confirmed", block_number=receipt["blockNumber"],
+                                       gas_used=receipt["gasUsed"], confirmed_at=datetime.now(timezone.utc), error=None)
         metrics.PAID_FAR.inc(float(batch["total_far"]))
         metrics.PAID_RECIPIENTS.inc(batch["recipient_count"])
         metrics.GAS_USED.inc(receipt["gasUsed"])
@@ -441,6 +466,35 @@ class PayoutExecutor:
                  gas_used=receipt["gasUsed"], total_far=str(batch["total_far"]))
         self._checkpoint("confirmed", number)
         return batch, False
+
+    async def _nonce_state(self, batch) -> tuple[str, int | None]:
+        """Our transaction is neither mined nor known to the node: is its nonce still free?
+
+        Returns ("free", None) — not used at ``latest``: (re)broadcast; ("ours", None) — our own transaction
+        showed up meanwhile; ("taken", block) — used by another transaction at ``block``, PAYOUT_CONFIRMATIONS
+        deep (never decided from ``latest`` alone: a reorg can drop the other transaction and mine ours);
+        ("wait", None) — used at ``latest`` but not yet deep enough; the next run looks again.
+        """
+        chain, w3 = self.chain, self.chain.w3
+        sender, nonce, tx_hash = batch["from_address"], batch["nonce"], batch["tx_hash"]
+        deadline = time.monotonic() + self.receipt_timeout_s + self.confirmations * 10
+        while True:
+            head = w3.eth.block_number
+            if w3.eth.get_transaction_count(sender, head) <= nonce:
+                return "free", None
+            deep = head - self.confirmations
+            if deep >= 0 and w3.eth.get_transaction_count(sender, deep) > nonce:
+                if self._receipt(tx_hash) is not None:
+                    return "ours", None
+                return "taken", deep
+            if self._receipt(tx_hash) is not None or self._known(tx_hash):
+                return "ours", None
+            if chain.is_local:
+                chain.advance(1)
+                continue
+            if time.monotonic() >= deadline:
+                return "wait", None
+            await asyncio.sleep(self.poll_interval_s)
 
     async def _wait_receipt(self, tx_hash: str):
         deadline = time.monotonic() + self.receipt_timeout_s
@@ -451,17 +505,24 @@ class PayoutExecutor:
             await asyncio.sleep(self.poll_interval_s)
 
     async def _wait_confirmations(self, receipt):
-        """Wait until ``confirmations`` blocks are on top of the receipt's block; re-read it (reorgs)."""
+        """Wait until the receipt is ``confirmations`` blocks deep and its block is still canonical.
+
+        Returns (receipt re-read at that depth, head block number) or None (dropped by a reorg, or timeout: the batch
+        stays submitted and the next run resumes it). A receipt that moved to another block (reorg) restarts the
+        wait from its new block; the caller decides from the status of the *returned* receipt only.
+        """
         chain, w3 = self.chain, self.chain.w3
         deadline = time.monotonic() + self.receipt_timeout_s + self.confirmations * 10
         while True:
-            depth = w3.eth.block_number - receipt["blockNumber"]
+            head = w3.eth.block_number
+            depth = head - receipt["blockNumber"]
             if depth >= self.confirmations:
                 current = self._receipt(receipt["transactionHash"])
-                if current is not None and current["blockHash"] == receipt["blockHash"]:
-                    return current
                 if current is None:
                     return None  # reorged out: back to waiting (the next run rebroadcasts if needed)
+                if current["blockHash"] == receipt["blockHash"] and \
+                        w3.eth.get_block(current["blockNumber"])["hash"] == current["blockHash"]:
+                    return current, head
                 receipt = current
                 continue
             if chain.is_local:
@@ -471,16 +532,33 @@ class PayoutExecutor:
                 return None
             await asyncio.sleep(self.poll_interval_s)
 
-    async def _fail(self, conn, batch, reason: str):
-        """-> failed, releasing the contributions (payment_batch_id = NULL) in the same transaction."""
+    async def _transition(self, conn, batch, to: str, **columns):
+        """The one place a batch changes state: checks TRANSITIONS, updates the row only if it is still in the state
+        it was read in (and sets ``columns``); -> failed also releases the contributions, in the same transaction."""
+        number, current = batch["batch_number"], batch["state"]
+        if to not in TRANSITIONS.get(current, frozenset()):
+            raise PayoutError(f"batch {number}: illegal state change {current} -> {to}")
+        names = list(columns)
+        assignments = "".join(f", {name} = ${index}" for index, name in enumerate(names, start=4))
         async with conn.transaction():
-            released = await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL, "
-                                          "updated_at = now() WHERE payment_batch_id = $1", batch["batch_id"])
-            batch = await conn.fetchrow(
-                "UPDATE far_payment_batches SET state = 'failed', error = $2 WHERE batch_id = $1 RETURNING *",
-                batch["batch_id"], reason)
+            row = await conn.fetchrow(
+                f"UPDATE far_payment_batches SET state = $2{assignments} WHERE batch_id = $1 AND state = $3 RETURNING *",
+                batch["batch_id"], to, current, *columns.values())
+            if row is None:
+                raise PayoutError(f"batch {number} is no longer {current}; not moved to {to}")
+            if to == "failed":
+                released = await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL "
+                                              "WHERE payment_batch_id = $1", batch["batch_id"])
+                log.info("payouts.contributions_released", batch_number=number, released=released)
+        return row
+
+    async def _fail(self, conn, batch, reason: str):
+        """-> failed, releasing the contributions (payment_batch_id = NULL) in the same transaction. The next run
+        plans them again (never the run that released them)."""
+        batch = await self._transition(conn, batch, "failed", error=reason)
+        self.released = True
         metrics.FAILURES.labels("batch").inc()
-        log.error("payouts.batch_failed", batch_number=batch["batch_number"], reason=reason, released=released)
+        log.error("payouts.batch_failed", batch_number=batch["batch_number"], reason=reason)
         self._checkpoint("failed", batch["batch_number"])
         return batch
 

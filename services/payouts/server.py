@@ -48,12 +48,12 @@ class PayoutService:
             try:
                 executor = PayoutExecutor.from_settings(self.settings, self.chain(), network=self.network)
                 self.last_report = asyncio.run(executor.run_once(resume_only=resume_only))
-                self.last_error = "; ".join(self.last_report.errors) or None
+                self.last_error = self.scrub("; ".join(self.last_report.errors) or None)
                 log.info("payouts.job_done", resume_only=resume_only, paid_far=str(self.last_report.paid_far),
                          batches=len(self.last_report.batches), errors=self.last_report.errors)
             except Exception as error:  # noqa: BLE001 - logged, exposed on /readyz, retried next week
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.exception("payouts.job_failed")
+                self.last_error = self.scrub(f"{type(error).__name__}: {error}")
+                log.error("payouts.job_failed", error=self.last_error)  # scrubbed: no traceback quoting the URL
 
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -92,8 +92,20 @@ class PayoutService:
             block = await asyncio.to_thread(lambda: chain.w3.eth.block_number)
             checks["chain"] = f"ok (block {block})"
         except Exception as error:  # noqa: BLE001
-            checks["chain"] = f"error: {error}"
+            checks["chain"] = f"error: {self.scrub(f'{type(error).__name__}: {error}')}"
         return checks
+
+    def rpc(self) -> str | None:
+        """BSC_RPC_URL as shown on /readyz: scheme and host only (providers put API keys in the path or query)."""
+        from services.payouts.chain import redact_url
+
+        return redact_url(self.settings.BSC_RPC_URL) if self.settings.BSC_RPC_URL else None
+
+    def scrub(self, text: str | None) -> str | None:
+        """An error message fit for /readyz and logs: no part of BSC_RPC_URL beyond its scheme and host."""
+        from services.payouts.chain import scrub_url
+
+        return None if text is None else scrub_url(text, self.settings.BSC_RPC_URL)
 
 
 def create_app(service: PayoutService, *, start_scheduler: bool = True) -> FastAPI:
@@ -116,7 +128,7 @@ def create_app(service: PayoutService, *, start_scheduler: bool = True) -> FastA
     async def readyz():
         checks = await service.ready()
         ok = all(value.startswith("ok") for value in checks.values())
-        body = {"ready": ok, "checks": checks, "network": service.network,
+        body = {"ready": ok, "checks": checks, "network": service.network, "rpc": service.rpc(),
                 "next_run": str(service.next_run()) if service.scheduler else None,
                 "last_error": service.last_error}
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -20,8 +20,9 @@ def get_discovery(request: Request) -> Discovery:
 
 # --- nodes ---------------------------------------------------------------------------------------------------
 @router.get("/nodes/challenge")
-async def challenge(peer_id: str = Query(..., max_length=128), service: Discovery = Depends(get_discovery)):
-    return await service.challenge(peer_id)
+async def challenge(request: Request, peer_id: str = Query(..., max_length=128),
+                    service: Discovery = Depends(get_discovery)):
+    return await service.challenge(peer_id, client=request.client.host if request.client else "unknown")
 
 
 @router.post("/nodes/register")
