@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     MIN_PAYOUT_FAR: Decimal = Decimal("10")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     DISCOVERY_URL: str = "http://127.0.0.1:8200"
-    JWT_SECRET: str = "dev-only-change-me"
+    # HS256 secret of user JWTs; empty = JWT authentication off (API keys only). The coordinator refuses to start
+    # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
+    JWT_SECRET: str = ""
     BSC_NETWORK: Literal["local", "testnet", "mainnet"] = "local"
     BSC_RPC_URL: str = ""
     FAR_TOKEN_ADDRESS: str = ""

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.common.config import Settings
 from services.common.http import install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
-from services.coordinator.accounts import AccountStore
+from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
 from services.coordinator.ratelimit import RateLimiter
@@ -40,6 +40,7 @@ def install_coordinator_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
                port: int = 8100) -> FastAPI:
+    check_jwt_secret(settings.JWT_SECRET)  # a weak secret would let anyone spend any account
     # Stable across restarts of the same coordinator, so a restart finalizes what the previous run left running.
     coordinator_id = coordinator_id or settings.FAR_MESH_COORDINATOR_ID or f"{socket.gethostname()}:{port}"
 

@@ -23,7 +23,7 @@ from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.coordinator import metrics
-from services.coordinator.accounts import AccountStore, AuthError, Principal
+from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import Contribution, DoneEvent, GenerateRequest, TokenEvent, Usage
@@ -84,6 +84,9 @@ class InferenceService:
         self.default_model_id = default_model_id
         self.pricing = pricing
         self.coordinator_id = coordinator_id
+        problem = jwt_secret_problem(jwt_secret)
+        if problem:
+            raise ValueError(problem)
         self.jwt_secret = jwt_secret
         self.generation_timeout_s = generation_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
