@@ -1,7 +1,8 @@
 """Token sampling and incremental detokenization with stop sequences (pure, no network).
 
 ``TokenSampler``: temperature / top-k / top-p with a seeded ``torch.Generator`` (same seed → same tokens;
-temperature 0 is greedy). ``TextStream``: turns token ids into text deltas, holds back text that could still
+a temperature below ``GREEDY_BELOW_TEMPERATURE`` is greedy). Sampling runs in float64 on logits shifted so their
+maximum is 0, so no accepted temperature and no logits (huge, ±inf, NaN) make the probabilities inf or NaN. ``TextStream``: turns token ids into text deltas, holds back text that could still
 become a stop sequence (stop sequences are never emitted) and incomplete UTF-8 from byte-fallback pieces.
 """
 
@@ -11,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+
+# Below this temperature sampling is greedy (argmax): dividing by a tiny temperature overflows, and the
+# distribution is a point mass anyway (vLLM uses the same 1e-5).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class TokenSampler:
@@ -37,11 +42,22 @@ class TokenSampler:
             self.generator.seed()
 
     def sample(self, logits: torch.Tensor) -> int:
-        """``logits``: 1-D tensor over the vocabulary."""
-        logits = logits.float()
+        """``logits``: 1-D tensor over the vocabulary. NaN counts as -inf; if some logits are +inf, the choice is
+        among those (uniformly); if all are -inf, token 0 (argmax)."""
+        logits = logits.detach().flatten().to(torch.float64)
+        negative_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+        logits = torch.where(torch.isnan(logits), negative_inf, logits)
         if self.params.greedy:
             return int(torch.argmax(logits))
-        logits = logits / self.params.temperature
+        positive_inf = torch.isposinf(logits)
+        if bool(positive_inf.any()):
+            logits = torch.where(positive_inf, torch.zeros_like(logits), negative_inf)
+        finite = torch.isfinite(logits)
+        if not bool(finite.any()):
+            return int(torch.argmax(logits))
+        # Shift so the maximum is 0 (exp never overflows, the best token has probability mass >= 1/vocab), then
+        # scale; float64 holds float32 logits divided by any temperature >= GREEDY_BELOW_TEMPERATURE.
+        logits = (logits - logits[finite].max()) / self.params.temperature
         if self.params.top_k and 0 < self.params.top_k < logits.numel():
             kth = torch.topk(logits, self.params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
