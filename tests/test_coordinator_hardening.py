@@ -3,14 +3,142 @@ tokenizer is the tiny model's, against the test PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
 import uuid
+from decimal import Decimal
 
+import httpx
 import pytest
+import pytest_asyncio
 
 from services.common.config import ConfigError, Settings
 from services.coordinator.accounts import AccountStore, AuthError, check_jwt_secret, issue_jwt
+from services.coordinator.engine import TokenDelta
+from services.coordinator.sampling import TextStream
 
 STRONG_SECRET = "s" * 32
+MODEL_ID = "test/fake"
+BODY_LIMIT = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------- in-process harness
+class FakeGeneration:
+    """What engine.Generation offers the serving layer, producing ``model.output`` token by token."""
+
+    def __init__(self, model, prompt_ids, params, meter, cancel):
+        self.model, self.params, self.cancel = model, params, cancel
+        self.text = TextStream(model.tokenizer, params.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def route(self) -> list:
+        return []
+
+    def __iter__(self):
+        for token_id in self.model.output[:self.params.max_tokens]:
+            if self.cancel.is_set():
+                self.finish_reason = "cancelled"
+                return
+            if self.model.fail_after is not None and len(self.token_ids) >= self.model.fail_after:
+                raise RuntimeError("hivemind.p2p.P2PDaemonError: peer QmSecretPeer at /ip4/10.0.0.7/tcp/31337 "
+                                   "refused: Traceback (most recent call last) ...")
+            self.token_ids.append(token_id)
+            yield TokenDelta(len(self.token_ids), token_id, self.text.push(token_id))
+        self.finish_reason = "length"
+        tail = self.text.flush()
+        if tail:
+            yield TokenDelta(len(self.token_ids), self.token_ids[-1], tail)
+
+
+class FakeModel:
+    model_id = MODEL_ID
+    context_length = 256
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.failure_listeners: list = []
+        self.encode_threads: list[str] = []
+        self.output = tokenizer("hello world, hello mesh", add_special_tokens=False).input_ids
+        self.fail_after = None
+
+    def encode(self, prompt: str) -> list[int]:
+        self.encode_threads.append(threading.current_thread().name)
+        return list(self.tokenizer(prompt).input_ids)
+
+    def start(self, prompt_ids, params, meter, cancel=None):
+        return FakeGeneration(self, prompt_ids, params, meter, cancel or threading.Event())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from services.common import petals_compat  # noqa: F401  (before transformers)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+class Harness:
+    def __init__(self, app, service, model, client):
+        self.app, self.service, self.model, self.client = app, service, model, client
+
+    async def account(self, balance: str = "100") -> tuple[str, dict]:
+        account_id = await self.service.accounts.create_account(f"t-{uuid.uuid4().hex[:8]}", Decimal(balance))
+        _, key = await self.service.accounts.create_key(account_id)
+        return account_id, {"Authorization": f"Bearer {key}"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def harness(db_pool, tokenizer):
+    """The coordinator's real HTTP app (app.http_app) and InferenceService over a fake model, in process."""
+    from services.coordinator.app import http_app
+    from services.coordinator.serving import InferenceService
+    from services.coordinator.store import Pricing, SessionStore
+
+    model = FakeModel(tokenizer)
+    service = InferenceService(store=SessionStore(db_pool), accounts=AccountStore(db_pool), limiter=None,
+                               models={MODEL_ID: model}, readiness={}, default_model_id=MODEL_ID,
+                               pricing=Pricing(Decimal("0.0001"), Decimal(0), 1000),
+                               coordinator_id=f"test-{uuid.uuid4().hex[:6]}", jwt_secret="", max_workers=4)
+    app = http_app(Settings(JWT_SECRET="", MAX_REQUEST_BODY_BYTES=BODY_LIMIT))
+    app.state.service = service
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://coordinator") as client:
+        yield Harness(app, service, model, client)
+    await service.aclose()
+
+
+async def call_asgi(app, method: str, path: str, chunks: list[bytes], headers: list[tuple[bytes, bytes]]):
+    """Drive the ASGI app with a body sent in ``chunks`` (chunked transfer: no Content-Length). Returns
+    (status, parsed JSON body, number of chunks the app pulled)."""
+    pulled = 0
+    queue = list(chunks)
+
+    async def receive():
+        nonlocal pulled
+        if not queue:
+            await asyncio.sleep(3600)
+        pulled += 1
+        body = queue.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"host", b"coordinator"), (b"transfer-encoding", b"chunked")] + headers,
+             "client": ("127.0.0.1", 1), "server": ("coordinator", 80)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), pulled
 
 
 # ------------------------------------------------------------------------------------------ JWT secret (2)
@@ -39,3 +167,67 @@ async def test_a_token_signed_with_the_old_default_spends_nothing(db_pool):
             await store.authenticate(f"Bearer {forged}", secret)
     principal = await store.authenticate(f"Bearer {issue_jwt(account_id, STRONG_SECRET)}", STRONG_SECRET)
     assert principal.account_id == account_id
+
+
+# --------------------------------------------------------------------- input bounds, body cap, auth first (1)
+async def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenizing(harness):
+    from services.coordinator.serving import MAX_CHARS_PER_TOKEN
+
+    _, headers = await harness.account(balance="0")
+    limit = FakeModel.context_length * MAX_CHARS_PER_TOKEN
+    messages = [{"role": "user", "content": "x" * 1000}] * (limit // 1000 + 1)
+    for payload in ({"prompt": "y" * (limit + 1)}, {"messages": messages}):
+        response = await harness.client.post("/mesh/inference/generate", json=payload, headers=headers)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "prompt_too_long" and error["max_prompt_chars"] == limit
+    chat = await harness.client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": messages},
+                                     headers=headers)
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "prompt_too_long"
+    assert harness.model.encode_threads == []  # nothing was tokenized
+
+
+async def test_the_prompt_is_tokenized_off_the_event_loop(harness):
+    _, headers = await harness.account(balance="0")
+    response = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                         json={"prompt": "word " * 300, "stream": False})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"  # by tokens
+    response = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                         json={"prompt": "hello", "max_tokens": 4, "stream": False})
+    assert response.status_code == 402  # zero balance: refused after tokenizing, which ran in a thread
+    assert len(harness.model.encode_threads) == 2
+    assert threading.main_thread().name not in harness.model.encode_threads
+
+
+@pytest.mark.parametrize("path", ["/mesh/inference/generate", "/v1/completions", "/v1/chat/completions"])
+async def test_a_body_over_the_cap_gets_413_by_content_length_without_being_read(harness, path):
+    _, headers = await harness.account()
+    big = json.dumps({"prompt": "z" * BODY_LIMIT}).encode()
+    for auth in (headers, {}):
+        response = await harness.client.post(path, content=big, headers={**auth, "content-type": "application/json"})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_chunked_body_is_counted_as_it_arrives(harness):
+    _, headers = await harness.account()
+    auth = [(b"authorization", headers["Authorization"].encode()), (b"content-type", b"application/json")]
+    chunk = b" " * (256 * 1024)
+    status, body, pulled = await call_asgi(harness.app, "POST", "/mesh/inference/generate", [chunk] * 20, auth)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert pulled == 5  # refused at the first chunk past 1 MiB, the rest never read
+    small = [b'{"prompt": "hello", ', b'"max_tokens": 3, "stream": false}']
+    status, body, _ = await call_asgi(harness.app, "POST", "/mesh/inference/generate", small, auth)
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+async def test_credentials_are_checked_before_the_body_is_read(harness):
+    for path in ("/mesh/inference/generate", "/v1/completions", "/v1/chat/completions"):
+        status, body, pulled = await call_asgi(harness.app, "POST", path, [b"{not json"] * 3, [])
+        assert status == 401 and body["error"]["code"] == "invalid_credentials"
+        assert pulled == 0
+    _, headers = await harness.account()
+    response = await harness.client.post("/mesh/inference/generate", content=b"{not json", headers=headers)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+    response = await harness.client.post("/mesh/inference/generate", json={"prompt": ""}, headers=headers)
+    assert response.status_code == 422 and "prompt" in response.json()["error"]["message"]

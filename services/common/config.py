@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
     PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    MAX_REQUEST_BODY_BYTES: int = Field(default=1024 * 1024, ge=1024, description="coordinator: larger bodies get 413")
     SWARM_READINESS_REFRESH_S: float = Field(default=2.0, gt=0)
     # Discovery service tuning (documented in docs/discovery.md).
     NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.common.config import Settings
-from services.common.http import install_error_handlers
+from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.openai_routes import router as openai_router
@@ -82,8 +82,15 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             await app.state.redis.aclose()
             await app.state.pool.close()
 
+    return http_app(settings, lifespan=lifespan)
+
+
+def http_app(settings: Settings, *, lifespan=None) -> FastAPI:
+    """The HTTP side (handlers, middleware, routes); ``app.state.service`` is set by the lifespan (or a test)."""
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_coordinator_handlers(app)
+    # Before anything reads a body (inside CORS, so a 413 carries the CORS headers too).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_REQUEST_BODY_BYTES)
     if settings.cors_origins:  # browsers (the TypeScript SDK in a web page) call with a Bearer key, no cookies
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],

@@ -33,6 +33,9 @@ from services.coordinator.store import DuplicateRequest, FinalSession, Insuffici
 
 log = get_logger(__name__)
 
+# A prompt longer than context_length × this many characters cannot fit the context (no token of the models
+# served is longer), so it is refused before tokenizing it (docs/generation.md "Limits").
+MAX_CHARS_PER_TOKEN = 16
 CHECKPOINT_EVERY_TOKENS = 8
 CHECKPOINT_EVERY_SECONDS = 1.0
 SWARM_RETRY_AFTER_S = 5
@@ -41,6 +44,14 @@ _DONE = object()
 
 class ServingError(ApiError):
     """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
+
+
+def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
+    """(prompt token ids, stop sequences of the chat template); CPU-bound, run in a worker thread."""
+    if request.messages is None:
+        return model.encode(request.prompt), []
+    prompt, template_stops = render_chat(model.tokenizer, request.messages)
+    return model.encode(prompt), template_stops
 
 
 @dataclass
@@ -125,15 +136,20 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    def prepare(self, request: GenerateRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
+        template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
-        stops = list(request.stop)
-        prompt = request.prompt
-        if request.messages is not None:
-            prompt, template_stops = render_chat(model.tokenizer, request.messages)
-            stops += [s for s in template_stops if s not in stops]
-        prompt_ids = model.encode(prompt)
         context = model.context_length
+        chars = len(request.prompt) if request.messages is None else sum(len(m.text()) for m in request.messages)
+        max_chars = context * MAX_CHARS_PER_TOKEN
+        if chars > max_chars:
+            raise ServingError(400, "prompt_too_long",
+                               f"the prompt has {chars} characters; the model's context of {context} tokens holds "
+                               f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
+                               max_prompt_chars=max_chars)
+        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
+        stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
                                f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens")
@@ -210,7 +226,7 @@ class InferenceService:
     async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
-        prepared = self.prepare(request)
+        prepared = await self.prepare(request)
         if prepared.request_id_given and prepared.request_id not in self.active:
             # a request_id used before: its stored outcome, without the readiness gate and without a charge
             previous = await self.store.read_by_request_id(prepared.request_id)

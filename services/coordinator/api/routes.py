@@ -11,7 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.common.money import format_far
 from services.coordinator.accounts import Principal
-from services.coordinator.api.deps import get_principal, get_service
+from services.coordinator.api.deps import get_principal, get_service, read_body
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
@@ -27,8 +27,9 @@ async def _sse(events):
 
 
 @router.post("/mesh/inference/generate")
-async def generate(body: GenerateRequest, service: InferenceService = Depends(get_service),
+async def generate(request: Request, service: InferenceService = Depends(get_service),
                    principal: Principal = Depends(get_principal)):
+    body = await read_body(request, GenerateRequest)  # after authentication
     events = await service.start(body, principal)
     if body.stream:
         return EventSourceResponse(_sse(events), ping=15)
