@@ -41,6 +41,8 @@ class FakeGeneration:
         return []
 
     def __iter__(self):
+        if self.model.hold is not None:
+            self.model.hold.wait(30)
         for token_id in self.model.output[:self.params.max_tokens]:
             if self.cancel.is_set():
                 self.finish_reason = "cancelled"
@@ -66,6 +68,8 @@ class FakeModel:
         self.encode_threads: list[str] = []
         self.output = tokenizer("hello world, hello mesh", add_special_tokens=False).input_ids
         self.fail_after = None
+        self.hold = None  # a threading.Event the generation waits for before its first token
+
 
     def encode(self, prompt: str) -> list[int]:
         self.encode_threads.append(threading.current_thread().name)
@@ -231,3 +235,63 @@ async def test_credentials_are_checked_before_the_body_is_read(harness):
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
     response = await harness.client.post("/mesh/inference/generate", json={"prompt": ""}, headers=headers)
     assert response.status_code == 422 and "prompt" in response.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------- request_id per account (5)
+async def test_request_ids_are_idempotency_keys_per_account(harness):
+    _, a = await harness.account()
+    _, b = await harness.account()
+    request_id = f"shared_{uuid.uuid4().hex[:8]}"
+    payload = {"prompt": "hello", "max_tokens": 2, "stream": False, "request_id": request_id}
+    first = await harness.client.post("/mesh/inference/generate", json=payload, headers=b)  # B takes A's id
+    assert first.status_code == 200
+    mine = await harness.client.post("/mesh/inference/generate", json={**payload, "max_tokens": 3}, headers=a)
+    assert mine.status_code == 200 and mine.json()["usage"]["completion_tokens"] == 3  # A is not blocked
+    replay = await harness.client.post("/mesh/inference/generate", json=payload, headers=a)
+    assert replay.json()["usage"]["completion_tokens"] == 3  # A's own stored result, not B's
+    unknown = f"only_a_{uuid.uuid4().hex[:8]}"
+    await harness.client.post("/mesh/inference/generate", json={**payload, "request_id": unknown}, headers=a)
+    for method in ("GET", "DELETE"):
+        response = await harness.client.request(method, f"/mesh/inference/{unknown}", headers=b)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "request_not_found"
+    status = await harness.client.get(f"/mesh/inference/{request_id}", headers=a)
+    assert status.json()["tokens_generated"] == 3
+
+
+async def test_another_account_cannot_see_or_cancel_a_running_request(harness):
+    _, a = await harness.account()
+    _, b = await harness.account()
+    harness.model.hold = threading.Event()
+    request_id = f"running_{uuid.uuid4().hex[:8]}"
+    task = asyncio.create_task(harness.client.post(
+        "/mesh/inference/generate", headers=a,
+        json={"prompt": "hello", "max_tokens": 2, "stream": False, "request_id": request_id}))
+    try:
+        for _ in range(200):
+            if any(key[1] == request_id for key in harness.service.active):
+                break
+            await asyncio.sleep(0.05)
+        assert (await harness.client.get(f"/mesh/inference/{request_id}", headers=a)).json()["status"] == "running"
+        for method in ("GET", "DELETE"):
+            response = await harness.client.request(method, f"/mesh/inference/{request_id}", headers=b)
+            assert response.status_code == 404
+    finally:
+        harness.model.hold.set()
+    done = await task
+    assert done.status_code == 200 and done.json()["finish_reason"] == "length"  # not cancelled by B
+
+
+async def test_the_database_keeps_request_ids_unique_per_account(db_pool):
+    import asyncpg
+
+    store = AccountStore(db_pool)
+    a, b = [await store.create_account(f"u-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    request_id = f"db_{uuid.uuid4().hex[:8]}"
+    insert = ("INSERT INTO far_mesh_sessions (request_id, account_id, model_id, price_per_token_far, "
+              "price_per_prompt_token_far, platform_fee_bps) VALUES ($1, $2, 'm', 0, 0, 0)")
+    await db_pool.execute(insert, request_id, uuid.UUID(a))
+    await db_pool.execute(insert, request_id, uuid.UUID(b))
+    await db_pool.execute(insert, request_id, None)
+    for account in (uuid.UUID(a), None):
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await db_pool.execute(insert, request_id, account)

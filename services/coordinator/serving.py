@@ -101,7 +101,8 @@ class InferenceService:
         self.jwt_secret = jwt_secret
         self.generation_timeout_s = generation_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
-        self.active: dict[str, ActiveGeneration] = {}
+        # Running generations by (account_id, request_id): request ids are idempotency keys per account.
+        self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
         for model in models.values():
             model.failure_listeners.append(lambda _peer, model_id=model.model_id:
@@ -177,35 +178,36 @@ class InferenceService:
 
     async def begin(self, prepared: PreparedRequest, request: GenerateRequest,
                     principal: Optional[Principal]) -> ActiveGeneration | Replay:
-        if prepared.request_id in self.active:
-            raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         account_id = principal.account_id if principal else None
+        key = (account_id, prepared.request_id)
+        if key in self.active:
+            raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         reserved = self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids)) if account_id else Decimal(0)
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
                                   len(prepared.prompt_ids), account_id)
-        self.active[prepared.request_id] = active
+        self.active[key] = active
         try:
             await self.store.create_session(
                 session_id=active.session_id, request_id=prepared.request_id, model_id=prepared.model.model_id,
                 pricing=self.pricing, prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
                 account_id=account_id, reserved_far=reserved, coordinator_id=self.coordinator_id)
-        except DuplicateRequest:
-            self.active.pop(prepared.request_id, None)
-            previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == account_id:
+        except DuplicateRequest:  # the same account, racing (here or on another coordinator)
+            self.active.pop(key, None)
+            previous = await self.store.read_by_request_id(prepared.request_id, account_id)
+            if previous is not None:
                 return self.replay_of(previous)
             raise ServingError(409, "duplicate_request",
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
-            self.active.pop(prepared.request_id, None)
+            self.active.pop(key, None)
             raise ServingError(402, "insufficient_balance",
                                f"this request may cost up to {format_far(error.required)} FAR "
                                f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
                                f"FAR available", required_far=format_far(error.required),
                                available_far=format_far(error.available))
         except BaseException:
-            self.active.pop(prepared.request_id, None)
+            self.active.pop(key, None)
             raise
         return active
 
@@ -227,10 +229,10 @@ class InferenceService:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
         prepared = await self.prepare(request)
-        if prepared.request_id_given and prepared.request_id not in self.active:
-            # a request_id used before: its stored outcome, without the readiness gate and without a charge
-            previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == principal.account_id:
+        if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
+            # a request_id this account used before: its stored outcome, without the readiness gate and charge
+            previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
+            if previous is not None:
                 return self.replay_events(self.replay_of(previous))
         await self.gate(prepared.model)
         started = await self.begin(prepared, request, principal)
@@ -322,7 +324,7 @@ class InferenceService:
                                               output_text=generation.text.emitted,
                                               error=repr(failure) if failure else None)
         finally:
-            self.active.pop(active.request_id, None)
+            self.active.pop((active.account_id, active.request_id), None)
             metrics.RUNNING.labels(model_id).dec()
         metrics.GENERATED_TOKENS.labels(model_id).inc(generation.completion_tokens)
         metrics.E2E_LATENCY.labels(model_id).observe(time.monotonic() - active.started_at)
@@ -347,8 +349,12 @@ class InferenceService:
     async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
         yield self.done_event(replay.final)
 
-    def cancel(self, request_id: str) -> bool:
-        active = self.active.get(request_id)
+    def running(self, request_id: str, account_id: Optional[str]) -> Optional[ActiveGeneration]:
+        """The running generation of this account with this request_id, if any."""
+        return self.active.get((account_id, request_id))
+
+    def cancel(self, request_id: str, account_id: Optional[str]) -> bool:
+        active = self.running(request_id, account_id)
         if active is None:
             return False
         active.cancel.set()

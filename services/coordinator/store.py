@@ -13,7 +13,7 @@ from services.coordinator.metering import PeerWork
 
 
 class DuplicateRequest(Exception):
-    """A session with this request_id exists already (request_id is an idempotency key)."""
+    """A session of this account with this request_id exists already (request_id is an idempotency key)."""
 
 
 class InsufficientBalance(Exception):
@@ -139,12 +139,15 @@ class SessionStore:
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
         )
 
-    async def read_by_request_id(self, request_id: str) -> Optional[FinalSession]:
-        row = await self.find_by_request_id(request_id)
+    async def read_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[FinalSession]:
+        """The session of ``account_id`` with this request_id (request ids are idempotency keys per account)."""
+        row = await self.find_by_request_id(request_id, account_id)
         return None if row is None else await self.read_session(str(row["session_id"]))
 
-    async def find_by_request_id(self, request_id: str) -> Optional[asyncpg.Record]:
-        return await self.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
+    async def find_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[asyncpg.Record]:
+        return await self.pool.fetchrow(
+            "SELECT * FROM far_mesh_sessions WHERE request_id = $1 AND account_id IS NOT DISTINCT FROM $2",
+            request_id, uuid.UUID(account_id) if account_id else None)
 
     async def interrupt_orphans(self, coordinator_id: str) -> int:
         """Finalize as 'interrupted' the running sessions a previous run of this coordinator left behind:
