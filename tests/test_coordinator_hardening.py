@@ -295,3 +295,25 @@ async def test_the_database_keeps_request_ids_unique_per_account(db_pool):
     for account in (uuid.UUID(a), None):
         with pytest.raises(asyncpg.UniqueViolationError):
             await db_pool.execute(insert, request_id, account)
+
+
+# --------------------------------------------------------------------------- failure messages (7)
+async def test_a_swarm_failure_reaches_the_client_as_a_stable_code_without_the_raw_error(harness):
+    _, headers = await harness.account()
+    harness.model.fail_after = 1
+    streamed = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                         json={"prompt": "hello", "max_tokens": 4})
+    whole = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                      json={"prompt": "hello", "max_tokens": 4, "stream": False})
+    chat = await harness.client.post("/v1/chat/completions", headers=headers,
+                                     json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 4, "stream": True})
+    assert "event: error" in streamed.text and whole.status_code == 502
+    error_body = [line for line in streamed.text.splitlines() if line.startswith("data:") and "error" in line]
+    errors = [json.loads(error_body[0][5:])["error"], whole.json()["error"]]
+    for error in errors:
+        assert error["code"] == "swarm_error" and error["tokens_generated"] == 1
+    for text in (streamed.text, whole.text, chat.text):
+        for secret in ("QmSecretPeer", "10.0.0.7", "Traceback", "P2PDaemonError", "hivemind"):
+            assert secret not in text
+    assert "swarm_error" in chat.text

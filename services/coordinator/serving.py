@@ -302,10 +302,19 @@ class InferenceService:
             settlement.add_done_callback(self._settlements.discard)
             final = await asyncio.shield(settlement)
         if failure is not None:
-            log.error("generation failed", request_id=active.request_id, error=repr(failure))
-            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code,
-                               f"generation failed after {generation.completion_tokens} tokens: {failure}",
-                               tokens_generated=generation.completion_tokens, cost_far=format_far(final.cost_far))
+            # The raw error (Petals/hivemind text: peer ids, addresses, tracebacks) goes to the log only; the
+            # client gets a stable code and message.
+            log.error("generation failed", request_id=active.request_id, code=error_code, error=repr(failure),
+                      exc_info=failure if error_code == "swarm_error" else None)
+            tokens = generation.completion_tokens
+            if error_code == "generation_timeout":
+                message = (f"the generation exceeded the coordinator's limit of {self.generation_timeout_s:.0f} s "
+                           f"after {tokens} tokens; the tokens generated are billed")
+            else:
+                message = (f"the swarm could not complete the generation (its servers failed, after retries) "
+                           f"after {tokens} tokens; the tokens generated are billed; retry with a new request_id")
+            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code, message,
+                               tokens_generated=tokens, cost_far=format_far(final.cost_far))
         yield self.done_event(final)
 
     async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
