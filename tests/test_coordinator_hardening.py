@@ -317,3 +317,99 @@ async def test_a_swarm_failure_reaches_the_client_as_a_stable_code_without_the_r
         for secret in ("QmSecretPeer", "10.0.0.7", "Traceback", "P2PDaemonError", "hivemind"):
             assert secret not in text
     assert "swarm_error" in chat.text
+
+
+# ------------------------------------------------------------ finalize retried, stale sessions swept (6)
+async def _account_row(db_pool, account_id):
+    return await db_pool.fetchrow("SELECT balance_far, reserved_far FROM far_accounts WHERE account_id = $1",
+                                  uuid.UUID(account_id))
+
+
+async def test_a_failed_finalize_is_retried_with_backoff(harness, db_pool, monkeypatch):
+    import services.coordinator.serving as serving
+
+    monkeypatch.setattr(serving, "FINALIZE_BACKOFF_S", 0.01)
+    account_id, headers = await harness.account(balance="1")
+    real, calls = harness.service.store.finalize, []
+
+    async def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise ConnectionResetError("postgres went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(harness.service.store, "finalize", flaky)
+    response = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                         json={"prompt": "hello", "max_tokens": 3, "stream": False})
+    assert response.status_code == 200 and response.json()["finish_reason"] == "length"
+    assert len(calls) == 3
+    account = await _account_row(db_pool, account_id)
+    assert account["reserved_far"] == 0 and account["balance_far"] == Decimal("0.9997")
+
+
+async def test_a_finalize_that_keeps_failing_is_settled_once_by_the_stale_sweep(harness, db_pool, monkeypatch):
+    import services.coordinator.serving as serving
+
+    monkeypatch.setattr(serving, "FINALIZE_BACKOFF_S", 0.001)
+    account_id, headers = await harness.account(balance="1")
+
+    async def down(*args, **kwargs):
+        raise ConnectionResetError("postgres went away")
+
+    monkeypatch.setattr(harness.service.store, "finalize", down)
+    request_id = f"unsaved_{uuid.uuid4().hex[:8]}"
+    payload = {"prompt": "hello", "max_tokens": 3, "stream": False, "request_id": request_id}
+    response = await harness.client.post("/mesh/inference/generate", headers=headers, json=payload)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "settlement_pending"
+    assert (await _account_row(db_pool, account_id))["reserved_far"] > 0  # money held, session running
+    again = await harness.client.post("/mesh/inference/generate", headers=headers, json=payload)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "request_in_progress"
+
+    monkeypatch.undo()
+    assert await harness.service.store.sweep_stale(0) >= 1  # any coordinator's stale sessions
+    row = await db_pool.fetchrow("SELECT status, completion_tokens, cost_far FROM far_mesh_sessions "
+                                 "WHERE request_id = $1", request_id)
+    assert row["status"] == "interrupted" and row["completion_tokens"] == 3 and row["cost_far"] == Decimal("0.0003")
+    account = await _account_row(db_pool, account_id)
+    assert account["reserved_far"] == 0 and account["balance_far"] == Decimal("0.9997")
+    await harness.service.store.sweep_stale(0)
+    assert (await _account_row(db_pool, account_id))["balance_far"] == Decimal("0.9997")  # settled once
+    again = await harness.client.post("/mesh/inference/generate", headers=headers, json=payload)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "request_failed"
+
+
+async def test_concurrent_sweeps_finalize_each_stale_session_exactly_once(harness, db_pool):
+    from services.coordinator.store import SessionStore
+
+    store: SessionStore = harness.service.store
+    account_id, _ = await harness.account(balance="1")
+    sessions = []
+    for i in range(12):
+        session_id = await store.create_session(
+            request_id=f"orphan_{uuid.uuid4().hex[:8]}", model_id=MODEL_ID, pricing=harness.service.pricing,
+            prompt_tokens=1, account_id=account_id, reserved_far=Decimal("0.001"),
+            coordinator_id=f"dead-coordinator-{i % 3}")
+        await store.checkpoint(session_id, 2, [])
+        sessions.append(session_id)
+    # not stale yet: a live coordinator's sessions are left alone
+    assert not await db_pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE session_id = ANY($1::uuid[]) "
+                                      "AND status <> 'running'", sessions)
+    await asyncio.gather(*[store.sweep_stale(3600) for _ in range(2)])
+    assert await db_pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE session_id = ANY($1::uuid[]) "
+                                  "AND status = 'running'", sessions) == 12
+    # three "coordinators" sweeping at once, and the background task of a fourth
+    task = asyncio.create_task(harness.service.sweep_stale_sessions(interval_s=0.02, stale_after_s=0))
+    try:
+        await asyncio.gather(*[store.sweep_stale(0) for _ in range(3)])
+        for _ in range(100):
+            if not await db_pool.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE status = 'running' "
+                                          "AND session_id = ANY($1::uuid[])", sessions):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    rows = await db_pool.fetch("SELECT status, cost_far FROM far_mesh_sessions WHERE session_id = ANY($1::uuid[])",
+                               sessions)
+    assert {r["status"] for r in rows} == {"interrupted"} and {r["cost_far"] for r in rows} == {Decimal("0.0002")}
+    account = await _account_row(db_pool, account_id)
+    assert account["reserved_far"] == 0 and account["balance_far"] == Decimal("1") - 12 * Decimal("0.0002")

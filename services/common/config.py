@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
     PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    SESSION_SWEEP_INTERVAL_S: float = Field(default=60.0, gt=0, description="coordinator: stale-session sweep period")
+    SESSION_STALE_AFTER_S: float = Field(default=0.0, ge=0, description="a running session not updated this long is "
+                                         "finalized 'interrupted' (0 = GENERATION_TIMEOUT_S + 120)")
     MAX_REQUEST_BODY_BYTES: int = Field(default=1024 * 1024, ge=1024, description="coordinator: larger bodies get 413")
     SWARM_READINESS_REFRESH_S: float = Field(default=2.0, gt=0)
     # Discovery service tuning (documented in docs/discovery.md).
@@ -76,6 +79,10 @@ class Settings(BaseSettings):
         if value < 0 or not value.is_finite():
             raise ValueError("must be a finite, non-negative decimal")
         return value
+
+    @property
+    def stale_session_after_s(self) -> float:
+        return self.SESSION_STALE_AFTER_S or self.GENERATION_TIMEOUT_S + 120.0
 
     @property
     def cors_origins(self) -> list[str]:

@@ -72,10 +72,13 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S)
+        sweeper = asyncio.create_task(app.state.service.sweep_stale_sessions(
+            interval_s=settings.SESSION_SWEEP_INTERVAL_S, stale_after_s=settings.stale_session_after_s))
         log.info("coordinator ready", coordinator_id=coordinator_id)
         try:
             yield
         finally:
+            sweeper.cancel()
             await readiness.stop()
             await app.state.service.aclose()
             swarm.shutdown()

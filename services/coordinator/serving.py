@@ -39,6 +39,10 @@ MAX_CHARS_PER_TOKEN = 16
 CHECKPOINT_EVERY_TOKENS = 8
 CHECKPOINT_EVERY_SECONDS = 1.0
 SWARM_RETRY_AFTER_S = 5
+# Saving a finished session (last checkpoint + finalize) is retried this many times, waiting FINALIZE_BACKOFF_S,
+# then twice as long each time (0.25 + 0.5 + 1 + 2 s); a session still unsaved is left to the stale-session sweep.
+FINALIZE_ATTEMPTS = 5
+FINALIZE_BACKOFF_S = 0.25
 _DONE = object()
 
 
@@ -325,13 +329,7 @@ class InferenceService:
             await worker
             if status == "completed" and generation.finish_reason == "cancelled":
                 status = "cancelled"
-            await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
-            final = await self.store.finalize(active.session_id, status=status,
-                                              finish_reason=generation.finish_reason,
-                                              prompt_tokens=active.prompt_tokens,
-                                              completion_tokens=generation.completion_tokens,
-                                              output_text=generation.text.emitted,
-                                              error=repr(failure) if failure else None)
+            final = await self._save(active, generation, meter, status, failure)
         finally:
             self.active.pop((active.account_id, active.request_id), None)
             metrics.RUNNING.labels(model_id).dec()
@@ -343,6 +341,48 @@ class InferenceService:
         log.info("session finalized", request_id=active.request_id, status=final.status,
                  completion_tokens=final.completion_tokens, cost_far=format_far(final.cost_far))
         return final
+
+    async def _save(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
+                    failure: Optional[BaseException]) -> FinalSession:
+        """Last checkpoint and finalize (both idempotent), retried with backoff. If the database stays
+        unreachable the session stays 'running' and the stale-session sweep finalizes it later."""
+        delay = FINALIZE_BACKOFF_S
+        for attempt in range(1, FINALIZE_ATTEMPTS + 1):
+            try:
+                await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
+                return await self.store.finalize(active.session_id, status=status,
+                                                 finish_reason=generation.finish_reason,
+                                                 prompt_tokens=active.prompt_tokens,
+                                                 completion_tokens=generation.completion_tokens,
+                                                 output_text=generation.text.emitted,
+                                                 error=repr(failure) if failure else None)
+            except Exception as error:  # noqa: BLE001 - database or network: retried, then handed to the sweep
+                if attempt == FINALIZE_ATTEMPTS:
+                    log.error("finalize failed; the stale-session sweep will finalize the session",
+                              request_id=active.request_id, session_id=active.session_id, error=repr(error))
+                    raise ServingError(
+                        503, "settlement_pending",
+                        f"the generation ended after {generation.completion_tokens} tokens but its accounting could "
+                        f"not be saved; it will be settled automatically (status 'interrupted')",
+                        tokens_generated=generation.completion_tokens) from None
+                log.warning("finalize failed; retrying", request_id=active.request_id, attempt=attempt,
+                            retry_in_s=delay, error=repr(error))
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def sweep_stale_sessions(self, *, interval_s: float, stale_after_s: float) -> None:
+        """Background task of the coordinator: every ``interval_s``, finalize stale sessions of any coordinator
+        (SessionStore.sweep_stale); errors are logged and the loop goes on."""
+        while True:
+            try:
+                swept = await self.store.sweep_stale(stale_after_s)
+                if swept:
+                    log.warning("finalized stale sessions as interrupted", count=swept, stale_after_s=stale_after_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                log.warning("stale-session sweep failed", error=repr(error))
+            await asyncio.sleep(interval_s)
 
     @staticmethod
     def done_event(final: FinalSession) -> dict:

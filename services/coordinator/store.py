@@ -161,6 +161,30 @@ class SessionStore:
                                            row["completion_tokens"], None, "coordinator restarted mid-session")
         return len(rows)
 
+    async def sweep_stale(self, stale_after_s: float, *, limit: int = 100) -> int:
+        """Finalize as 'interrupted' the running sessions of ANY coordinator that have not been updated for
+        ``stale_after_s`` seconds (``updated_at`` moves at every checkpoint; a live session never lives longer
+        than GENERATION_TIMEOUT_S, so a stale one is orphaned: its coordinator died, or its finalize failed).
+        Billed from the last checkpoint, the account settled. One session per transaction, taken with
+        ``FOR UPDATE SKIP LOCKED``: coordinators sweeping at once never take the same session, and
+        ``_finalize_and_settle`` (finalize_session()) finalizes each exactly once anyway. Returns the count."""
+        swept = 0
+        while swept < limit:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    """SELECT session_id, prompt_tokens, completion_tokens FROM far_mesh_sessions
+                        WHERE status = 'running' AND finalized_at IS NULL
+                          AND updated_at < now() - make_interval(secs => $1)
+                        ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED""", float(stale_after_s))
+                if row is None:
+                    break
+                await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
+                                           row["completion_tokens"], None,
+                                           f"no progress for {stale_after_s:.0f} s: finalized by the stale-session "
+                                           f"sweep")
+            swept += 1
+        return swept
+
 
 async def _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
                                output_text, error) -> None:
