@@ -233,8 +233,13 @@ async def test_credentials_are_checked_before_the_body_is_read(harness):
     _, headers = await harness.account()
     response = await harness.client.post("/mesh/inference/generate", content=b"{not json", headers=headers)
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
-    response = await harness.client.post("/mesh/inference/generate", json={"prompt": ""}, headers=headers)
-    assert response.status_code == 422 and "prompt" in response.json()["error"]["message"]
+    response = await harness.client.post("/mesh/inference/generate", json={"prompt": "   "}, headers=headers)
+    assert response.status_code == 422 and "prompt is empty" in response.json()["error"]["message"]
+    response = await harness.client.post("/mesh/inference/generate", json={"prompt": "x", "max_tokens": 10_000},
+                                         headers=headers)
+    assert response.status_code == 422 and "max_tokens" in response.json()["error"]["message"]
+    response = await harness.client.post("/v1/completions", json={"prompt": ["a", "b"]}, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
 
 
 # ------------------------------------------------------------------------- request_id per account (5)
