@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import sys
 import time
@@ -210,7 +211,8 @@ def main() -> int:
         step("starting the mesh coordinator")
         port = free_port(8100)
         env = dict(os.environ, POSTGRES_URL=demo_db, REDIS_URL=redis.url, FAR_MESH_DHT_BOOTSTRAP=",".join(peers),
-                   DEFAULT_MODEL_ID=model.model_id, FAR_MESH_MODEL_PATH=str(model_dir), LOG_LEVEL="WARNING")
+                   DEFAULT_MODEL_ID=model.model_id, FAR_MESH_MODEL_PATH=str(model_dir), LOG_LEVEL="WARNING",
+                   JWT_SECRET=secrets.token_urlsafe(32))  # the coordinator refuses weak or published secrets
         coordinator = ManagedProcess("coordinator", python_argv("services.cli", "coordinator", "--port", str(port)),
                                      env=env, log_path=run_dir / "logs" / "coordinator.log").start()
         stack.callback(coordinator.stop)

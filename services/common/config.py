@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     MIN_PAYOUT_FAR: Decimal = Decimal("10")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     DISCOVERY_URL: str = "http://127.0.0.1:8200"
-    JWT_SECRET: str = "dev-only-change-me"
+    # HS256 secret of user JWTs; empty = JWT authentication off (API keys only). The coordinator refuses to start
+    # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
+    JWT_SECRET: str = ""
     BSC_NETWORK: Literal["local", "testnet", "mainnet"] = "local"
     BSC_RPC_URL: str = ""
     FAR_TOKEN_ADDRESS: str = ""
@@ -60,6 +62,10 @@ class Settings(BaseSettings):
     FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
     PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    SESSION_SWEEP_INTERVAL_S: float = Field(default=60.0, gt=0, description="coordinator: stale-session sweep period")
+    SESSION_STALE_AFTER_S: float = Field(default=0.0, ge=0, description="a running session not updated this long is "
+                                         "finalized 'interrupted' (0 = GENERATION_TIMEOUT_S + 120)")
+    MAX_REQUEST_BODY_BYTES: int = Field(default=1024 * 1024, ge=1024, description="coordinator: larger bodies get 413")
     SWARM_READINESS_REFRESH_S: float = Field(default=2.0, gt=0)
     # Discovery service tuning (documented in docs/discovery.md).
     NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
@@ -76,6 +82,10 @@ class Settings(BaseSettings):
         if value < 0 or not value.is_finite():
             raise ValueError("must be a finite, non-negative decimal")
         return value
+
+    @property
+    def stale_session_after_s(self) -> float:
+        return self.SESSION_STALE_AFTER_S or self.GENERATION_TIMEOUT_S + 120.0
 
     @property
     def cors_origins(self) -> list[str]:

@@ -3,6 +3,7 @@ the exception handlers every FastAPI app installs (so no request ever gets a bar
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -55,3 +56,59 @@ def install_error_handlers(app: FastAPI, log) -> None:
         log.error("unhandled error", error=repr(error), exc_info=error)
         return JSONResponse({"error": {"code": "internal_error", "message": "internal error (logged)"}},
                             status_code=500)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: refuses a request body larger than ``max_bytes`` with 413 ``request_too_large`` before the app
+    parses it: at once by Content-Length, else (chunked) while the bytes arrive; the app then sees a disconnect
+    and whatever it answers is dropped."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = -1
+                if length < 0 or length > self.max_bytes:
+                    return await self._too_large(send)
+        received = 0
+        state = {"started": False, "refused": False}
+
+        async def limited_receive():
+            nonlocal received
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    state["refused"] = True
+                    if not state["started"]:
+                        state["started"] = True
+                        await self._too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if state["refused"]:
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps({"error": {"code": "request_too_large",
+                                     "message": f"the request body is larger than {self.max_bytes} bytes",
+                                     "max_body_bytes": self.max_bytes}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,4 @@
-"""Accounts, API keys (``fl_…``, stored as sha256) and JWTs (HS256 with ``JWT_SECRET``).
+"""Accounts, API keys (``fl_…``, stored as sha256) and JWTs (HS256 with ``JWT_SECRET``; empty = JWTs refused).
 
 A request is authenticated to a ``Principal`` (account + key). Its prepaid balance is reserved when a session
 starts (max possible cost) and settled to the actual cost when the session is finalized (services/coordinator/
@@ -20,6 +20,35 @@ import jwt
 
 KEY_PREFIX = "fl_"
 DEFAULT_JWT_RATE_LIMIT_PER_MINUTE = 600
+MIN_JWT_SECRET_BYTES = 32
+# Secrets that were published (defaults of earlier versions): anyone could sign a token with them.
+PUBLISHED_JWT_SECRETS = frozenset({"dev-only-change-me"})
+
+
+def jwt_secret_problem(secret: str) -> Optional[str]:
+    """Why ``secret`` must not sign user JWTs, or None. An empty secret is fine: JWT authentication is off."""
+    if not secret:
+        return None
+    if secret in PUBLISHED_JWT_SECRETS:
+        return "JWT_SECRET is a published development default; anyone could sign tokens with it"
+    size = len(secret.encode())
+    if size < MIN_JWT_SECRET_BYTES:
+        return f"JWT_SECRET has {size} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
+    return None
+
+
+def check_jwt_secret(secret: str) -> None:
+    """At start: refuse a weak JWT_SECRET with one line (exit status 2), like any bad setting."""
+    import sys
+
+    from services.common.config import ConfigError
+
+    problem = jwt_secret_problem(secret)
+    if problem:
+        print(f"far-mesh: configuration error: {problem} (generate one with: python -c 'import secrets; "
+              f"print(secrets.token_urlsafe(32))', or leave JWT_SECRET empty to turn JWT authentication off)",
+              file=sys.stderr)
+        raise ConfigError(2)
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,10 @@ class AccountStore:
             if row["revoked_at"] is not None:
                 raise AuthError("this API key was revoked")
             return Principal(str(row["account_id"]), str(row["key_id"]), row["rate_limit_per_minute"])
+        if not jwt_secret:
+            raise AuthError("JWT authentication is off on this coordinator (JWT_SECRET is empty); use an API key")
+        if jwt_secret_problem(jwt_secret):  # never trust a weak secret, even if a caller skipped the start check
+            raise AuthError("JWT authentication is misconfigured on this coordinator; use an API key")
         try:
             claims = jwt.decode(credential, jwt_secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
             account_id = str(uuid.UUID(str(claims["sub"])))

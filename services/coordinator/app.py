@@ -14,9 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.common.config import Settings
-from services.common.http import install_error_handlers
+from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
-from services.coordinator.accounts import AccountStore
+from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
 from services.coordinator.ratelimit import RateLimiter
@@ -40,6 +40,7 @@ def install_coordinator_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
                port: int = 8100) -> FastAPI:
+    check_jwt_secret(settings.JWT_SECRET)  # a weak secret would let anyone spend any account
     # Stable across restarts of the same coordinator, so a restart finalizes what the previous run left running.
     coordinator_id = coordinator_id or settings.FAR_MESH_COORDINATOR_ID or f"{socket.gethostname()}:{port}"
 
@@ -73,18 +74,28 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S)
+        sweeper = asyncio.create_task(app.state.service.sweep_stale_sessions(
+            interval_s=settings.SESSION_SWEEP_INTERVAL_S, stale_after_s=settings.stale_session_after_s))
         log.info("coordinator ready", coordinator_id=coordinator_id)
         try:
             yield
         finally:
+            sweeper.cancel()
             await readiness.stop()
             await app.state.service.aclose()
             swarm.shutdown()
             await app.state.redis.aclose()
             await app.state.pool.close()
 
+    return http_app(settings, lifespan=lifespan)
+
+
+def http_app(settings: Settings, *, lifespan=None) -> FastAPI:
+    """The HTTP side (handlers, middleware, routes); ``app.state.service`` is set by the lifespan (or a test)."""
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_coordinator_handlers(app)
+    # Before anything reads a body (inside CORS, so a 413 carries the CORS headers too).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_REQUEST_BODY_BYTES)
     if settings.cors_origins:  # browsers (the TypeScript SDK in a web page) call with a Bearer key, no cookies
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],

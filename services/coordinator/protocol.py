@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 4096
 WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters
 
 
 class ChatMessage(BaseModel):
@@ -36,7 +38,8 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=100_000)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
+                                                                         max_length=MAX_STOP_SEQUENCES)
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     model_id: Optional[str] = Field(None, max_length=200)
     request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)

@@ -23,7 +23,7 @@ from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.coordinator import metrics
-from services.coordinator.accounts import AccountStore, AuthError, Principal
+from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import Contribution, DoneEvent, GenerateRequest, TokenEvent, Usage
@@ -33,14 +33,29 @@ from services.coordinator.store import DuplicateRequest, FinalSession, Insuffici
 
 log = get_logger(__name__)
 
+# A prompt longer than context_length × this many characters cannot fit the context (no token of the models
+# served is longer), so it is refused before tokenizing it (docs/generation.md "Limits").
+MAX_CHARS_PER_TOKEN = 16
 CHECKPOINT_EVERY_TOKENS = 8
 CHECKPOINT_EVERY_SECONDS = 1.0
 SWARM_RETRY_AFTER_S = 5
+# Saving a finished session (last checkpoint + finalize) is retried this many times, waiting FINALIZE_BACKOFF_S,
+# then twice as long each time (0.25 + 0.5 + 1 + 2 s); a session still unsaved is left to the stale-session sweep.
+FINALIZE_ATTEMPTS = 5
+FINALIZE_BACKOFF_S = 0.25
 _DONE = object()
 
 
 class ServingError(ApiError):
     """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
+
+
+def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
+    """(prompt token ids, stop sequences of the chat template); CPU-bound, run in a worker thread."""
+    if request.messages is None:
+        return model.encode(request.prompt), []
+    prompt, template_stops = render_chat(model.tokenizer, request.messages)
+    return model.encode(prompt), template_stops
 
 
 @dataclass
@@ -84,10 +99,14 @@ class InferenceService:
         self.default_model_id = default_model_id
         self.pricing = pricing
         self.coordinator_id = coordinator_id
+        problem = jwt_secret_problem(jwt_secret)
+        if problem:
+            raise ValueError(problem)
         self.jwt_secret = jwt_secret
         self.generation_timeout_s = generation_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
-        self.active: dict[str, ActiveGeneration] = {}
+        # Running generations by (account_id, request_id): request ids are idempotency keys per account.
+        self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
         for model in models.values():
             model.failure_listeners.append(lambda _peer, model_id=model.model_id:
@@ -122,15 +141,20 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    def prepare(self, request: GenerateRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
+        template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
-        stops = list(request.stop)
-        prompt = request.prompt
-        if request.messages is not None:
-            prompt, template_stops = render_chat(model.tokenizer, request.messages)
-            stops += [s for s in template_stops if s not in stops]
-        prompt_ids = model.encode(prompt)
         context = model.context_length
+        chars = len(request.prompt) if request.messages is None else sum(len(m.text()) for m in request.messages)
+        max_chars = context * MAX_CHARS_PER_TOKEN
+        if chars > max_chars:
+            raise ServingError(400, "prompt_too_long",
+                               f"the prompt has {chars} characters; the model's context of {context} tokens holds "
+                               f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
+                               max_prompt_chars=max_chars)
+        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
+        stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
                                f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens")
@@ -158,35 +182,36 @@ class InferenceService:
 
     async def begin(self, prepared: PreparedRequest, request: GenerateRequest,
                     principal: Optional[Principal]) -> ActiveGeneration | Replay:
-        if prepared.request_id in self.active:
-            raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         account_id = principal.account_id if principal else None
+        key = (account_id, prepared.request_id)
+        if key in self.active:
+            raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         reserved = self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids)) if account_id else Decimal(0)
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
                                   len(prepared.prompt_ids), account_id)
-        self.active[prepared.request_id] = active
+        self.active[key] = active
         try:
             await self.store.create_session(
                 session_id=active.session_id, request_id=prepared.request_id, model_id=prepared.model.model_id,
                 pricing=self.pricing, prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
                 account_id=account_id, reserved_far=reserved, coordinator_id=self.coordinator_id)
-        except DuplicateRequest:
-            self.active.pop(prepared.request_id, None)
-            previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == account_id:
+        except DuplicateRequest:  # the same account, racing (here or on another coordinator)
+            self.active.pop(key, None)
+            previous = await self.store.read_by_request_id(prepared.request_id, account_id)
+            if previous is not None:
                 return self.replay_of(previous)
             raise ServingError(409, "duplicate_request",
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
-            self.active.pop(prepared.request_id, None)
+            self.active.pop(key, None)
             raise ServingError(402, "insufficient_balance",
                                f"this request may cost up to {format_far(error.required)} FAR "
                                f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
                                f"FAR available", required_far=format_far(error.required),
                                available_far=format_far(error.available))
         except BaseException:
-            self.active.pop(prepared.request_id, None)
+            self.active.pop(key, None)
             raise
         return active
 
@@ -207,11 +232,11 @@ class InferenceService:
     async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
-        prepared = self.prepare(request)
-        if prepared.request_id_given and prepared.request_id not in self.active:
-            # a request_id used before: its stored outcome, without the readiness gate and without a charge
-            previous = await self.store.read_by_request_id(prepared.request_id)
-            if previous is not None and previous.account_id == principal.account_id:
+        prepared = await self.prepare(request)
+        if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
+            # a request_id this account used before: its stored outcome, without the readiness gate and charge
+            previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
+            if previous is not None:
                 return self.replay_events(self.replay_of(previous))
         await self.gate(prepared.model)
         started = await self.begin(prepared, request, principal)
@@ -281,10 +306,19 @@ class InferenceService:
             settlement.add_done_callback(self._settlements.discard)
             final = await asyncio.shield(settlement)
         if failure is not None:
-            log.error("generation failed", request_id=active.request_id, error=repr(failure))
-            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code,
-                               f"generation failed after {generation.completion_tokens} tokens: {failure}",
-                               tokens_generated=generation.completion_tokens, cost_far=format_far(final.cost_far))
+            # The raw error (Petals/hivemind text: peer ids, addresses, tracebacks) goes to the log only; the
+            # client gets a stable code and message.
+            log.error("generation failed", request_id=active.request_id, code=error_code, error=repr(failure),
+                      exc_info=failure if error_code == "swarm_error" else None)
+            tokens = generation.completion_tokens
+            if error_code == "generation_timeout":
+                message = (f"the generation exceeded the coordinator's limit of {self.generation_timeout_s:.0f} s "
+                           f"after {tokens} tokens; the tokens generated are billed")
+            else:
+                message = (f"the swarm could not complete the generation (its servers failed, after retries) "
+                           f"after {tokens} tokens; the tokens generated are billed; retry with a new request_id")
+            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code, message,
+                               tokens_generated=tokens, cost_far=format_far(final.cost_far))
         yield self.done_event(final)
 
     async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
@@ -295,15 +329,9 @@ class InferenceService:
             await worker
             if status == "completed" and generation.finish_reason == "cancelled":
                 status = "cancelled"
-            await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
-            final = await self.store.finalize(active.session_id, status=status,
-                                              finish_reason=generation.finish_reason,
-                                              prompt_tokens=active.prompt_tokens,
-                                              completion_tokens=generation.completion_tokens,
-                                              output_text=generation.text.emitted,
-                                              error=repr(failure) if failure else None)
+            final = await self._save(active, generation, meter, status, failure)
         finally:
-            self.active.pop(active.request_id, None)
+            self.active.pop((active.account_id, active.request_id), None)
             metrics.RUNNING.labels(model_id).dec()
         metrics.GENERATED_TOKENS.labels(model_id).inc(generation.completion_tokens)
         metrics.E2E_LATENCY.labels(model_id).observe(time.monotonic() - active.started_at)
@@ -313,6 +341,48 @@ class InferenceService:
         log.info("session finalized", request_id=active.request_id, status=final.status,
                  completion_tokens=final.completion_tokens, cost_far=format_far(final.cost_far))
         return final
+
+    async def _save(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
+                    failure: Optional[BaseException]) -> FinalSession:
+        """Last checkpoint and finalize (both idempotent), retried with backoff. If the database stays
+        unreachable the session stays 'running' and the stale-session sweep finalizes it later."""
+        delay = FINALIZE_BACKOFF_S
+        for attempt in range(1, FINALIZE_ATTEMPTS + 1):
+            try:
+                await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
+                return await self.store.finalize(active.session_id, status=status,
+                                                 finish_reason=generation.finish_reason,
+                                                 prompt_tokens=active.prompt_tokens,
+                                                 completion_tokens=generation.completion_tokens,
+                                                 output_text=generation.text.emitted,
+                                                 error=repr(failure) if failure else None)
+            except Exception as error:  # noqa: BLE001 - database or network: retried, then handed to the sweep
+                if attempt == FINALIZE_ATTEMPTS:
+                    log.error("finalize failed; the stale-session sweep will finalize the session",
+                              request_id=active.request_id, session_id=active.session_id, error=repr(error))
+                    raise ServingError(
+                        503, "settlement_pending",
+                        f"the generation ended after {generation.completion_tokens} tokens but its accounting could "
+                        f"not be saved; it will be settled automatically (status 'interrupted')",
+                        tokens_generated=generation.completion_tokens) from None
+                log.warning("finalize failed; retrying", request_id=active.request_id, attempt=attempt,
+                            retry_in_s=delay, error=repr(error))
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def sweep_stale_sessions(self, *, interval_s: float, stale_after_s: float) -> None:
+        """Background task of the coordinator: every ``interval_s``, finalize stale sessions of any coordinator
+        (SessionStore.sweep_stale); errors are logged and the loop goes on."""
+        while True:
+            try:
+                swept = await self.store.sweep_stale(stale_after_s)
+                if swept:
+                    log.warning("finalized stale sessions as interrupted", count=swept, stale_after_s=stale_after_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                log.warning("stale-session sweep failed", error=repr(error))
+            await asyncio.sleep(interval_s)
 
     @staticmethod
     def done_event(final: FinalSession) -> dict:
@@ -328,8 +398,12 @@ class InferenceService:
     async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
         yield self.done_event(replay.final)
 
-    def cancel(self, request_id: str) -> bool:
-        active = self.active.get(request_id)
+    def running(self, request_id: str, account_id: Optional[str]) -> Optional[ActiveGeneration]:
+        """The running generation of this account with this request_id, if any."""
+        return self.active.get((account_id, request_id))
+
+    def cancel(self, request_id: str, account_id: Optional[str]) -> bool:
+        active = self.running(request_id, account_id)
         if active is None:
             return False
         active.cancel.set()

@@ -13,7 +13,7 @@ from services.coordinator.metering import PeerWork
 
 
 class DuplicateRequest(Exception):
-    """A session with this request_id exists already (request_id is an idempotency key)."""
+    """A session of this account with this request_id exists already (request_id is an idempotency key)."""
 
 
 class InsufficientBalance(Exception):
@@ -139,12 +139,15 @@ class SessionStore:
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
         )
 
-    async def read_by_request_id(self, request_id: str) -> Optional[FinalSession]:
-        row = await self.find_by_request_id(request_id)
+    async def read_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[FinalSession]:
+        """The session of ``account_id`` with this request_id (request ids are idempotency keys per account)."""
+        row = await self.find_by_request_id(request_id, account_id)
         return None if row is None else await self.read_session(str(row["session_id"]))
 
-    async def find_by_request_id(self, request_id: str) -> Optional[asyncpg.Record]:
-        return await self.pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
+    async def find_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[asyncpg.Record]:
+        return await self.pool.fetchrow(
+            "SELECT * FROM far_mesh_sessions WHERE request_id = $1 AND account_id IS NOT DISTINCT FROM $2",
+            request_id, uuid.UUID(account_id) if account_id else None)
 
     async def interrupt_orphans(self, coordinator_id: str) -> int:
         """Finalize as 'interrupted' the running sessions a previous run of this coordinator left behind:
@@ -157,6 +160,30 @@ class SessionStore:
                 await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
                                            row["completion_tokens"], None, "coordinator restarted mid-session")
         return len(rows)
+
+    async def sweep_stale(self, stale_after_s: float, *, limit: int = 100) -> int:
+        """Finalize as 'interrupted' the running sessions of ANY coordinator that have not been updated for
+        ``stale_after_s`` seconds (``updated_at`` moves at every checkpoint; a live session never lives longer
+        than GENERATION_TIMEOUT_S, so a stale one is orphaned: its coordinator died, or its finalize failed).
+        Billed from the last checkpoint, the account settled. One session per transaction, taken with
+        ``FOR UPDATE SKIP LOCKED``: coordinators sweeping at once never take the same session, and
+        ``_finalize_and_settle`` (finalize_session()) finalizes each exactly once anyway. Returns the count."""
+        swept = 0
+        while swept < limit:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    """SELECT session_id, prompt_tokens, completion_tokens FROM far_mesh_sessions
+                        WHERE status = 'running' AND finalized_at IS NULL
+                          AND updated_at < now() - make_interval(secs => $1)
+                        ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED""", float(stale_after_s))
+                if row is None:
+                    break
+                await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
+                                           row["completion_tokens"], None,
+                                           f"no progress for {stale_after_s:.0f} s: finalized by the stale-session "
+                                           f"sweep")
+            swept += 1
+        return swept
 
 
 async def _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,

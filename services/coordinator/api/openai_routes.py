@@ -10,14 +10,14 @@ import time
 import uuid
 from typing import Optional
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from services.common.http import validation_message
 from services.coordinator.accounts import Principal
-from services.coordinator.api.deps import get_principal, get_service
+from services.coordinator.api.deps import get_principal, get_service, read_body
 from services.coordinator.openai_protocol import ChatCompletionRequest, CompletionRequest, openai_finish_reason
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
@@ -70,8 +70,9 @@ async def _final(events) -> dict:
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, service: InferenceService = Depends(get_service),
+async def completions(raw: Request, service: InferenceService = Depends(get_service),
                       principal: Principal = Depends(get_principal)):
+    body = await read_body(raw, CompletionRequest)  # after authentication
     try:
         prompt = body.prompt_text()
     except ValueError as error:
@@ -98,8 +99,9 @@ async def completions(body: CompletionRequest, service: InferenceService = Depen
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, service: InferenceService = Depends(get_service),
+async def chat_completions(raw: Request, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
+    body = await read_body(raw, ChatCompletionRequest)  # after authentication
     model = service.model(body.model)
     request = _generate_request(body, None, body.messages)
     events = await service.start(request, principal)

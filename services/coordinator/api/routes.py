@@ -11,7 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.common.money import format_far
 from services.coordinator.accounts import Principal
-from services.coordinator.api.deps import get_principal, get_service
+from services.coordinator.api.deps import get_principal, get_service, read_body
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
@@ -27,8 +27,9 @@ async def _sse(events):
 
 
 @router.post("/mesh/inference/generate")
-async def generate(body: GenerateRequest, service: InferenceService = Depends(get_service),
+async def generate(request: Request, service: InferenceService = Depends(get_service),
                    principal: Principal = Depends(get_principal)):
+    body = await read_body(request, GenerateRequest)  # after authentication
     events = await service.start(body, principal)
     if body.stream:
         return EventSourceResponse(_sse(events), ping=15)
@@ -40,8 +41,8 @@ async def generate(body: GenerateRequest, service: InferenceService = Depends(ge
 
 
 async def _owned_session(service: InferenceService, request_id: str, principal: Principal):
-    final = await service.store.read_by_request_id(request_id)
-    if final is None or final.account_id != principal.account_id:
+    final = await service.store.read_by_request_id(request_id, principal.account_id)
+    if final is None:
         raise ServingError(404, "request_not_found", f"no request {request_id!r} for this account")
     return final
 
@@ -49,8 +50,8 @@ async def _owned_session(service: InferenceService, request_id: str, principal: 
 @router.get("/mesh/inference/{request_id}")
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
-    active = service.active.get(request_id)
-    if active is not None and active.account_id == principal.account_id:
+    active = service.running(request_id, principal.account_id)
+    if active is not None:
         return {"request_id": request_id, "status": "running", "tokens_generated": active.tokens_generated,
                 "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens)),
                 "route": active.generation.route() if active.generation is not None else []}
@@ -63,9 +64,7 @@ async def inference_status(request_id: str, service: InferenceService = Depends(
 @router.delete("/mesh/inference/{request_id}")
 async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
-    active = service.active.get(request_id)
-    if active is not None and active.account_id == principal.account_id:
-        service.cancel(request_id)
+    if service.cancel(request_id, principal.account_id):
         return {"request_id": request_id, "status": "cancelling"}
     final = await _owned_session(service, request_id, principal)
     return {"request_id": request_id, "status": final.status}
