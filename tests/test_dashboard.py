@@ -34,7 +34,7 @@ IMG_DIR = ROOT / "docs" / "img"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-WALLET = "0x" + "5aFe" * 10  # mixed case on purpose: pages and API answer lowercase
+WALLET = "0x5afe5afE5afE5afE5afE5aFe5aFe5Afe5Afe5AfE"  # mixed case (valid EIP-55) on purpose: pages and API answer lowercase
 OTHER_WALLET = "0x" + "77" * 20  # another provider, must not leak into WALLET's numbers
 UNKNOWN_WALLET = "0x" + "0d" * 20
 TTL_S = 3.0
