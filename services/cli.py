@@ -19,6 +19,7 @@ SUB_APPS = {
     "db": ("database.cli:app", "Database migrations."),
     "payouts": ("services.payouts.cli:app", "Weekly FAR payouts on BNB Smart Chain."),
     "chain": ("services.payouts.cli:chain_app", "Deploy and inspect the FAR contracts."),
+    "deposits": ("services.deposits.cli:app", "Credit on-chain FAR deposits to prepaid accounts."),
     "keys": ("services.coordinator.accounts_cli:keys_app", "API keys (fl_...)."),
     "accounts": ("services.coordinator.accounts_cli:accounts_app", "Prepaid accounts."),
     "models": ("services.models.cli:app", "Models built locally (the default SmolLM2) and what each needs."),
@@ -32,7 +33,8 @@ def _load(target: str):
 
 for _name, (_target, _help) in SUB_APPS.items():
     app.add_typer(_load(_target), name=_name, help=_help)
-app.command("audit", help="Check the payout ledger against the chain and per-session conservation.")(
+app.command("audit", help="Check the money: payouts and deposits against the chain, per-session conservation, "
+                          "accounts' credits = available + reserved + charged.")(
     _load("services.payouts.cli:audit"))
 
 

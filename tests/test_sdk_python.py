@@ -333,3 +333,44 @@ print(reply.usage.completion_tokens)
         env=dict(env, FARLABS_API_KEY=coordinator.api_key, FARLABS_BASE_URL=coordinator.url))
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "4"
+
+
+def test_balance_usage_and_what_a_402_says():
+    """mesh.balance() / mesh.usage() (docs/accounts.md) and the top-up hint of a 402."""
+    from decimal import Decimal
+
+    deposit = {"network": "testnet", "chain_id": 97, "contract": "0x" + "c" * 40, "token": "0x" + "d" * 40,
+               "account_ref": "0x" + "0" * 32 + "e" * 32, "confirmations": 3, "how": "approve then deposit",
+               "docs": "docs/accounts.md#depositing-far"}
+
+    def handler(request: httpx.Request, _n: int) -> httpx.Response:
+        if request.url.path == "/mesh/account":
+            return httpx.Response(200, json={"account_id": "a1", "name": "dev", "balance_far": "1.5",
+                                             "reserved_far": "0.01", "available_far": "1.49", "deposited_far": "1",
+                                             "granted_far": "0.5", "charged_far": "0.0023", "deposit": deposit})
+        if request.url.path == "/mesh/account/usage":
+            assert request.url.params["limit"] == "10" and request.url.params["days"] == "7"
+            return httpx.Response(200, json={
+                "requests": [{"request_id": "r1", "model_id": "m", "status": "completed", "finish_reason": "length",
+                              "prompt_tokens": 3, "completion_tokens": 23, "cost_far": "0.0023",
+                              "reserved_far": "0.01", "created_at": "2026-01-01T00:00:00+00:00",
+                              "finalized_at": "2026-01-01T00:00:01+00:00",
+                              "nodes": [{"node_id": "n1", "peer_id": "Qm1", "wallet_address": None, "blocks": "0:4",
+                                         "work_units": 8, "payment_far": "0.00207"}]}],
+                "next_before": None, "daily": [{"day": "2026-01-01", "requests": 1, "prompt_tokens": 3,
+                                                "completion_tokens": 23, "cost_far": "0.0023"}],
+                "totals": {"requests": 1, "prompt_tokens": 3, "completion_tokens": 23, "cost_far": "0.0023"}})
+        return httpx.Response(402, json={"error": {"code": "insufficient_balance", "message": "low",
+                                                   "required_far": "0.01", "available_far": "0.001",
+                                                   "shortfall_far": "0.009", "deposit": deposit}})
+
+    client, seen = _mock(handler, max_retries=0)
+    balance = client.balance()
+    assert balance.available_far == Decimal("1.49") and balance.deposit["account_ref"] == deposit["account_ref"]
+    usage = client.usage(limit=10, days=7)
+    assert usage.total_cost_far == Decimal("0.0023") and usage.requests[0].cost_far == Decimal("0.0023")
+    assert usage.requests[0].nodes[0]["blocks"] == "0:4" and usage.daily[0]["requests"] == 1
+    with pytest.raises(InsufficientBalanceError) as error:
+        client.chat("hi", max_tokens=100)
+    assert error.value.shortfall_far == "0.009" and error.value.deposit["confirmations"] == 3
+    assert all(r.headers["authorization"] == "Bearer fl_test" for r in seen)

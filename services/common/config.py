@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     # Payouts tuning (not in SPEC's list, documented in docs/payouts.md).
     MAX_RECIPIENTS_PER_TX: int = Field(default=200, ge=1, le=1000, description="recipients per payBatch transaction")
     PAYOUT_MAX_GAS: int = Field(default=10_000_000, ge=100_000, description="gas limit cap of one payBatch transaction")
+    # Deposits (docs/accounts.md): the FarDeposit contract users call, where its watcher starts, how often it polls.
+    DEPOSIT_CONTRACT_ADDRESS: str = Field(default="", description="FarDeposit contract (deposit(accountRef, amount))")
+    DEPOSIT_START_BLOCK: int = Field(default=0, ge=0, description="first block the deposit watcher scans (deployment)")
+    DEPOSIT_POLL_INTERVAL_S: float = Field(default=15.0, gt=0, description="seconds between deposit watcher scans")
+    ACCOUNT_MAX_API_KEYS: int = Field(default=50, ge=1, description="active API keys an account may hold")
 
     # Not in SPEC's list, documented in docs/configuration.md.
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)

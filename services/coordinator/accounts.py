@@ -84,18 +84,24 @@ class AccountStore:
         self.pool = pool
 
     async def create_account(self, name: str, balance_far: Decimal = Decimal(0)) -> str:
-        return str(await self.pool.fetchval(
-            "INSERT INTO far_accounts (name, balance_far) VALUES ($1, $2) RETURNING account_id", name, balance_far))
+        """A new account; an initial balance is an operator grant, recorded in the ledger like any credit."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            account_id = await conn.fetchval("INSERT INTO far_accounts (name) VALUES ($1) RETURNING account_id", name)
+            if balance_far:
+                await conn.execute("SELECT far_credit_account($1, $2, 'grant', NULL, 'initial balance')",
+                                   account_id, balance_far)
+        return str(account_id)
 
-    async def credit(self, account_id: str, amount_far: Decimal) -> Decimal:
+    async def credit(self, account_id: str, amount_far: Decimal, *, note: Optional[str] = None) -> Decimal:
+        """An operator grant (``far-mesh accounts credit``): balance and ledger row in one transaction."""
         if amount_far <= 0:
             raise ValueError("credit amount must be positive")
-        balance = await self.pool.fetchval(
-            "UPDATE far_accounts SET balance_far = balance_far + $2 WHERE account_id = $1 RETURNING balance_far",
-            uuid.UUID(account_id), amount_far)
-        if balance is None:
-            raise LookupError(f"no account {account_id}")
-        return balance
+        try:
+            entry = await self.pool.fetchrow("SELECT * FROM far_credit_account($1, $2, 'grant', NULL, $3)",
+                                             uuid.UUID(account_id), amount_far, note or "operator credit")
+        except asyncpg.NoDataFoundError:
+            raise LookupError(f"no account {account_id}") from None
+        return entry["balance_after_far"]
 
     async def create_key(self, account_id: str, *, name: Optional[str] = None,
                          rate_limit_per_minute: int = 600) -> tuple[str, str]:

@@ -16,7 +16,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.common.config import Settings
 from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
+from services.coordinator.account_service import DepositInfo
 from services.coordinator.accounts import AccountStore, check_jwt_secret
+from services.coordinator.api.account_routes import router as account_router
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
 from services.coordinator.ratelimit import RateLimiter
@@ -73,7 +75,8 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(app.state.redis),
             models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
-            jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S)
+            jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S,
+            deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS)
         sweeper = asyncio.create_task(app.state.service.sweep_stale_sessions(
             interval_s=settings.SESSION_SWEEP_INTERVAL_S, stale_after_s=settings.stale_session_after_s))
         log.info("coordinator ready", coordinator_id=coordinator_id)
@@ -102,4 +105,5 @@ def http_app(settings: Settings, *, lifespan=None) -> FastAPI:
                            expose_headers=["Retry-After"], max_age=600)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(account_router)
     return app

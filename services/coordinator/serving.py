@@ -90,7 +90,8 @@ class Replay:
 class InferenceService:
     def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter], models: dict,
                  readiness: dict, default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
-                 generation_timeout_s: float = 600.0, max_workers: int = 64):
+                 generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
+                 max_api_keys: int = 50):
         self.store = store
         self.accounts = accounts
         self.limiter = limiter
@@ -104,6 +105,8 @@ class InferenceService:
             raise ValueError(problem)
         self.jwt_secret = jwt_secret
         self.generation_timeout_s = generation_timeout_s
+        self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
+        self.max_api_keys = max_api_keys
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
         # Running generations by (account_id, request_id): request ids are idempotency keys per account.
         self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
@@ -205,11 +208,15 @@ class InferenceService:
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
             self.active.pop(key, None)
+            short = error.required - error.available
+            how = (self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None)
             raise ServingError(402, "insufficient_balance",
                                f"this request may cost up to {format_far(error.required)} FAR "
                                f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
-                               f"FAR available", required_far=format_far(error.required),
-                               available_far=format_far(error.available))
+                               f"FAR available: deposit at least {format_far(short)} FAR, or lower max_tokens"
+                               + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
+                               required_far=format_far(error.required), available_far=format_far(error.available),
+                               shortfall_far=format_far(short), deposit=how)
         except BaseException:
             self.active.pop(key, None)
             raise

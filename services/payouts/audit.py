@@ -218,13 +218,22 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
 
 
 async def run_audit(postgres_url: str, chain: Chain | None, *, scan_logs: bool = True,
-                    from_block: int | None = None) -> AuditReport:
+                    from_block: int | None = None, accounts: bool = False,
+                    deposit_start_block: int = 0) -> AuditReport:
+    """Payout checks 1-4; with ``accounts`` the books of the prepaid accounts (5) and, when the chain has a deposit
+    contract, the deposits against the chain (6) — services/deposits/audit.py."""
     conn = await asyncpg.connect(postgres_url)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             checks = [await check_conservation(conn), await check_attachment(conn), await check_items(conn)]
             if chain is not None:
                 checks.append(await check_chain(conn, chain, scan_logs=scan_logs, from_block=from_block))
+            if accounts:
+                from services.deposits.audit import check_accounts, check_deposits_chain
+
+                checks.append(await check_accounts(conn))
+                if chain is not None and getattr(chain, "deposit", None) is not None:
+                    checks.append(await check_deposits_chain(conn, chain, start_block=deposit_start_block))
     finally:
         await conn.close()
     return AuditReport(checks)

@@ -102,6 +102,7 @@ class Chain:
     account: LocalAccount
     token: Any = None  # web3 Contract
     payout: Any = None  # web3 Contract
+    deposit: Any = None  # web3 Contract (FarDeposit), when configured
     in_process: bool = False
     deploy_block: int = 0
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -166,6 +167,11 @@ class Chain:
             self.payout = self.w3.eth.contract(address=Web3.to_checksum_address(payout_address),
                                                abi=load_artifact("FarPayout")["abi"])
 
+    def attach_deposit(self, deposit_address: str | None) -> None:
+        if deposit_address:
+            self.deposit = self.w3.eth.contract(address=Web3.to_checksum_address(deposit_address),
+                                                abi=load_artifact("FarDeposit")["abi"])
+
     def far_balance(self, wallet: str) -> int:
         return self.token.functions.balanceOf(Web3.to_checksum_address(wallet)).call()
 
@@ -185,13 +191,15 @@ def deploy_contracts(chain: Chain, *, treasury: str | None = None,
         chain.token = chain.deploy("FarToken", treasury, far_to_base(initial_supply_far))
     chain.payout = chain.deploy("FarPayout", chain.token.address, treasury)
     chain.deploy_block = chain.w3.eth.block_number
+    chain.deposit = chain.deploy("FarDeposit", chain.token.address, treasury)
     if treasury == chain.address:
         chain.send(chain.token.functions.approve(chain.payout.address, 2**256 - 1).build_transaction(
             {"from": chain.address}))
     log.info("payouts.contracts_deployed", network=chain.network, token=chain.token.address,
              payout=chain.payout.address, treasury=treasury)
     return {"FAR_TOKEN_ADDRESS": chain.token.address, "PAYOUT_CONTRACT_ADDRESS": chain.payout.address,
-            "treasury": treasury, "block": str(chain.deploy_block)}
+            "DEPOSIT_CONTRACT_ADDRESS": chain.deposit.address, "treasury": treasury,
+            "block": str(chain.deploy_block)}
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -284,6 +292,7 @@ def connect(settings: Settings, network: str | None = None, *, rpc_url: str | No
         chain = _in_process_chain(settings, account)
         if token_address or payout_address:
             chain.attach(token_address, payout_address)
+        chain.attach_deposit(settings.DEPOSIT_CONTRACT_ADDRESS)
         return chain
 
     if not rpc_url:
@@ -312,10 +321,13 @@ def connect(settings: Settings, network: str | None = None, *, rpc_url: str | No
                 token_address = token_address or data["FAR_TOKEN_ADDRESS"]
                 payout_address = payout_address or data["PAYOUT_CONTRACT_ADDRESS"]
                 chain.deploy_block = int(data.get("block", 0))
+                if not settings.DEPOSIT_CONTRACT_ADDRESS and data.get("DEPOSIT_CONTRACT_ADDRESS"):
+                    chain.attach_deposit(data["DEPOSIT_CONTRACT_ADDRESS"])
     if require_contracts and not (token_address and payout_address):
         missing = "FAR_TOKEN_ADDRESS" if not token_address else "PAYOUT_CONTRACT_ADDRESS"
         raise ChainConfigError(f"{missing}: required for network {network} (deploy with `far-mesh chain deploy`)")
     chain.attach(token_address, payout_address)
+    chain.attach_deposit(settings.DEPOSIT_CONTRACT_ADDRESS)
     return chain
 
 

@@ -211,7 +211,7 @@ def deploy(
     except ChainConfigError as error:
         raise _config_error(error) from None
     addresses = deploy_contracts(chain, treasury=treasury, token_address=token)
-    for key in ("FAR_TOKEN_ADDRESS", "PAYOUT_CONTRACT_ADDRESS"):
+    for key in ("FAR_TOKEN_ADDRESS", "PAYOUT_CONTRACT_ADDRESS", "DEPOSIT_CONTRACT_ADDRESS"):
         typer.echo(f"{key}={addresses[key]}")
     typer.echo(f"# treasury {addresses['treasury']}, payer {chain.address}, chain id {chain.chain_id}, "
                f"block {addresses['block']}")
@@ -265,8 +265,12 @@ def audit(
     from_block: Optional[int] = typer.Option(None, help="scan BatchPaid events from this block"),
     scan_logs: bool = typer.Option(True, help="scan the contract's BatchPaid events for unknown payments"),
     chain_checks: bool = typer.Option(True, "--chain/--no-chain", help="also compare with the chain"),
+    accounts: bool = typer.Option(True, "--accounts/--no-accounts",
+                                  help="also check the accounts' books (credits = available + reserved + charged) and "
+                                       "the deposits against the chain"),
 ) -> None:
-    """Check payouts: conservation per session, one confirmed batch per paid contribution, items = on-chain transfers."""
+    """Check the money: conservation per session, one confirmed batch per paid contribution, items = on-chain
+    transfers; accounts' credits = available + reserved + charged; deposits = the chain's Deposit events."""
     from services.payouts.audit import run_audit
     from services.payouts.chain import ChainConfigError, connect
 
@@ -282,7 +286,8 @@ def audit(
                 chain = connect(settings, net)
             except ChainConfigError as error:
                 raise _config_error(error) from None
-    report = _run(run_audit(settings.POSTGRES_URL, chain, scan_logs=scan_logs, from_block=from_block))
+    report = _run(run_audit(settings.POSTGRES_URL, chain, scan_logs=scan_logs, from_block=from_block,
+                            accounts=accounts, deposit_start_block=settings.DEPOSIT_START_BLOCK))
     for check in report.checks:
         mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
         console.print(f"{mark}  {check.name} ({check.checked} checked)")

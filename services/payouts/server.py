@@ -2,7 +2,9 @@
 
 APScheduler (3.x, BackgroundScheduler) runs the payout job every Monday at 00:00 UTC in its own thread (the job
 runs the async executor with ``asyncio.run``), one instance at a time, coalescing missed runs. At start a
-resume-only run finishes any batch a previous process left open. FastAPI/uvicorn serves the probes.
+resume-only run finishes any batch a previous process left open. When a deposit contract is configured
+(``DEPOSIT_CONTRACT_ADDRESS``, or recorded by ``far-mesh chain deploy --network local``), the deposit watcher runs
+every ``DEPOSIT_POLL_INTERVAL_S`` in the same scheduler. FastAPI/uvicorn serves the probes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class PayoutService:
         self.scheduler = None
         self.last_report = None
         self.last_error: str | None = None
+        self.deposits_error: str | None = None
         self._chain = None
         self._lock = threading.Lock()
 
@@ -55,6 +58,28 @@ class PayoutService:
                 self.last_error = self.scrub(f"{type(error).__name__}: {error}")
                 log.error("payouts.job_failed", error=self.last_error)  # scrubbed: no traceback quoting the URL
 
+    def run_deposits(self) -> None:
+        """One deposit watcher scan (services/deposits/watcher.py), every DEPOSIT_POLL_INTERVAL_S."""
+        from services.deposits.watcher import DepositWatcher
+
+        try:
+            watcher = DepositWatcher.from_settings(self.settings, self.chain())
+            report = asyncio.run(watcher.run_once())
+            self.deposits_error = None
+            if report.credited or report.unmatched:
+                log.info("deposits.job_done", credited=len(report.credited), unmatched=len(report.unmatched))
+        except Exception as error:  # noqa: BLE001 - logged, exposed on /readyz, retried at the next tick
+            self.deposits_error = self.scrub(f"{type(error).__name__}: {error}")
+            log.error("deposits.job_failed", error=self.deposits_error)
+
+    def deposits_enabled(self) -> bool:
+        if self.settings.DEPOSIT_CONTRACT_ADDRESS:
+            return True
+        try:
+            return getattr(self.chain(), "deposit", None) is not None
+        except Exception:  # noqa: BLE001 - no chain: the payout job reports it
+            return False
+
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.cron import CronTrigger
@@ -63,6 +88,9 @@ class PayoutService:
         self.scheduler.add_job(self.run_job, CronTrigger(timezone=timezone.utc, **CRON), id="weekly-payouts",
                                max_instances=1, coalesce=True, misfire_grace_time=6 * 3600)
         self.scheduler.add_job(self.run_job, kwargs={"resume_only": True}, id="resume-open-batches")
+        if self.deposits_enabled():
+            self.scheduler.add_job(self.run_deposits, "interval", seconds=self.settings.DEPOSIT_POLL_INTERVAL_S,
+                                   id="deposits", max_instances=1, coalesce=True)
         self.scheduler.start()
         log.info("payouts.scheduler_started", next_run=str(self.next_run()))
 
@@ -130,7 +158,7 @@ def create_app(service: PayoutService, *, start_scheduler: bool = True) -> FastA
         ok = all(value.startswith("ok") for value in checks.values())
         body = {"ready": ok, "checks": checks, "network": service.network, "rpc": service.rpc(),
                 "next_run": str(service.next_run()) if service.scheduler else None,
-                "last_error": service.last_error}
+                "last_error": service.last_error, "deposits_error": service.deposits_error}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

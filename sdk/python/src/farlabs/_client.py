@@ -13,12 +13,21 @@ from httpx_sse import EventSource
 from farlabs._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, GENERATE_PATH, StreamState, build_payload,
                            default_headers, is_retryable, make_timeout, parse_error, resolve_settings, retry_delay)
 from farlabs._errors import APIConnectionError, APIError, APITimeoutError
-from farlabs._types import (ChatResponse, Contribution, FinishReason, InferenceStatus, Model, PromptOrMessages,
-                            Usage)
+from farlabs._types import (AccountUsage, Balance, ChatResponse, Contribution, FinishReason, InferenceStatus, Model,
+                            PromptOrMessages, Usage)
 
 _sleep = time.sleep  # module-level so tests can replace it
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)  # the request never reached the server: safe to retry
 TimeoutTypes = Union[float, httpx.Timeout, None]
+
+
+def _usage_path(limit: int, before: Optional[str], days: int) -> str:
+    from urllib.parse import urlencode
+
+    query = {"limit": limit, "days": days}
+    if before:
+        query["before"] = before
+    return "/mesh/account/usage?" + urlencode(query)
 
 
 def _translate(error: httpx.HTTPError) -> APIConnectionError:
@@ -219,6 +228,14 @@ class FarMesh(_ClientBase):
     def models(self) -> List[Model]:
         return [Model.from_json(m) for m in self._json("GET", "/v1/models").get("data", [])]
 
+    def balance(self) -> Balance:
+        """The account's balance, reserved and available FAR, and how to deposit (``GET /mesh/account``)."""
+        return Balance.from_json(self._json("GET", "/mesh/account"))
+
+    def usage(self, *, limit: int = 50, before: Optional[str] = None, days: int = 30) -> AccountUsage:
+        """Recent requests with tokens, cost and nodes, daily sums and totals (``GET /mesh/account/usage``)."""
+        return AccountUsage.from_json(self._json("GET", _usage_path(limit, before, days)))
+
     def close(self) -> None:
         if self._owns_client:
             self._client.close()
@@ -366,6 +383,12 @@ class AsyncFarMesh(_ClientBase):
 
     async def models(self) -> List[Model]:
         return [Model.from_json(m) for m in (await self._json("GET", "/v1/models")).get("data", [])]
+
+    async def balance(self) -> Balance:
+        return Balance.from_json(await self._json("GET", "/mesh/account"))
+
+    async def usage(self, *, limit: int = 50, before: Optional[str] = None, days: int = 30) -> AccountUsage:
+        return AccountUsage.from_json(await self._json("GET", _usage_path(limit, before, days)))
 
     async def close(self) -> None:
         if self._owns_client:

@@ -55,6 +55,17 @@ class InsufficientBalanceError(APIError):
     def available_far(self) -> Optional[str]:
         return self.body.get("available_far")
 
+    @property
+    def shortfall_far(self) -> Optional[str]:
+        """How much to deposit (at least) for this request to be admitted."""
+        return self.body.get("shortfall_far")
+
+    @property
+    def deposit(self) -> Optional[dict]:
+        """How to top up: ``{"contract", "token", "account_ref", "confirmations", "how", ...}`` (None when the
+        coordinator has no deposit contract)."""
+        return self.body.get("deposit")
+
 
 class RateLimitError(APIError):
     """429: more requests per minute than the key allows. ``retry_after`` is in seconds."""

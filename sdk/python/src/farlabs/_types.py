@@ -124,3 +124,68 @@ class InferenceStatus:
         return cls(request_id=str(data.get("request_id", "")), status=str(data.get("status", "")),
                    tokens_generated=int(data.get("tokens_generated") or 0), finish_reason=data.get("finish_reason"),
                    cost_far=_decimal(cost) if cost is not None else None, route=list(data.get("route") or []))
+
+
+@dataclass(frozen=True)
+class Balance:
+    """``GET /mesh/account``: ``balance_far`` includes ``reserved_far`` (held for running requests);
+    ``available_far`` is what a new request can reserve. ``deposit`` says how to top up (contract, ``account_ref``,
+    confirmations; None when the coordinator has no deposit contract)."""
+
+    account_id: str
+    name: str
+    balance_far: Decimal
+    reserved_far: Decimal
+    available_far: Decimal
+    deposited_far: Decimal
+    charged_far: Decimal
+    deposit: Optional[Mapping[str, Any]] = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Balance":
+        return cls(account_id=str(data.get("account_id", "")), name=str(data.get("name", "")),
+                   balance_far=_decimal(data.get("balance_far")), reserved_far=_decimal(data.get("reserved_far")),
+                   available_far=_decimal(data.get("available_far")),
+                   deposited_far=_decimal(data.get("deposited_far")), charged_far=_decimal(data.get("charged_far")),
+                   deposit=data.get("deposit"))
+
+
+@dataclass(frozen=True)
+class RequestUsage:
+    """One request of ``GET /mesh/account/usage``: tokens, cost (None while running) and the nodes that served it."""
+
+    request_id: str
+    model_id: str
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_far: Optional[Decimal]
+    created_at: str
+    nodes: List[Mapping[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RequestUsage":
+        cost = data.get("cost_far")
+        return cls(request_id=str(data.get("request_id", "")), model_id=str(data.get("model_id", "")),
+                   status=str(data.get("status", "")), prompt_tokens=int(data.get("prompt_tokens") or 0),
+                   completion_tokens=int(data.get("completion_tokens") or 0),
+                   cost_far=Decimal(str(cost)) if cost is not None else None,
+                   created_at=str(data.get("created_at", "")), nodes=list(data.get("nodes") or []))
+
+
+@dataclass(frozen=True)
+class AccountUsage:
+    """``GET /mesh/account/usage``: recent ``requests`` (newest first), ``daily`` sums and ``totals``."""
+
+    requests: List[RequestUsage]
+    daily: List[Mapping[str, Any]]
+    total_requests: int
+    total_cost_far: Decimal
+    next_before: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "AccountUsage":
+        totals = data.get("totals") or {}
+        return cls(requests=[RequestUsage.from_json(r) for r in data.get("requests") or []],
+                   daily=list(data.get("daily") or []), total_requests=int(totals.get("requests") or 0),
+                   total_cost_far=_decimal(totals.get("cost_far")), next_before=data.get("next_before"))

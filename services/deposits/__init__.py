@@ -1,0 +1,1 @@
+"""Deposits: users fund their prepaid accounts with FAR on chain (docs/accounts.md)."""
