@@ -35,6 +35,10 @@ for _name, (_target, _help) in SUB_APPS.items():
 app.command("audit", help="Check the payout ledger against the chain and per-session conservation.")(
     _load("services.payouts.cli:audit"))
 
+app.command("chat", help="Talk to a model through the mesh: multi-turn, streamed, with the cost of every answer.")(
+    _load("services.client_cli:chat"))
+app.command("infer", help="Generate once and stream the text to stdout (usage and cost on stderr).")(
+    _load("services.client_cli:infer"))
 
 @app.command("make-model")
 def make_model(
