@@ -1,5 +1,6 @@
 # Far Mesh — two commands do everything on a fresh machine:
-#   make demo   a whole local mesh on embedded defaults: generates text, settles a payout, shuts down
+#   make demo   a whole local mesh from the real parts on embedded defaults: generates text, pays the providers
+#               through the payment tracker on a local chain, shuts down (`far-mesh up` keeps it running)
 #   make test   the test suite (installs first if needed)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

@@ -37,6 +37,10 @@ app.command("audit", help="Check the money: payouts and deposits against the cha
                           "accounts' credits = available + reserved + charged.")(
     _load("services.payouts.cli:audit"))
 
+app.command("chat", help="Talk to a model through the mesh: multi-turn, streamed, with the cost of every answer.")(
+    _load("services.client_cli:chat"))
+app.command("infer", help="Generate once and stream the text to stdout (usage and cost on stderr).")(
+    _load("services.client_cli:infer"))
 
 @app.command("make-model")
 def make_model(
@@ -103,6 +107,28 @@ def status(
     code = run_status(url=url or settings.DISCOVERY_URL, model_id=model or settings.DEFAULT_MODEL_ID,
                       watch=watch, interval=interval)
     raise typer.Exit(code)
+
+
+@app.command("up")
+def up(
+    fresh: bool = typer.Option(False, help="start over: a new database, chain, API key (else reuse the last run's)"),
+    port: int = typer.Option(8100, help="coordinator port (a free one if taken)"),
+    discovery_port: int = typer.Option(8200),
+    chain_port: int = typer.Option(8545, help="local chain (anvil) JSON-RPC port"),
+    payouts_port: int = typer.Option(8300, help="payment tracker health/metrics port"),
+    min_payout: str = typer.Option("0.0001", help="MIN_PAYOUT_FAR of this local mesh's tracker"),
+    credit: str = typer.Option("25", help="FAR prepaid on the API key's account when one is created"),
+    database: str = typer.Option("farmesh_local", help="database of this mesh on the PostgreSQL server"),
+) -> None:
+    """Run a whole local mesh on embedded defaults (DHT, discovery, 3 provider nodes, coordinator, local chain,
+    payment tracker) until Ctrl-C; prints the URLs and a ready API key."""
+    from decimal import Decimal
+
+    from infra.up import run_up
+
+    raise typer.Exit(run_up(fresh=fresh, coordinator_port=port, discovery_port=discovery_port, chain_port=chain_port,
+                            payouts_port=payouts_port, min_payout_far=Decimal(min_payout), credit_far=credit,
+                            database=database))
 
 
 def main() -> None:

@@ -232,6 +232,31 @@ async def test_live_async_client(coordinator):
             await AsyncFarMesh(api_key="fl_wrong", base_url=coordinator.url).chat("hi", max_tokens=1)
 
 
+async def test_live_chat_stream_async_of_the_sync_client(client):
+    """FarMesh.chat_stream_async (the action plan's ``mesh.chat_stream_async``): the async stream of a sync client,
+    with a client of its own that is closed when the stream ends, fails or is left."""
+    full = client.chat(PROMPT, max_tokens=16, temperature=0)
+    stream = client.chat_stream_async(PROMPT, max_tokens=16, temperature=0)
+    tokens = [token async for token in stream]
+    assert "".join(tokens) == stream.text == full.text and stream.usage.completion_tokens == 16
+    assert stream.cost_far == full.cost_far and stream.finish_reason == "length"
+    assert stream._client._client.is_closed  # ended: its own AsyncClient is closed
+
+    async with client.chat_stream_async([{"role": "user", "content": "Hi"}], max_tokens=200,
+                                        temperature=0) as stream:
+        async for _ in stream:
+            break  # leaving early closes the connection (the coordinator cancels)
+    assert stream._client._client.is_closed
+
+    wrong = FarMesh(api_key="fl_wrong", base_url=client.base_url, max_retries=0)
+    failing = wrong.chat_stream_async("hi", max_tokens=1)
+    with pytest.raises(AuthenticationError):
+        async for _ in failing:
+            pass
+    assert failing._client._client.is_closed
+    wrong.close()
+
+
 def test_live_models(client):
     models = client.models()
     assert models[0].id == "far-mesh/tiny-llama" and models[0].ready and models[0].missing_blocks == []

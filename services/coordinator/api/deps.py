@@ -33,6 +33,21 @@ async def read_body(request: Request, model: type[Body]) -> Body:
     except ClientDisconnect:  # the client went away, or BodyLimitMiddleware answered 413 already
         raise ServingError(400, "client_disconnected", "the request body was not received completely") from None
     try:
+        # JSON whatever the Content-Type says: curl -d sends application/x-www-form-urlencoded by default
         return model.model_validate_json(raw)
     except ValidationError as error:
-        raise ServingError(422, "invalid_request", validation_message(error)) from None
+        raise ServingError(422, "invalid_request", body_problem(error, raw)) from None
+
+
+BODY_HINT = ('send a JSON object, e.g. {"prompt": "Hello", "max_tokens": 64} or {"messages": [{"role": "user", '
+             '"content": "Hello"}]} (with curl: -d \'{...}\'; any Content-Type is accepted)')
+
+
+def body_problem(error: ValidationError, raw: bytes) -> str:
+    """The reason of a 422, naming the fix when the body is not a JSON object at all (a form, plain text)."""
+    first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid" or not raw.strip():
+        return f"the request body is not JSON ({first.get('msg', 'empty body')}): {BODY_HINT}"
+    if not first.get("loc") and first.get("type") in ("model_type", "dict_type", "model_attributes_type"):
+        return f"the request body must be a JSON object: {BODY_HINT}"
+    return validation_message(error)

@@ -44,6 +44,7 @@ class _ClientBase:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.max_retries = max_retries
+        self._extra_headers = dict(headers or {})
         self._headers = default_headers(self.api_key, headers)
 
     def __repr__(self) -> str:
@@ -218,6 +219,17 @@ class FarMesh(_ClientBase):
         :class:`ChatStream` yielding tokens. Same arguments as :meth:`chat`."""
         return ChatStream(self, build_payload(prompt_or_messages, stream=True, model=model, **sampling))
 
+    def chat_stream_async(self, prompt_or_messages: PromptOrMessages, *, model: Optional[str] = None,
+                          **sampling: Any) -> "AsyncChatStream":
+        """The streamed generation of :meth:`chat_stream` for asyncio code that holds a sync :class:`FarMesh`:
+        ``async for token in mesh.chat_stream_async(...)`` (or ``async with``). The stream has an
+        ``httpx.AsyncClient`` of its own (same key, URL, timeout, retries, headers), closed when the stream ends,
+        fails or is closed. Same arguments as :meth:`chat`; for many async calls use :class:`AsyncFarMesh`."""
+        client = AsyncFarMesh(self.api_key, base_url=self.base_url, timeout=self.timeout,
+                              max_retries=self.max_retries, headers=self._extra_headers)
+        return AsyncChatStream(client, build_payload(prompt_or_messages, stream=True, model=model, **sampling),
+                               owns_client=True)
+
     def cancel(self, request_id: str) -> str:
         """Cancel a running request; returns ``"cancelling"`` or, if it already ended, its final status."""
         return str(self._json("DELETE", f"/mesh/inference/{request_id}").get("status"))
@@ -252,20 +264,31 @@ class AsyncChatStream(_StreamView, AsyncIterator[str]):
     """``async for token in client.chat_stream(...)``. The request starts on ``async with`` or at the first
     iteration (errors before the first token are raised there). Otherwise like :class:`ChatStream`."""
 
-    def __init__(self, client: "AsyncFarMesh", payload: Dict[str, Any]) -> None:
+    def __init__(self, client: "AsyncFarMesh", payload: Dict[str, Any], *, owns_client: bool = False) -> None:
         self._client = client
         self._payload = payload
         self._state = StreamState(payload["request_id"])
         self._http_response: Optional[httpx.Response] = None
         self._tokens: Optional[AsyncGenerator[str, None]] = None
         self._closed = False
+        self._owns_client = owns_client  # FarMesh.chat_stream_async: the client lives as long as the stream
 
     async def start(self) -> "AsyncChatStream":
         """Send the request now (idempotent)."""
         if self._tokens is None:
-            self._http_response = await self._client._send("POST", GENERATE_PATH, json=self._payload, stream=True)
+            try:
+                self._http_response = await self._client._send("POST", GENERATE_PATH, json=self._payload,
+                                                                stream=True)
+            except BaseException:
+                await self._release_client()
+                raise
             self._tokens = self._iterate(self._http_response)
         return self
+
+    async def _release_client(self) -> None:
+        if self._owns_client:
+            self._owns_client = False
+            await self._client.close()
 
     async def _iterate(self, response: httpx.Response) -> AsyncGenerator[str, None]:
         try:
@@ -288,7 +311,13 @@ class AsyncChatStream(_StreamView, AsyncIterator[str]):
             raise StopAsyncIteration
         await self.start()
         assert self._tokens is not None
-        return await self._tokens.__anext__()
+        try:
+            return await self._tokens.__anext__()
+        except BaseException:  # the end of the stream, or its failure
+            if self._http_response is not None:
+                await self._http_response.aclose()
+            await self._release_client()
+            raise
 
     async def get_final_response(self) -> ChatResponse:
         async for _ in self:
@@ -300,10 +329,13 @@ class AsyncChatStream(_StreamView, AsyncIterator[str]):
 
     async def close(self) -> None:
         self._closed = True
-        if self._tokens is not None:
-            await self._tokens.aclose()
-        if self._http_response is not None:
-            await self._http_response.aclose()
+        try:
+            if self._tokens is not None:
+                await self._tokens.aclose()
+            if self._http_response is not None:
+                await self._http_response.aclose()
+        finally:
+            await self._release_client()
 
     async def __aenter__(self) -> "AsyncChatStream":
         return await self.start()
