@@ -135,3 +135,32 @@ def test_server_frozen_mid_step_is_avoided_then_used_again(fresh_swarm, tiny_mod
     # token 2 froze one server, token 12 the other, token 30 the first one again (thawed, and used again)
     assert frozen[0].name == frozen[2].name != frozen[1].name
     assert [event["cause"] for event in generation.failovers] == ["hung", "hung", "hung"]
+
+
+def test_no_replica_for_the_failed_span_ends_with_swarm_unavailable(fresh_swarm, tiny_model_dir):
+    """The only 2:4 server dies mid-step: the generation stops at once with SwarmUnavailable("blocks 2:4: no live
+    server") (upstream: retries with backoff against the dead server), after the tokens already produced."""
+    from services.common.petals_compat import SwarmUnavailable
+
+    fresh_swarm.start_node("a", "0:2")
+    fresh_swarm.start_node("b", "2:4")
+    fresh_swarm.wait_online(["a", "b"], NUM_BLOCKS)
+    client = _client(fresh_swarm, tiny_model_dir)
+    times = {}
+
+    def kill_mid_step(generation):
+        node = _victim(generation, fresh_swarm, "2:4")
+        os.killpg(node.process.pid, signal.SIGSTOP)
+        threading.Timer(KILL_DELAY_S, lambda: (times.setdefault("killed", time.perf_counter()),
+                                               node.process.kill())).start()
+
+    try:
+        with pytest.raises(SwarmUnavailable, match=r"^blocks 2:4: no live server$"):
+            try:
+                _run(client, 32, {5: kill_mid_step})
+            finally:
+                times["raised"] = time.perf_counter()
+    finally:
+        client.shutdown()
+    print(f"\nSwarmUnavailable {times['raised'] - times['killed']:.3f} s after the kill")
+    assert times["raised"] - times["killed"] <= STALL_BOUND_S
