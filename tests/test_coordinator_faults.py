@@ -69,6 +69,7 @@ async def test_not_ready_gate_then_replica_killed_mid_stream(fresh_swarm, tiny_m
                         victim = next(n for n in ("b", "c") if fresh_swarm.nodes[n].peer_id in on_route)
                         await asyncio.to_thread(fresh_swarm.nodes[victim].process.kill)
             final = events[-1]
+            status_after = (await client.get(f"/mesh/inference/{request_id}")).json()
     finally:
         await asyncio.to_thread(coordinator.process.stop)
 
@@ -79,6 +80,13 @@ async def test_not_ready_gate_then_replica_killed_mid_stream(fresh_swarm, tiny_m
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert final["finish_reason"] == "length"
     assert "".join(tokens) == final["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    # the final event and the session's status name the server replaced, why, and by whom (issue 14)
+    survivor_peer = fresh_swarm.nodes["c" if victim == "b" else "b"].peer_id
+    [replaced] = final["replaced_servers"]
+    assert replaced["peer_id"] == fresh_swarm.nodes[victim].peer_id and replaced["blocks"] == "2:4"
+    assert replaced["cause"] == "died" and replaced["replaced_by"] == survivor_peer
+    assert 0 < replaced["stall_ms"] < 2000
+    assert status_after["replaced_servers"] == final["replaced_servers"]
 
     session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = $1", request_id)
     rows = {r["peer_id"]: r for r in await db_pool.fetch(

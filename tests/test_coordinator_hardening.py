@@ -30,8 +30,14 @@ class FakeGeneration:
     def __init__(self, model, prompt_ids, params, meter, cancel):
         self.model, self.params, self.cancel = model, params, cancel
         self.text = TextStream(model.tokenizer, params.stop)
+        self.meter = meter
         self.token_ids: list[int] = []
         self.finish_reason = None
+        self.failovers: list[dict] = []
+
+    def replaced_servers(self) -> list:
+        return [{k: e[k] for k in ("peer_id", "blocks", "cause", "replaced_by")} | {"stall_ms": e["stall_s"]}
+                for e in self.failovers]
 
     @property
     def completion_tokens(self) -> int:
@@ -48,8 +54,13 @@ class FakeGeneration:
                 self.finish_reason = "cancelled"
                 return
             if self.model.fail_after is not None and len(self.token_ids) >= self.model.fail_after:
+                if self.model.fail_with is not None:
+                    self.failovers.append(self.model.fail_event)
+                    raise self.model.fail_with
                 raise RuntimeError("hivemind.p2p.P2PDaemonError: peer QmSecretPeer at /ip4/10.0.0.7/tcp/31337 "
                                    "refused: Traceback (most recent call last) ...")
+            for peer_id, start, end in self.model.route:  # the work of each server's step is metered
+                self.meter.record(peer_id, start, end, 1)
             self.token_ids.append(token_id)
             yield TokenDelta(len(self.token_ids), token_id, self.text.push(token_id))
         self.finish_reason = "length"
@@ -65,6 +76,9 @@ class FakeModel:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.failure_listeners: list = []
+        self.failover_listeners: list = []
+        self.route: list = []  # [(peer_id, start, end)] metered per token
+        self.fail_with = self.fail_event = None
         self.encode_threads: list[str] = []
         self.output = tokenizer("hello world, hello mesh", add_special_tokens=False).input_ids
         self.fail_after = None
@@ -322,6 +336,52 @@ async def test_a_swarm_failure_reaches_the_client_as_a_stable_code_without_the_r
         for secret in ("QmSecretPeer", "10.0.0.7", "Traceback", "P2PDaemonError", "hivemind"):
             assert secret not in text
     assert "swarm_error" in chat.text
+
+
+async def test_no_live_server_ends_the_stream_swarm_unavailable_billing_what_was_delivered(harness, db_pool):
+    """Issue 14: a server of the route died and nobody else holds its blocks: the stream ends with
+    ``event: error`` swarm_unavailable "blocks 2:4: no live server"; the user pays for the tokens delivered, the
+    servers for the steps they computed, and the session shows the server that could not be replaced."""
+    from services.common.petals_compat import SwarmUnavailable
+
+    account_id, headers = await harness.account("10")
+    model = harness.model
+    model.route = [("QmFirstHalf", 0, 2), ("QmDeadServer", 2, 4)]
+    model.fail_after, model.fail_with = 3, SwarmUnavailable(2, 4)
+    model.fail_event = {"peer_id": "QmDeadServer", "blocks": "2:4", "cause": "died", "replaced_by": None,
+                        "stall_s": None, "error": "ServerStreamClosed()"}
+    try:
+        streamed = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                             json={"prompt": "hello", "max_tokens": 5, "request_id": "dead_2_4"})
+    finally:
+        model.route, model.fail_after, model.fail_with, model.fail_event = [], None, None, None
+    events, name = [], None
+    for line in streamed.text.splitlines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            events.append((name, json.loads(line[5:])))
+            name = None
+    tokens = [data for name, data in events if name != "error"]
+    assert len(tokens) == 3
+    assert events[-1][0] == "error"
+    error = events[-1][1]["error"]
+    assert error["code"] == "swarm_unavailable" and error["message"] == "blocks 2:4: no live server"
+    assert error["tokens_generated"] == 3 and error["cost_far"] == "0.0003"
+    assert error["replaced_servers"] == [{"peer_id": "QmDeadServer", "blocks": "2:4", "cause": "died",
+                                          "replaced_by": None, "stall_ms": None}]
+    session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE request_id = 'dead_2_4'")
+    assert session["status"] == "failed" and session["completion_tokens"] == 3
+    assert session["cost_far"] == Decimal("0.0003")
+    paid = {r["peer_id"]: r for r in await db_pool.fetch(
+        "SELECT * FROM far_session_contributions WHERE session_id = $1", session["session_id"])}
+    assert {p: (r["steps"], r["work_units"]) for p, r in paid.items()} == {"QmFirstHalf": (3, 6),
+                                                                          "QmDeadServer": (3, 6)}
+    assert session["fee_far"] + sum(r["payment_far"] for r in paid.values()) == session["cost_far"]
+    account = await _account_row(db_pool, account_id)
+    assert account["balance_far"] == Decimal("10") - Decimal("0.0003") and account["reserved_far"] == 0
+    status = (await harness.client.get("/mesh/inference/dead_2_4", headers=headers)).json()
+    assert status["status"] == "failed" and status["replaced_servers"] == error["replaced_servers"]
 
 
 # ------------------------------------------------------------ finalize retried, stale sessions swept (6)

@@ -250,3 +250,124 @@ def test_fix_fast_route_repair():
     broken = run_py(code, disable="fast_route_repair")
     assert "routable-after-failure: ['alive-peer-id', 'dead-peer-id']" in broken.stdout
     assert "reported: []" in broken.stdout
+
+
+def test_fix_dead_peer_stream():
+    """A peer whose p2pd dies while a streamed request is in flight: the caller's response stream ends at once
+    (upstream it hangs until the caller's own timeout, because hivemind awaits the writer, which waits for the
+    caller's next request); and a Petals server session turns that early end into a connection error."""
+    code = """
+        import asyncio, os, signal, time
+        import services.common.petals_compat as compat
+        from hivemind.p2p import P2P
+        from hivemind.proto import test_pb2
+        from hivemind.utils.asyncio import anext
+
+        async def main():
+            server = await P2P.create()
+            async def silent(requests, context):
+                async for _ in requests:
+                    await asyncio.sleep(3600)  # a step in flight: never answers
+                yield test_pb2.TestResponse(number=0)
+            await server.add_protobuf_handler("step", silent, test_pb2.TestRequest, stream_input=True,
+                                              stream_output=True)
+            client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+            queue = asyncio.Queue()
+            async def requests():
+                while True:
+                    yield await queue.get()
+            responses = await client.iterate_protobuf_handler(server.peer_id, "step", requests(),
+                                                              test_pb2.TestResponse)
+            await queue.put(test_pb2.TestRequest(number=1))
+            pending = asyncio.ensure_future(anext(responses))
+            await asyncio.sleep(0.5)
+            os.kill(server._child.pid, signal.SIGKILL)  # the server's host dies mid-request
+            killed = time.perf_counter()
+            try:
+                await asyncio.wait_for(pending, 8)
+                outcome = "answered"
+            except StopAsyncIteration:
+                outcome = "ended"
+            except asyncio.TimeoutError:
+                outcome = "hung"
+            print(f"stream {outcome} after {time.perf_counter() - killed:.2f} s", flush=True)
+            await client.shutdown()
+
+        asyncio.run(main())
+
+        from petals.client.inference_session import _ServerInferenceSession
+        async def closed_stream():
+            return
+            yield
+        session = object.__new__(_ServerInferenceSession)
+        session._inputs_queue, session._outputs_stream = asyncio.Queue(), closed_stream()
+        session.config = type("Config", (), {"request_timeout": 8})()
+        session.span = type("Span", (), {"peer_id": "peer-x"})()
+        try:
+            asyncio.run(session._step(None))
+        except Exception as error:
+            print("step raised", type(error).__name__, isinstance(error, ConnectionError))
+    """
+    fixed = run_py(code)
+    assert fixed is not None and fixed.returncode == 0, fixed and fixed.stderr
+    print(fixed.stdout)
+    ended = fixed.stdout.splitlines()[0].split()
+    assert ended[1] == "ended" and float(ended[3]) < 2.0, fixed.stdout
+    assert "step raised ServerStreamClosed True" in fixed.stdout
+    broken = run_py(code, disable="dead_peer_stream")
+    print(broken.stdout)
+    assert broken.stdout.startswith("stream hung after 8"), broken.stdout
+    assert "step raised StopAsyncIteration False" in broken.stdout
+
+
+def test_fix_step_latency_budget():
+    """A server that stops answering mid-step (frozen) is given up after max(floor, factor x its p99) when another
+    live server holds its blocks (upstream: only after request_timeout); with no alternative it is waited for."""
+    code = """
+        import asyncio, threading, time, types
+        import torch
+        import services.common.petals_compat as compat
+        from hivemind import PeerID, serialize_torch_tensor
+        from hivemind.dht.node import Blacklist
+        from hivemind.proto import runtime_pb2
+        from petals.client.inference_session import _ServerInferenceSession
+        from petals.data_structures import RemoteSpanInfo, ServerInfo, ServerState
+
+        info = ServerInfo(state=ServerState.ONLINE, throughput=1.0, start_block=2, end_block=4)
+        frozen, replica = PeerID(b"frozen-peer-id"), PeerID(b"replica-peer-id")
+        spans = [RemoteSpanInfo(frozen, 2, 4, info), RemoteSpanInfo(replica, 2, 4, info)]
+        manager = types.SimpleNamespace(lock_changes=threading.Lock(), state=types.SimpleNamespace(
+            banned_peers=Blacklist(base_time=60, backoff_rate=2.0),
+            sequence_info=types.SimpleNamespace(spans_containing_block=[[], [], spans, spans])))
+        compat.configure_step_budget(manager, 5.0, 0.5)
+        for _ in range(20):
+            compat.STEP_LATENCY.record(frozen, 0.02, 1)  # its usual steps: 20 ms -> budget max(0.5, 0.1) s
+
+        async def never_answers():
+            await asyncio.sleep(3600)
+            yield
+
+        def frozen_step(request_timeout):
+            session = object.__new__(_ServerInferenceSession)
+            session._inputs_queue, session._outputs_stream = asyncio.Queue(), never_answers()
+            session.config = types.SimpleNamespace(request_timeout=request_timeout)
+            session.span, session._far_mesh_manager = spans[0], manager
+            request = runtime_pb2.ExpertRequest(tensors=[serialize_torch_tensor(torch.zeros(1, 1, 8))])
+            started = time.perf_counter()
+            try:
+                asyncio.run(session._step(request))
+            except Exception as error:
+                return f"{type(error).__name__} after {time.perf_counter() - started:.1f} s"
+
+        print("with replica:", frozen_step(6))
+        manager.state.banned_peers.register_failure(replica)
+        print("replica banned:", frozen_step(2))
+    """
+    fixed = run_py(code)
+    assert fixed is not None and fixed.returncode == 0, fixed and fixed.stderr
+    print(fixed.stdout)
+    assert "with replica: StepDeadlineExceeded after 0.5 s" in fixed.stdout
+    assert "replica banned: TimeoutError after 2.0 s" in fixed.stdout  # waited: nobody else holds the blocks
+    broken = run_py(code, disable="step_latency_budget")
+    print(broken.stdout)
+    assert "with replica: TimeoutError after 6.0 s" in broken.stdout

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                                        "browser (comma-separated; '' = none)")
     FAR_MESH_COORDINATOR_ID: str = Field(default="", description="stable id of this coordinator (default host:port)")
     PETALS_MAX_RETRIES: int = Field(default=6, ge=1)
+    PETALS_STEP_BUDGET_FACTOR: float = Field(default=5.0, ge=0, description="coordinator: a server step not answered "
+                                             "within max(floor, factor x that server's p99 step time) is retried "
+                                             "on a replica (0 = only PETALS_REQUEST_TIMEOUT_S)")
+    PETALS_STEP_BUDGET_FLOOR_S: float = Field(default=1.0, gt=0, description="coordinator: the step budget's floor")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
     SESSION_SWEEP_INTERVAL_S: float = Field(default=60.0, gt=0, description="coordinator: stale-session sweep period")
     SESSION_STALE_AFTER_S: float = Field(default=0.0, ge=0, description="a running session not updated this long is "

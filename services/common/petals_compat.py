@@ -46,10 +46,41 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     Fixed ``InferenceSession.step``: a fresh (replacement) server session is sent the already-processed
     prefix plus the current tokens, so it rebuilds its attention cache, and only the current positions flow
     on to servers that still hold their caches. Output is identical to an uninterrupted run.
+``dead_peer_stream`` (a server killed mid-step stalled the stream for the whole ``request_timeout``)
+    When a server dies, its p2pd's TCP connection drops, our p2pd resets the libp2p stream and closes the unix
+    socket of the call at once (~0.1 s on loopback). hivemind's ``_iterate_protobuf_stream_handler`` then sees
+    EOF but, before ending the response stream, awaits its writer task, which is blocked waiting for the
+    caller's *next* request (Petals feeds requests from a queue, one per step): the reader hangs until the
+    caller's timeout (``request_timeout``, 30 s here). The writer is now cancelled when the peer has closed the
+    stream while the writer only waits for more requests (the peer reads nothing more: hivemind's handler closes
+    the stream once its responses end), so the response stream ends at once; and Petals' ``_ServerInferenceSession``
+    turns that early end (``StopAsyncIteration`` mid-step) into ``ConnectionResetError("... closed the stream")``,
+    which the failover path handles like any dead server.
+``step_latency_budget`` (a frozen server stalled the stream for the whole ``request_timeout``)
+    A server that hangs (SIGSTOP, GPU hang, swap storm, its network silently dropped) keeps its connection and
+    never answers; upstream only ``request_timeout`` notices. Each step now has a deadline from that server's
+    own recent step times: ``max(floor_s, factor x p99)`` of its last 64 steps (shared by all sessions of the
+    process; a sample of n positions counts as n/m times one of m positions when it is larger, so a long
+    prefill or replay gets a proportionally longer budget). When it passes and another live server can take
+    those blocks, the step is abandoned with ``StepDeadlineExceeded`` and the failover path bans the server
+    (Petals' blacklist: 15 s, doubling on repeated failures, cleared by a success; it returns to the routes at
+    the next refresh after the ban) and replays on the replica. Without an alternative it keeps waiting (up to
+    ``request_timeout``): a slow server is better than none. A server with no recorded step yet (its first
+    step in this process) has only ``request_timeout``. Settings: ``configure_step_budget(manager, factor,
+    floor_s)`` (the coordinator's PETALS_STEP_BUDGET_FACTOR / PETALS_STEP_BUDGET_FLOOR_S; factor 0 = off).
 
-It also adds one hook (not a fix): ``InferenceSession.step_observer``, called as
-``observer(span: RemoteSpanInfo, positions: int)`` after every successful server step, including replays.
-The coordinator meters provider work with it.
+It also adds hooks (not fixes) to the session step of ``failover_replay``:
+
+- ``InferenceSession.step_observer``, called as ``observer(span: RemoteSpanInfo, positions: int)`` after every
+  successful server step, including replays. The coordinator meters provider work with it.
+- ``InferenceSession.failover_observer``, called with a ``dict`` for every server that failed a step:
+  ``peer_id``, ``blocks`` ("2:4"), ``cause`` (``failure_cause``: died, hung or refused), ``error``,
+  ``replaced_by`` (the peer that then served those blocks, or None) and ``stall_s`` (from the start of the
+  failed attempt to the end of the step that replaced it).
+- ``SwarmUnavailable``: when a server died or hung and no other live server holds its blocks (none routable
+  and none ONLINE in a fresh DHT read, banned peers excluded), the step raises it at once
+  ("blocks 2:4: no live server") instead of retrying the dead server with backoff. A server that *refused*
+  (answered with an error) is retried as upstream.
 """
 
 from __future__ import annotations
@@ -71,6 +102,8 @@ FIXES = (
     "root_logger_untouched",
     "fast_route_repair",
     "failover_replay",
+    "dead_peer_stream",
+    "step_latency_budget",
 )
 
 _applied = False
@@ -238,8 +271,9 @@ def _fix_fast_route_repair() -> None:
                             rpc_info=self._sequence_manager.rpc_info, max_length=self._max_length, **metadata,
                         )
                     )
-                except Exception:
+                except Exception as error:
                     self._sequence_manager.on_request_failure(span.peer_id)
+                    error._far_mesh_span = span  # the failover report names the server that refused
                     raise
                 server_sessions.append(session)
                 session.__enter__()
@@ -250,6 +284,48 @@ def _fix_fast_route_repair() -> None:
 
     sm.RemoteSequenceManager.on_request_failure = on_request_failure
     inf.InferenceSession._enter_server_sessions = _enter_server_sessions
+
+
+class SwarmUnavailable(RuntimeError):
+    """No live server holds some blocks of the model: the generation cannot go on."""
+
+    def __init__(self, start: int, end: int):
+        super().__init__(f"blocks {start}:{end}: no live server")
+        self.start, self.end = start, end
+
+
+def failure_cause(error: BaseException) -> str:
+    """died (the connection or stream broke, the peer cannot be dialed), hung (no answer in time: the step
+    budget or request_timeout), refused (the server answered with an error, or would not open a session)."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+
+    if isinstance(error, TimeoutError):  # StepDeadlineExceeded, asyncio.TimeoutError (3.11+)
+        return "hung"
+    if isinstance(error, P2PHandlerError):
+        return "refused"
+    if isinstance(error, (ConnectionError, EOFError, StopAsyncIteration, P2PDaemonError)):
+        return "died"
+    return "refused"
+
+
+def no_live_server(manager, start: int, end: int) -> bool:
+    """True when some block in [start, end) has no server that could take it: none routable now and none ONLINE
+    in a fresh read of the DHT (banned peers do not count)."""
+    from petals.data_structures import ServerState
+    from petals.utils.dht import get_remote_module_infos
+
+    with manager.lock_changes:
+        banned = manager.state.banned_peers
+        spans = manager.state.sequence_info.spans_containing_block
+        if all(any(span.peer_id not in banned for span in spans[block]) for block in range(start, end)):
+            return False
+    try:
+        infos = get_remote_module_infos(manager.dht, manager.block_uids[start:end],
+                                        active_adapter=manager.config.active_adapter, latest=True)
+    except Exception:
+        return False  # cannot tell: let the retries decide
+    return any(not any(info.state == ServerState.ONLINE and peer_id not in banned
+                       for peer_id, info in block.servers.items()) for block in infos)
 
 
 def _fix_failover_replay() -> None:
@@ -305,11 +381,15 @@ def _fix_failover_replay() -> None:
             )
         observer: Callable | None = getattr(self, "step_observer", None)
 
+        failover_observer: Callable | None = getattr(self, "failover_observer", None)
+        failed: list = []  # (peer_id, blocks, cause, error, attempt start) of this block's failed attempts
+
         hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
         server_idx = block_idx = 0
         while block_idx < self.num_blocks:
             for attempt_no in itertools.count():
                 server_session = None
+                attempt_started = time.perf_counter()
                 try:
                     if not self._server_sessions or attempt_no >= 1:
                         self._update_sequence(server_idx, block_idx, attempt_no)
@@ -332,11 +412,30 @@ def _fix_failover_replay() -> None:
                     server_idx += 1
                     block_idx = span.end
                     self._sequence_manager.on_request_success(span.peer_id)
+                    if failed and failover_observer is not None:
+                        done = time.perf_counter()
+                        for peer_id, blocks, cause, error, started in failed:
+                            failover_observer(dict(peer_id=peer_id, blocks=blocks, cause=cause, error=error,
+                                                   replaced_by=span.peer_id.to_base58(), stall_s=done - started))
+                    failed = []
                     break
                 except Exception as e:
                     self._sequence_manager.on_request_failure(
                         server_session.span.peer_id if server_session is not None else None
                     )
+                    failed_span = server_session.span if server_session is not None else getattr(
+                        e, "_far_mesh_span", None)  # a server that would not open a session (already reported)
+                    cause = failure_cause(e)
+                    if failed_span is not None:
+                        start, end = failed_span.start, failed_span.end
+                        failed.append((failed_span.peer_id.to_base58(), f"{start}:{end}", cause, repr(e),
+                                       failed[0][4] if failed else attempt_started))
+                        if cause != "refused" and no_live_server(self._sequence_manager, start, end):
+                            if failover_observer is not None:
+                                for peer_id, blocks, cause_, error, started in failed:
+                                    failover_observer(dict(peer_id=peer_id, blocks=blocks, cause=cause_, error=error,
+                                                           replaced_by=None, stall_s=None))
+                            raise SwarmUnavailable(start, end) from e
                     if attempt_no + 1 == self._sequence_manager.config.max_retries:
                         raise
                     delay = self._sequence_manager.get_retry_delay(attempt_no)
@@ -356,6 +455,185 @@ def _fix_failover_replay() -> None:
     inf.InferenceSession.step = step
 
 
+class ServerStreamClosed(ConnectionResetError):
+    """The server closed (or lost) the inference stream before answering a step: the server is gone."""
+
+
+def _fix_dead_peer_stream() -> None:
+    import asyncio
+    from contextlib import closing
+
+    from hivemind.p2p import p2p_daemon
+    from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
+    from petals.client import inference_session as inf
+
+    P2P = p2p_daemon.P2P
+
+    async def _iterate_protobuf_stream_handler(self, peer_id, name, requests, output_protobuf_type):
+        _, reader, writer = await self.call_binary_stream_handler(peer_id, name)
+        waiting_for_request = False  # the writer waits for the caller's next request (it is not sending)
+
+        async def _write_to_stream() -> None:
+            nonlocal waiting_for_request
+            iterator = requests.__aiter__()
+            while True:
+                waiting_for_request = True
+                try:
+                    request = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    waiting_for_request = False
+                await P2P.send_protobuf(request, writer)
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+
+        async def _read_from_stream():
+            with closing(writer):
+                try:
+                    while True:
+                        try:
+                            response, err = await P2P.receive_protobuf(output_protobuf_type, reader)
+                        except asyncio.IncompleteReadError:  # Connection is closed
+                            break
+                        if err is not None:
+                            raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {err.message}")
+                        yield response
+                    if not (waiting_for_request and not writing_task.done()):
+                        await writing_task  # upstream: it finishes sending (or fails) promptly
+                    # else: the peer closed the stream and reads nothing more; waiting for the caller's next
+                    # request (upstream) would hang until the caller's own timeout
+                finally:
+                    writing_task.cancel()
+
+        writing_task = asyncio.create_task(_write_to_stream())
+        return _read_from_stream()
+
+    P2P._iterate_protobuf_stream_handler = _iterate_protobuf_stream_handler
+
+    async def _step(self, inputs_serialized):
+        await self._inputs_queue.put(inputs_serialized)
+        self.stepped = True
+        try:
+            return await asyncio.wait_for(inf.anext(self._outputs_stream), self.config.request_timeout)
+        except StopAsyncIteration:
+            raise ServerStreamClosed(f"server {self.span.peer_id} closed the inference stream before answering "
+                                     f"(it died or dropped the session)") from None
+
+    inf._ServerInferenceSession._step = _step
+
+
+DEFAULT_STEP_BUDGET_FACTOR = 5.0
+DEFAULT_STEP_BUDGET_FLOOR_S = 1.0
+STEP_SAMPLES_PER_PEER = 64
+
+
+class StepDeadlineExceeded(TimeoutError):
+    """A server did not answer a step within its latency budget (it is frozen, or far slower than usual)."""
+
+
+class StepLatency:
+    """Recent step durations per server (peer ID), shared by every session of the process."""
+
+    def __init__(self, window: int = STEP_SAMPLES_PER_PEER):
+        import collections
+
+        self._window = window
+        self._samples: dict = collections.defaultdict(lambda: collections.deque(maxlen=self._window))
+        self._lock = threading.Lock()
+
+    def record(self, peer_id, seconds: float, positions: int) -> None:
+        with self._lock:
+            self._samples[str(peer_id)].append((seconds, max(1, positions)))
+
+    def p99(self, peer_id, positions: int = 1):
+        """The 99th percentile of recent step times, each scaled up to ``positions`` (never down); None if no
+        step of this server was seen yet."""
+        with self._lock:
+            samples = list(self._samples.get(str(peer_id), ()))
+        if not samples:
+            return None
+        scaled = sorted(seconds * max(1.0, positions / n) for seconds, n in samples)
+        return scaled[min(len(scaled) - 1, int(0.99 * len(scaled)))]
+
+    def budget(self, peer_id, positions: int, factor: float, floor_s: float):
+        p99 = self.p99(peer_id, positions)
+        if p99 is None or factor <= 0:
+            return None
+        return max(floor_s, factor * p99)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._samples.clear()
+
+
+STEP_LATENCY = StepLatency()
+
+
+def configure_step_budget(manager, factor: float = DEFAULT_STEP_BUDGET_FACTOR,
+                          floor_s: float = DEFAULT_STEP_BUDGET_FLOOR_S) -> None:
+    """The step budget of one client (a ``RemoteSequenceManager``): ``max(floor_s, factor x p99)``; 0 = off."""
+    manager._far_mesh_step_budget = (float(factor), float(floor_s))
+
+
+def has_alternative(manager, span) -> bool:
+    """Whether every block of ``span`` has another server that is routable now (not this peer, not banned)."""
+    with manager.lock_changes:
+        info = manager.state.sequence_info
+        banned = manager.state.banned_peers
+        for block in range(span.start, span.end):
+            if not any(other.peer_id != span.peer_id and other.peer_id not in banned
+                       for other in info.spans_containing_block[block]):
+                return False
+    return True
+
+
+def _fix_step_latency_budget() -> None:
+    import asyncio
+    import time
+
+    from petals.client import inference_session as inf
+
+    original_enter = inf.InferenceSession._enter_server_sessions
+    original_step = inf._ServerInferenceSession._step
+
+    def _enter_server_sessions(self, chosen_spans):
+        sessions = original_enter(self, chosen_spans)
+        for session in sessions:
+            session._far_mesh_manager = self._sequence_manager
+        return sessions
+
+    async def _step(self, request):
+        manager = getattr(self, "_far_mesh_manager", None)
+        factor, floor_s = getattr(manager, "_far_mesh_step_budget",
+                                  (DEFAULT_STEP_BUDGET_FACTOR, DEFAULT_STEP_BUDGET_FLOOR_S))
+        sizes = request.tensors[0].size if request is not None and request.tensors else ()
+        positions = int(sizes[1]) if len(sizes) >= 2 else 1
+        budget = STEP_LATENCY.budget(self.span.peer_id, positions, factor, floor_s)
+        started = time.perf_counter()
+        if manager is None or budget is None or budget >= self.config.request_timeout:
+            response = await original_step(self, request)
+        else:
+            task = asyncio.ensure_future(original_step(self, request))
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=budget)
+                if done:
+                    break
+                if has_alternative(manager, self.span):
+                    task.cancel()
+                    await asyncio.wait({task})
+                    p99 = STEP_LATENCY.p99(self.span.peer_id, positions)
+                    raise StepDeadlineExceeded(
+                        f"server {self.span.peer_id} did not answer a step of {positions} positions within its "
+                        f"budget of {budget:.2f} s (max({floor_s:g} s, {factor:g} x its p99 {p99 * 1000:.0f} ms))")
+                # nobody else serves these blocks: keep waiting (request_timeout still bounds the step)
+            response = task.result()
+        STEP_LATENCY.record(self.span.peer_id, time.perf_counter() - started, positions)
+        return response
+
+    inf.InferenceSession._enter_server_sessions = _enter_server_sessions
+    inf._ServerInferenceSession._step = _step
+
+
 _PRE_PETALS = {
     "hf_no_telemetry": _fix_hf_no_telemetry,
     "grad_scaler_location": _fix_grad_scaler_location,
@@ -369,6 +647,8 @@ _POST_PETALS = {
     "root_logger_untouched": _fix_root_logger_untouched,
     "fast_route_repair": _fix_fast_route_repair,
     "failover_replay": _fix_failover_replay,
+    "dead_peer_stream": _fix_dead_peer_stream,
+    "step_latency_budget": _fix_step_latency_budget,
 }
 
 

@@ -66,7 +66,9 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
         log.info("connecting to the swarm", model_id=settings.DEFAULT_MODEL_ID, initial_peers=settings.initial_peers)
         swarm = await asyncio.to_thread(SwarmModel, settings.DEFAULT_MODEL_ID, path, settings.initial_peers,
                                         request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,
-                                        max_retries=settings.PETALS_MAX_RETRIES)
+                                        max_retries=settings.PETALS_MAX_RETRIES,
+                                        step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
+                                        step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S)
         readiness = SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S)
         readiness.start()
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,

@@ -45,7 +45,8 @@ def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
 class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
-                 min_backoff: float = 0.5):
+                 min_backoff: float = 0.5, step_budget_factor: float = petals_compat.DEFAULT_STEP_BUDGET_FACTOR,
+                 step_budget_floor_s: float = petals_compat.DEFAULT_STEP_BUDGET_FLOOR_S):
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
@@ -63,7 +64,11 @@ class SwarmModel:
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
         self.failure_listeners: list = []  # called with the peer ID of every failed server request
+        # called with every failover event of any generation (petals_compat: peer_id, blocks, cause, error,
+        # replaced_by, stall_s), from the generation's thread
+        self.failover_listeners: list = []
         manager = self.sequence_manager
+        petals_compat.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
         upstream_on_failure = manager.on_request_failure
 
         def on_request_failure(peer_id):
@@ -124,7 +129,20 @@ class Generation:
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
+        self.failovers: list[dict] = []  # servers replaced during this generation (see petals_compat)
         self._session = None
+
+    def _on_failover(self, event: dict) -> None:
+        self.failovers.append(event)
+        for listener in self.swarm.failover_listeners:
+            listener(event)
+
+    def replaced_servers(self) -> list[dict]:
+        """The servers replaced so far: [{peer_id, blocks, cause, replaced_by, stall_ms}] (replaced_by is None
+        when no live server could take the blocks)."""
+        return [{"peer_id": e["peer_id"], "blocks": e["blocks"], "cause": e["cause"], "replaced_by": e["replaced_by"],
+                 "stall_ms": None if e["stall_s"] is None else round(e["stall_s"] * 1000, 1)}
+                for e in list(self.failovers)]
 
     @property
     def completion_tokens(self) -> int:
@@ -146,6 +164,7 @@ class Generation:
         with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
             self._session = session
             session.step_observer = self.meter.observe_span
+            session.failover_observer = self._on_failover
             inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
             while True:
                 if self.cancel.is_set():

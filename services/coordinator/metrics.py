@@ -16,7 +16,12 @@ E2E_LATENCY = Histogram("farmesh_e2e_request_latency_seconds", "End-to-end reque
 GENERATED_TOKENS = Counter("farmesh_generation_tokens_total", "Generated tokens", ["model_id"])
 PROMPT_TOKENS = Counter("farmesh_prompt_tokens_total", "Prompt tokens prefilled", ["model_id"])
 REQUESTS = Counter("farmesh_requests_total", "Requests by outcome", ["model_id", "outcome"])
-FAILOVERS = Counter("farmesh_failovers_total", "Server failures recovered inside a session", ["model_id"])
+FAILOVERS = Counter("farmesh_failovers_total", "Servers that failed a step of a running session, by cause "
+                    "(died: connection/stream lost; hung: no answer within its step budget or the request timeout; "
+                    "refused: answered with an error) and whether a replica took over", ["model_id", "cause",
+                                                                                          "recovered"])
+FAILOVER_STALL = Histogram("farmesh_failover_stall_seconds", "From the start of a failed server step to the end of "
+                           "the replica's step that replaced it", ["model_id", "cause"], buckets=LATENCY_BUCKETS)
 NODE_WORK_UNITS = Counter("farmesh_node_work_units_total", "Work units (blocks x positions) per provider peer",
                           ["peer_id"])
 RUNNING = Gauge("farmesh_num_requests_running", "Generations running now", ["model_id"])

@@ -90,6 +90,16 @@ class TokenEvent(BaseModel):
     cost_far: str
 
 
+class ReplacedServer(BaseModel):
+    """A server that failed a step of the session (failover, docs/generation.md)."""
+
+    peer_id: str
+    blocks: str
+    cause: Literal["died", "hung", "refused"]
+    replaced_by: Optional[str]  # None: no live server could take the blocks (the session ended swarm_unavailable)
+    stall_ms: Optional[float]
+
+
 class DoneEvent(BaseModel):
     done: Literal[True] = True
     request_id: str
@@ -99,6 +109,7 @@ class DoneEvent(BaseModel):
     cost_far: str
     fee_far: str
     contributions: list[Contribution]
+    replaced_servers: list[ReplacedServer] = []
 
 
 class ErrorDetail(BaseModel):

@@ -22,11 +22,13 @@ from typing import AsyncIterator, Optional
 from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
+from services.common.petals_compat import SwarmUnavailable
 from services.coordinator import metrics
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import Contribution, DoneEvent, GenerateRequest, TokenEvent, Usage
+from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, TokenEvent,
+                                           Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
@@ -44,6 +46,15 @@ SWARM_RETRY_AFTER_S = 5
 FINALIZE_ATTEMPTS = 5
 FINALIZE_BACKOFF_S = 0.25
 _DONE = object()
+
+
+def _count_failover(model_id: str, event: dict) -> None:
+    recovered = event["replaced_by"] is not None
+    metrics.FAILOVERS.labels(model_id, event["cause"], "true" if recovered else "false").inc()
+    if recovered:
+        metrics.FAILOVER_STALL.labels(model_id, event["cause"]).observe(event["stall_s"])
+    log.warning("server failed a step", model_id=model_id, peer_id=event["peer_id"], blocks=event["blocks"],
+                cause=event["cause"], replaced_by=event["replaced_by"], stall_s=event["stall_s"], error=event["error"])
 
 
 class ServingError(ApiError):
@@ -112,8 +123,7 @@ class InferenceService:
         self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
         for model in models.values():
-            model.failure_listeners.append(lambda _peer, model_id=model.model_id:
-                                           metrics.FAILOVERS.labels(model_id).inc())
+            model.failover_listeners.append(lambda event, model_id=model.model_id: _count_failover(model_id, event))
 
     # ----------------------------------------------------------------------------------------- admission
     async def authenticate(self, authorization: Optional[str]) -> Principal:
@@ -288,7 +298,8 @@ class InferenceService:
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
-                    status, failure, error_code = "failed", item, "swarm_error"
+                    status, failure = "failed", item
+                    error_code = "swarm_unavailable" if isinstance(item, SwarmUnavailable) else "swarm_error"
                     break
                 now = time.monotonic()
                 if last_token_at is None:
@@ -321,11 +332,14 @@ class InferenceService:
             if error_code == "generation_timeout":
                 message = (f"the generation exceeded the coordinator's limit of {self.generation_timeout_s:.0f} s "
                            f"after {tokens} tokens; the tokens generated are billed")
+            elif error_code == "swarm_unavailable":
+                message = str(failure)  # "blocks 2:4: no live server"
             else:
                 message = (f"the swarm could not complete the generation (its servers failed, after retries) "
                            f"after {tokens} tokens; the tokens generated are billed; retry with a new request_id")
-            raise ServingError(504 if error_code == "generation_timeout" else 502, error_code, message,
-                               tokens_generated=tokens, cost_far=format_far(final.cost_far))
+            status_code = {"generation_timeout": 504, "swarm_unavailable": 503}.get(error_code, 502)
+            raise ServingError(status_code, error_code, message, tokens_generated=tokens,
+                               cost_far=format_far(final.cost_far), replaced_servers=generation.replaced_servers())
         yield self.done_event(final)
 
     async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
@@ -362,7 +376,8 @@ class InferenceService:
                                                  prompt_tokens=active.prompt_tokens,
                                                  completion_tokens=generation.completion_tokens,
                                                  output_text=generation.text.emitted,
-                                                 error=repr(failure) if failure else None)
+                                                 error=repr(failure) if failure else None,
+                                                 replaced_servers=generation.replaced_servers())
             except Exception as error:  # noqa: BLE001 - database or network: retried, then handed to the sweep
                 if attempt == FINALIZE_ATTEMPTS:
                     log.error("finalize failed; the stale-session sweep will finalize the session",
@@ -400,6 +415,7 @@ class InferenceService:
             contributions=[Contribution(node_id=c.node_id, peer_id=c.peer_id, wallet_address=c.wallet_address,
                                         blocks=c.blocks, work_units=c.work_units,
                                         payment_far=format_far(c.payment_far)) for c in final.contributions],
+            replaced_servers=[ReplacedServer(**r) for r in final.replaced_servers],
         ).model_dump()
 
     async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:

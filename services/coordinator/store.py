@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -40,6 +42,13 @@ class ContributionRow:
     payment_far: Decimal
 
 
+def _json_list(value) -> list:
+    """A JSONB column as asyncpg returns it (text, without a codec)."""
+    if value is None:
+        return []
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
 @dataclass(frozen=True)
 class FinalSession:
     session_id: str
@@ -53,6 +62,7 @@ class FinalSession:
     contributions: list[ContributionRow]
     output_text: Optional[str] = None
     account_id: Optional[str] = None
+    replaced_servers: list = dataclasses.field(default_factory=list)  # failovers (engine.replaced_servers())
 
 
 class SessionStore:
@@ -117,11 +127,14 @@ class SessionStore:
 
     async def finalize(self, session_id: str, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
                        completion_tokens: int, output_text: Optional[str] = None,
-                       error: Optional[str] = None) -> FinalSession:
+                       error: Optional[str] = None, replaced_servers: Optional[list] = None) -> FinalSession:
         """Finalize once (``finalize_session()``) and settle the account: reserved → charged actual cost."""
         async with self.pool.acquire() as conn, conn.transaction():
             await _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
                                        output_text, error)
+            if replaced_servers:
+                await conn.execute("UPDATE far_mesh_sessions SET replaced_servers = $2::jsonb WHERE session_id = $1",
+                                   session_id, json.dumps(replaced_servers))
         return await self.read_session(session_id)
 
     async def read_session(self, session_id: str) -> FinalSession:
@@ -137,6 +150,7 @@ class SessionStore:
             completion_tokens=row["completion_tokens"], cost_far=row["cost_far"], fee_far=row["fee_far"],
             contributions=[ContributionRow(**dict(c)) for c in contributions],
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
+            replaced_servers=_json_list(row.get("replaced_servers")),
         )
 
     async def read_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[FinalSession]:
