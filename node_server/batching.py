@@ -36,6 +36,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 FIX_NAME = "batching"
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_PREFILL_CHUNK_TOKENS = 64
+DEFAULT_BATCH_WAIT_MS = 4.0
 
 
 def enabled_by_env() -> bool:
@@ -191,7 +193,8 @@ def _make_pool_class():
 
         def __init__(self, backends: dict, *, max_batch_size: int, device=None, name: str = "batching_inference",
                      max_sessions: int = DEFAULT_MAX_SESSIONS,
-                     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, stats: BatchingStats = STATS):
+                     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, batch_wait_ms: float = 0.0,
+                     stats: BatchingStats = STATS):
             from petals.server.backend import _MergedInferenceStep
 
             super().__init__(self._process, max_batch_size=max_batch_size, device=device, name=name)
@@ -205,6 +208,10 @@ def _make_pool_class():
                                     and supports_batched_decode(backend.module.module_shards[0])}
             self._prefills: deque[_Prefill] = deque()  # runtime thread only
             self._works: dict[int, _Work] = {}
+            self._recent: dict[tuple, float] = {}  # session (cache handles of its first block) -> last step time
+            self.memory_cache = next(iter(backends.values())).memory_cache
+            self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
+            self.active_window_s = 1.0
             self._work_ids = itertools.count()
 
         # -- forming work (runtime thread) --------------------------------------------------------------------
@@ -216,27 +223,57 @@ def _make_pool_class():
                     and is_dummy(hypo_ids) and all(p is None for p in prompts)
                     and all(not info.active_adapter and info.uid in self._batchable_uids for info in infos))
 
+        def _session_key(self, task):
+            return task.args[2][0].cache_handles
+
+        def _expected_sessions(self, now: float) -> int:
+            """Sessions that stepped recently and still hold their cache: their next steps are worth waiting for."""
+            with self.memory_cache.use_cache():  # applies the handlers' allocations and frees
+                live = self.memory_cache._allocated_tensors
+            for key, seen in list(self._recent.items()):
+                if now - seen > self.active_window_s or key[0] not in live:
+                    del self._recent[key]
+            return len(self._recent)
+
         def load_batch_to_runtime(self, timeout: Optional[float] = None, device=None):
-            pending = []
-            if not self._prefills:
-                pending.append(self._ordered_tasks.get(block=True, timeout=timeout))
-            while True:
-                try:
-                    pending.append(self._ordered_tasks.get_nowait())
-                except queue.Empty:
-                    break
             decode, seen_handles, put_back = [], set(), []
-            for task in pending:
+
+            def take(task) -> None:
                 if self._is_decode(task):
                     handles = {h for info in task.args[2] for h in info.cache_handles}
                     if len(decode) >= self.max_sessions or handles & seen_handles:
                         put_back.append(task)  # next iteration (never two steps of one session at once)
-                        continue
-                    seen_handles |= handles
+                        return
+                    seen_handles.update(handles)
                     decode.append(task)
                     self.batch_receiver.recv()  # one token per task leaves the pool now
                 else:
                     self._prefills.append(_Prefill(task))  # its token leaves with its last chunk
+
+            if not self._prefills:
+                take(self._ordered_tasks.get(block=True, timeout=timeout))
+            while True:
+                try:
+                    take(self._ordered_tasks.get_nowait())
+                except queue.Empty:
+                    break
+            if decode and not self._prefills and self.batch_wait_s > 0:
+                # Sessions that stepped recently will most likely step again within a few milliseconds: wait
+                # (bounded) for them, so that their steps share this pass instead of queueing behind it.
+                now = time.monotonic()
+                expected = self._expected_sessions(now)
+                deadline = now + self.batch_wait_s
+                while len(decode) < min(expected, self.max_sessions) and not self._prefills and not put_back:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        take(self._ordered_tasks.get(timeout=remaining))
+                    except queue.Empty:
+                        break
+            now = time.monotonic()
+            for task in decode:
+                self._recent[self._session_key(task)] = now
             for task in put_back:
                 self._ordered_tasks.put(task)
             work = _Work(decode=decode)
@@ -406,7 +443,8 @@ def pool_class():
 _installed: dict = {}
 
 
-def install(*, max_sessions: int = DEFAULT_MAX_SESSIONS, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
+def install(*, max_sessions: int = DEFAULT_MAX_SESSIONS, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+            batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS):
     """Make Petals' ModuleContainer use :class:`BatchingInferencePool` for every server made in this process."""
     import petals.server.backend as backend_module
     import petals.server.server as server_module
@@ -417,7 +455,8 @@ def install(*, max_sessions: int = DEFAULT_MAX_SESSIONS, prefill_chunk_tokens: i
     def merge_inference_pools_inplace(backends: dict) -> None:
         first_pool = next(iter(backends.values())).inference_pool
         pool = cls(backends, max_batch_size=first_pool.max_batch_size, device=first_pool.device,
-                   max_sessions=max_sessions, prefill_chunk_tokens=prefill_chunk_tokens)
+                   max_sessions=max_sessions, prefill_chunk_tokens=prefill_chunk_tokens,
+                   batch_wait_ms=batch_wait_ms)
         for backend in backends.values():
             assert not backend.inference_pool.is_alive()
             backend.inference_pool = pool

@@ -55,6 +55,7 @@ class ServerOptions:
     batching: bool = True  # batch concurrent sessions' decode steps (node_server/batching.py, docs/batching.md)
     batch_max_sessions: int = 64
     prefill_chunk_tokens: int = 64
+    batch_wait_ms: float = 4.0  # wait at most this long for recently active sessions' next steps
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -259,7 +260,8 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
 
         if options.batching and batching.enabled_by_env():
             batching.install(max_sessions=options.batch_max_sessions,
-                             prefill_chunk_tokens=options.prefill_chunk_tokens)
+                             prefill_chunk_tokens=options.prefill_chunk_tokens,
+                             batch_wait_ms=options.batch_wait_ms)
             if writer is not None:
                 writer.batching = True
         else:

@@ -201,3 +201,111 @@ def test_smollm2_block_batched_decode_equals_petals_step(smollm2_dir):
             torch.testing.assert_close(future.result()[0], backends.petals_step(x, s["reference"], s["position"]),
                                        rtol=1e-5, atol=1e-4)
             s["position"] += 1
+
+
+# -- through a real swarm ------------------------------------------------------------------------------------
+
+def _batching_stats(swarm, name: str) -> dict:
+    return swarm.node_status(name).get("batching") or {}
+
+
+def _cache_tokens_available(client, peer_id: str, uid: str) -> int:
+    from hivemind import MSGPackSerializer, PeerID
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.proto import runtime_pb2
+    from petals.server.handler import TransformerConnectionHandler
+
+    p2p = client.sequence_manager.state.p2p
+    stub = TransformerConnectionHandler.get_stub(p2p, PeerID.from_base58(peer_id))
+    info = RemoteExpertWorker.run_coroutine(stub.rpc_info(runtime_pb2.ExpertUID(uid=uid)))
+    return MSGPackSerializer.loads(info.serialized_info)["cache_tokens_available"]
+
+
+PROMPTS = ("def compute(a, b):", "import os\nimport sys\n\nclass Parser:\n    def __init__(self, text):",
+           "x", "for i in range(10):\n    print(i)", "The quick brown fox")
+
+
+@pytest.mark.swarm
+def test_concurrent_sessions_through_batching_servers_equal_solo_runs(fresh_swarm, tiny_model_dir, local_model):
+    """Five sessions through two batching servers, with different prompt lengths, starting and ending at
+    different times, one cancelled midway: each gets exactly the tokens it gets alone; a client that vanishes
+    mid-generation frees its cache; the servers' counters show batches of more than one session."""
+    from services.coordinator.engine import SwarmModel
+    from services.coordinator.metering import WorkMeter
+    from services.coordinator.sampling import SamplingParams
+
+    fresh_swarm.start_node("a", "0:2")
+    fresh_swarm.start_node("b", "2:4")
+    fresh_swarm.wait_online(["a", "b"], NUM_BLOCKS)
+    client = SwarmModel(MODEL_ID, tiny_model_dir, fresh_swarm.initial_peers, request_timeout=30)
+    try:
+        uid = f"{client.sequence_manager.block_uids[0]}"
+        baseline = _cache_tokens_available(client, fresh_swarm.nodes["a"].peer_id, uid)
+
+        # a client in another process that will vanish (SIGKILL) mid-generation
+        script = textwrap.dedent(f"""
+            import sys, torch
+            from services.common import petals_compat
+            from services.coordinator.engine import SwarmModel
+            from services.coordinator.metering import WorkMeter
+            from services.coordinator.sampling import SamplingParams
+            client = SwarmModel({MODEL_ID!r}, {str(tiny_model_dir)!r}, {fresh_swarm.initial_peers!r})
+            ids = client.encode("while True:")
+            for delta in client.start(ids, SamplingParams(max_tokens=200, temperature=0), WorkMeter()):
+                print("token", flush=True)
+        """)
+        doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                  cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True)
+
+        plans = [  # (prompt, max_tokens, start delay s, cancel after n tokens)
+            (PROMPTS[0], 24, 0.0, None), (PROMPTS[1], 16, 0.3, None), (PROMPTS[2], 30, 0.0, 6),
+            (PROMPTS[3], 20, 0.8, None), (PROMPTS[4], 12, 1.5, None)]
+        results: dict[int, list[int]] = {}
+        errors: list = []
+
+        def run(index: int) -> None:
+            prompt, max_tokens, delay, cancel_after = plans[index]
+            time.sleep(delay)
+            try:
+                cancel = threading.Event()
+                generation = client.start(client.encode(prompt), SamplingParams(max_tokens=max_tokens,
+                                                                                temperature=0), WorkMeter(), cancel)
+                tokens = []
+                for delta in generation:
+                    tokens.append(delta.token_id)
+                    if cancel_after is not None and len(tokens) == cancel_after:
+                        cancel.set()
+                results[index] = tokens
+            except Exception as error:  # pragma: no cover - reported below
+                errors.append(error)
+
+        assert doomed.stdout.readline().startswith("token")  # its session holds a cache on both servers now
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(plans))]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        os.killpg(doomed.pid, signal.SIGKILL)  # vanishes while the others generate
+        doomed.wait(timeout=30)
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors
+
+        for index, (prompt, max_tokens, _delay, cancel_after) in enumerate(plans):
+            expected = local_greedy(local_model, client.encode(prompt), max_tokens)
+            if cancel_after is not None:
+                assert results[index] == expected[:cancel_after]
+            else:
+                assert results[index] == expected, f"session {index}"
+
+        deadline = time.monotonic() + 30
+        while _cache_tokens_available(client, fresh_swarm.nodes["a"].peer_id, uid) != baseline:
+            assert time.monotonic() < deadline, "the vanished client's cache was never freed"
+            time.sleep(0.5)
+
+        time.sleep(1.5)  # the status files are written every second
+        for name in ("a", "b"):
+            stats = _batching_stats(fresh_swarm, name)
+            assert stats["decode_batches"] > 0 and stats["avg_batch"] > 1.0, (name, stats)
+            assert stats["max_batch"] >= 3, (name, stats)
+    finally:
+        client.shutdown()
