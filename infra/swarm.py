@@ -83,6 +83,17 @@ class LocalSwarm:
         self.nodes[name] = node
         return node
 
+    def node_status(self, name: str) -> dict:
+        """What the node's server child last wrote to its status file (state, span, batching counters)."""
+        import json
+
+        node = self.nodes[name]
+        path = self.workdir / "nodes" / f"{name}-state" / "node" / "run" / f"{node.peer_id}.status.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
     def dht_client(self):
         if self._dht is None:
             from services.common import petals_compat  # noqa: F401

@@ -108,6 +108,8 @@ def run(
                                                                   "with discovery (earns nothing)"),
     heartbeat_interval: Optional[float] = typer.Option(None, help="seconds between heartbeats (default: what "
                                                                   "discovery says, 30)"),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="batch concurrent sessions' decode "
+                                  "steps into one forward pass per block (docs/batching.md)"),
     server_command: Optional[str] = typer.Option(None, hidden=True, help="tests: stand-in for the Petals server"),
 ) -> None:
     """Serve the configured blocks into the swarm, register with discovery and heartbeat until SIGINT/SIGTERM."""
@@ -196,6 +198,7 @@ def run(
         request_timeout=request_timeout,
         update_period=update_period,
         memory_limit_gb=memory_limit_gb,
+        batching=batching,
     )
     supervisor = Supervisor(AgentConfig(
         options=options, identity_path=identity_path, state_dir=state_dir, model_id=model_id,

@@ -52,6 +52,10 @@ class ServerOptions:
     update_period: float = 15.0
     request_timeout: float = 180.0
     memory_limit_gb: Optional[float] = None  # CUDA: per-process memory fraction; auto span: how many blocks fit
+    batching: bool = True  # batch concurrent sessions' decode steps (node_server/batching.py, docs/batching.md)
+    batch_max_sessions: int = 64
+    prefill_chunk_tokens: int = 64
+    batch_wait_ms: float = 4.0  # wait at most this long for recently active sessions' next steps
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -94,6 +98,8 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
         use_auto_relay=False,
         mean_block_selection_delay=0.5,
     )
+    if options.batching:
+        kwargs["prefetch_batches"] = 0  # the batching pool must see every waiting step at once (batching.py)
     if options.inference_max_length:
         kwargs["inference_max_length"] = options.inference_max_length
     if options.attn_cache_tokens:
@@ -165,6 +171,7 @@ class StatusWriter(threading.Thread):
         self.server = None
         self.stopped = threading.Event()
         self.hardware = _device_hardware(options.device)
+        self.batching = False
 
     def snapshot(self, state: Optional[str] = None) -> dict:
         info = getattr(self.server, "server_info", None)
@@ -178,6 +185,10 @@ class StatusWriter(threading.Thread):
             **self.hardware,
         }
         data.update(_device_usage(self.options.device))
+        if self.batching:
+            from node_server.batching import STATS
+
+            data["batching"] = STATS.snapshot()
         return data
 
     def write(self, state: Optional[str] = None) -> None:
@@ -245,6 +256,16 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
         if writer is not None:
             writer.write("STARTING")
         options = _resolve_context(_resolve_auto_num_blocks(options))
+        from node_server import batching
+
+        if options.batching and batching.enabled_by_env():
+            batching.install(max_sessions=options.batch_max_sessions,
+                             prefill_chunk_tokens=options.prefill_chunk_tokens,
+                             batch_wait_ms=options.batch_wait_ms)
+            if writer is not None:
+                writer.batching = True
+        else:
+            options = dataclasses.replace(options, batching=False)
         if options.device.startswith("cuda") and options.memory_limit_gb:
             index = torch.device(options.device).index or 0
             total = torch.cuda.get_device_properties(index).total_memory

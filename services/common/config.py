@@ -71,6 +71,13 @@ class Settings(BaseSettings):
                                              "on a replica (0 = only PETALS_REQUEST_TIMEOUT_S)")
     PETALS_STEP_BUDGET_FLOOR_S: float = Field(default=1.0, gt=0, description="coordinator: the step budget's floor")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "
+                                         "per model (docs/generation.md \"Concurrency\")")
+    MAX_QUEUED_GENERATIONS: int = Field(default=32, ge=0, description="coordinator: generations waiting for a "
+                                        "running slot per model; more get 503 overloaded")
+    MAX_QUEUE_WAIT_S: float = Field(default=10.0, ge=0, description="coordinator: longest wait for a running "
+                                    "slot before 503 overloaded")
+    OVERLOADED_RETRY_AFTER_S: int = Field(default=2, ge=1, description="Retry-After of 503 overloaded")
     SESSION_SWEEP_INTERVAL_S: float = Field(default=60.0, gt=0, description="coordinator: stale-session sweep period")
     SESSION_STALE_AFTER_S: float = Field(default=0.0, ge=0, description="a running session not updated this long is "
                                          "finalized 'interrupted' (0 = GENERATION_TIMEOUT_S + 120)")

@@ -78,7 +78,9 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S,
-            deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS)
+            deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS,
+            max_running=settings.MAX_RUNNING_GENERATIONS, max_waiting=settings.MAX_QUEUED_GENERATIONS,
+            max_queue_wait_s=settings.MAX_QUEUE_WAIT_S, overloaded_retry_after_s=settings.OVERLOADED_RETRY_AFTER_S)
         sweeper = asyncio.create_task(app.state.service.sweep_stale_sessions(
             interval_s=settings.SESSION_SWEEP_INTERVAL_S, stale_after_s=settings.stale_session_after_s))
         log.info("coordinator ready", coordinator_id=coordinator_id)

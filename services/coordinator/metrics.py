@@ -25,4 +25,6 @@ FAILOVER_STALL = Histogram("farmesh_failover_stall_seconds", "From the start of 
 NODE_WORK_UNITS = Counter("farmesh_node_work_units_total", "Work units (blocks x positions) per provider peer",
                           ["peer_id"])
 RUNNING = Gauge("farmesh_num_requests_running", "Generations running now", ["model_id"])
+WAITING = Gauge("farmesh_num_requests_waiting", "Generations waiting for a running slot (admission queue)",
+                ["model_id"])
 SWARM_READY = Gauge("farmesh_swarm_ready", "1 if every block of the model has an ONLINE server", ["model_id"])

@@ -24,6 +24,7 @@ from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.common.petals_compat import SwarmUnavailable
 from services.coordinator import metrics
+from services.coordinator.admission import AdmissionGate, Overloaded
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
@@ -80,6 +81,7 @@ class ActiveGeneration:
     generation: object = None
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    release_slot: object = None  # the admission slot's release (services/coordinator/admission.py)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class InferenceService:
     def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter], models: dict,
                  readiness: dict, default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
-                 max_api_keys: int = 50):
+                 max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
+                 max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2):
         self.store = store
         self.accounts = accounts
         self.limiter = limiter
@@ -118,7 +121,13 @@ class InferenceService:
         self.generation_timeout_s = generation_timeout_s
         self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
         self.max_api_keys = max_api_keys
-        self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generation")
+        self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
+                                           thread_name_prefix="generation")
+        self.admission = {
+            model_id: AdmissionGate(model_id, max_running=max_running, max_waiting=max_waiting,
+                                    max_wait_s=max_queue_wait_s, retry_after_s=overloaded_retry_after_s,
+                                    on_change=lambda gate: metrics.WAITING.labels(gate.model_id).set(gate.waiting))
+            for model_id in models}
         # Running generations by (account_id, request_id): request ids are idempotency keys per account.
         self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
@@ -256,10 +265,29 @@ class InferenceService:
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
         await self.gate(prepared.model)
-        started = await self.begin(prepared, request, principal)
+        release = await self.take_slot(prepared.model.model_id)
+        try:
+            started = await self.begin(prepared, request, principal)
+        except BaseException:
+            release()
+            raise
         if isinstance(started, Replay):
+            release()
             return self.replay_events(started)
+        started.release_slot = release
         return self.run(prepared, started)
+
+    async def take_slot(self, model_id: str):
+        """A running slot of the model, waiting in its bounded queue; 503 ``overloaded`` beyond it."""
+        gate = self.admission.get(model_id)
+        if gate is None:
+            return lambda: None
+        try:
+            return await gate.acquire()
+        except Overloaded as error:
+            metrics.REQUESTS.labels(model_id, "overloaded").inc()
+            raise ServingError(503, "overloaded", str(error), headers={"Retry-After": str(error.retry_after_s)},
+                               retry_after_s=error.retry_after_s, running=gate.running, waiting=gate.waiting)
 
     # --------------------------------------------------------------------------------------- generation
     async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[dict]:
@@ -353,6 +381,8 @@ class InferenceService:
             final = await self._save(active, generation, meter, status, failure)
         finally:
             self.active.pop((active.account_id, active.request_id), None)
+            if active.release_slot is not None:
+                active.release_slot()
             metrics.RUNNING.labels(model_id).dec()
         metrics.GENERATED_TOKENS.labels(model_id).inc(generation.completion_tokens)
         metrics.E2E_LATENCY.labels(model_id).observe(time.monotonic() - active.started_at)

@@ -1,0 +1,476 @@
+"""Server-side batching: decode steps of different inference sessions run as one forward pass per block.
+
+Petals 2.2.0 runs every session's step as its own runtime task (average batch size 1.00), so concurrent users
+queue behind each other, while a block's forward on this kind of machine is memory-bandwidth bound: one SmolLM2
+block costs ~3.0 ms at batch 1 and ~5.3 ms at batch 8 (../shared/SPEC.md "A real model from PyPI"). This module
+replaces the server's merged inference pool (``petals.server.backend.merge_inference_pools_inplace``) with
+:class:`BatchingInferencePool`, which hands the runtime *all* waiting steps at once:
+
+* **decode steps** (one new position, no deep prompts, no beam reordering, no adapter) of different sessions
+  that wait at the same time are stacked into one ``[rows, 1, hidden]`` tensor and run through each block
+  together: the norms, the q/k/v/o projections and the MLP (the weight reads that dominate) run once for the
+  whole batch; rotary embeddings use each row's own position, and attention runs per session over that
+  session's own attention cache (no padding, no session sees another's tokens). New keys/values are written
+  into each session's own cache, exactly where Petals writes them.
+* **other steps** (prefill, replays, anything with prompts/hypo_ids/adapters, other architectures) run through
+  Petals' own code path. A long prefill is cut into chunks of ``prefill_chunk_tokens`` positions, one chunk per
+  runtime iteration, so running sessions' decode steps are served between chunks (chunked prefill is exact for
+  causal attention: each chunk's keys/values are complete in every block before the next chunk starts).
+* A session that fails (its cache was freed because its client vanished, a bad shape, ...) gets its own
+  exception; its batch-mates get their results. If the batched computation itself raises, each session of the
+  batch is re-run on its own (the cache positions it rewrites are the same), so only the culprit fails.
+
+Nothing changes on the wire: the handler, the protocol and the client are Petals' own. The runtime must not
+prefetch batches (``prefetch_batches=0``): with prefetch, a background thread pulls each step out of the queue
+the moment it arrives, one by one, and there is nothing left to batch. :func:`server_kwargs` sets it.
+
+Switch: ``ServerOptions.batching`` (``far-node run --no-batching``), or ``FAR_MESH_DISABLE_COMPAT_FIX=batching``
+(the same fence as the compat fixes). ``STATS`` counts batches and sessions; the node's status file carries it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FIX_NAME = "batching"
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_PREFILL_CHUNK_TOKENS = 64
+DEFAULT_BATCH_WAIT_MS = 4.0
+
+
+def enabled_by_env() -> bool:
+    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
+    return FIX_NAME not in disabled
+
+
+class BatchingStats:
+    """Counters of the runtime thread (read by the status writer of the same process)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.decode_batches = 0  # batched forward passes (one per block chain)
+            self.decode_steps = 0  # session steps served by them
+            self.max_batch = 0
+            self.prefill_chunks = 0
+            self.other_steps = 0  # steps run through Petals' own path (prefill, prompts, ...)
+            self.failed_steps = 0
+            self.isolated_reruns = 0  # batches re-run per session after the batched pass raised
+
+    def record_batch(self, size: int) -> None:
+        with self._lock:
+            self.decode_batches += 1
+            self.decode_steps += size
+            self.max_batch = max(self.max_batch, size)
+
+    def add(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + count)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "decode_batches": self.decode_batches,
+                "decode_steps": self.decode_steps,
+                "avg_batch": round(self.decode_steps / self.decode_batches, 3) if self.decode_batches else 0.0,
+                "max_batch": self.max_batch,
+                "prefill_chunks": self.prefill_chunks,
+                "other_steps": self.other_steps,
+                "failed_steps": self.failed_steps,
+                "isolated_reruns": self.isolated_reruns,
+            }
+
+
+STATS = BatchingStats()
+
+
+# -- the batched block forward (Llama family) ------------------------------------------------------------------
+
+@dataclass
+class SessionSlice:
+    """One session's rows in a batch and its attention cache for one block (Petals' cache layout:
+    keys ``[batch, kv_heads, head_dim, max_length]``, values ``[batch, kv_heads, max_length, head_dim]``)."""
+
+    start: int
+    stop: int
+    prefix_length: int
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+
+
+def supports_batched_decode(layer: torch.nn.Module) -> bool:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    attn = getattr(layer, "self_attn", None)
+    return (isinstance(layer, LlamaDecoderLayer) and attn is not None
+            and getattr(attn.config, "pretraining_tp", 1) == 1 and hasattr(attn, "rotary_emb"))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.inference_mode()
+def llama_decode_batch(layer: torch.nn.Module, hidden: torch.Tensor, sessions: Sequence[SessionSlice]) -> torch.Tensor:
+    """One decode step of several sessions through one Llama block: ``hidden`` is ``[rows, 1, hidden_size]``,
+    each session owns rows ``[start, stop)`` and its cache; returns the block's output for all rows and writes
+    each session's new key/value at its own ``prefix_length``."""
+    attn = layer.self_attn
+    rows = hidden.shape[0]
+    heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    groups = heads // kv_heads
+
+    residual = hidden
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(rows, heads, head_dim)
+    k = attn.k_proj(x).view(rows, kv_heads, head_dim)
+    v = attn.v_proj(x).view(rows, kv_heads, head_dim)
+
+    positions = torch.empty(rows, dtype=torch.long)
+    for s in sessions:
+        positions[s.start:s.stop] = s.prefix_length
+    cos, sin = attn.rotary_emb(v, seq_len=int(positions.max()) + 1)  # [1, 1, seq, head_dim]
+    cos = cos[0, 0].index_select(0, positions).unsqueeze(1)  # [rows, 1, head_dim]
+    sin = sin[0, 0].index_select(0, positions).unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.empty(rows, heads * head_dim, dtype=hidden.dtype)
+    for s in sessions:
+        b, p = s.stop - s.start, s.prefix_length
+        s.key_cache[:, :, :, p] = k[s.start:s.stop]
+        s.value_cache[:, :, p, :] = v[s.start:s.stop]
+        keys = s.key_cache[:, :, :, : p + 1]  # [b, kv, d, p+1]
+        values = s.value_cache[:, :, : p + 1, :]  # [b, kv, p+1, d]
+        qs = q[s.start:s.stop].view(b, kv_heads, groups, head_dim)
+        scores = torch.matmul(qs, keys) * scale  # [b, kv, groups, p+1]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out[s.start:s.stop] = torch.matmul(probs, values).reshape(b, heads * head_dim)
+    x = residual + attn.o_proj(out.view(rows, 1, heads * head_dim))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+# -- the task pool ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Prefill:
+    task: Any
+    offset: int = 0
+    outputs: list = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    decode: list  # tasks
+    prefill: Optional[_Prefill] = None
+    prefill_last: bool = False
+    results: list = field(default_factory=list)  # (task, outputs tuple | BaseException)
+
+
+def _make_pool_class():
+    from petals.server.task_pool import PrioritizedTaskPool
+
+    class BatchingInferencePool(PrioritizedTaskPool):
+        """A drop-in for Petals' merged inference pool that batches concurrent sessions' decode steps."""
+
+        def __init__(self, backends: dict, *, max_batch_size: int, device=None, name: str = "batching_inference",
+                     max_sessions: int = DEFAULT_MAX_SESSIONS,
+                     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, batch_wait_ms: float = 0.0,
+                     stats: BatchingStats = STATS):
+            from petals.server.backend import _MergedInferenceStep
+
+            super().__init__(self._process, max_batch_size=max_batch_size, device=device, name=name)
+            self.backends = backends
+            self._petals_step = _MergedInferenceStep(backends)
+            self.max_sessions = max(1, int(max_sessions))
+            self.prefill_chunk_tokens = max(1, int(prefill_chunk_tokens))
+            self.stats = stats
+            self._batchable_uids = {uid for uid, backend in backends.items()
+                                    if len(backend.module.module_shards) == 1
+                                    and supports_batched_decode(backend.module.module_shards[0])}
+            self._prefills: deque[_Prefill] = deque()  # runtime thread only
+            self._works: dict[int, _Work] = {}
+            self._recent: dict[tuple, float] = {}  # session (cache handles of its first block) -> last step time
+            self.memory_cache = next(iter(backends.values())).memory_cache
+            self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
+            self.active_window_s = 1.0
+            self._work_ids = itertools.count()
+
+        # -- forming work (runtime thread) --------------------------------------------------------------------
+        def _is_decode(self, task) -> bool:
+            from petals.utils.misc import is_dummy
+
+            hidden, hypo_ids, infos, *prompts = task.args
+            return (isinstance(hidden, torch.Tensor) and hidden.ndim == 3 and hidden.shape[1] == 1
+                    and is_dummy(hypo_ids) and all(p is None for p in prompts)
+                    and all(not info.active_adapter and info.uid in self._batchable_uids for info in infos))
+
+        def _session_key(self, task):
+            return task.args[2][0].cache_handles
+
+        def _expected_sessions(self, now: float) -> int:
+            """Sessions that stepped recently and still hold their cache: their next steps are worth waiting for."""
+            with self.memory_cache.use_cache():  # applies the handlers' allocations and frees
+                live = self.memory_cache._allocated_tensors
+            for key, seen in list(self._recent.items()):
+                if now - seen > self.active_window_s or key[0] not in live:
+                    del self._recent[key]
+            return len(self._recent)
+
+        def load_batch_to_runtime(self, timeout: Optional[float] = None, device=None):
+            decode, seen_handles, put_back = [], set(), []
+
+            def take(task) -> None:
+                if self._is_decode(task):
+                    handles = {h for info in task.args[2] for h in info.cache_handles}
+                    if len(decode) >= self.max_sessions or handles & seen_handles:
+                        put_back.append(task)  # next iteration (never two steps of one session at once)
+                        return
+                    seen_handles.update(handles)
+                    decode.append(task)
+                    self.batch_receiver.recv()  # one token per task leaves the pool now
+                else:
+                    self._prefills.append(_Prefill(task))  # its token leaves with its last chunk
+
+            if not self._prefills:
+                take(self._ordered_tasks.get(block=True, timeout=timeout))
+            while True:
+                try:
+                    take(self._ordered_tasks.get_nowait())
+                except queue.Empty:
+                    break
+            if decode and not self._prefills and self.batch_wait_s > 0:
+                # Sessions that stepped recently will most likely step again within a few milliseconds: wait
+                # (bounded) for them, so that their steps share this pass instead of queueing behind it.
+                now = time.monotonic()
+                expected = self._expected_sessions(now)
+                deadline = now + self.batch_wait_s
+                while len(decode) < min(expected, self.max_sessions) and not self._prefills and not put_back:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        take(self._ordered_tasks.get(timeout=remaining))
+                    except queue.Empty:
+                        break
+            now = time.monotonic()
+            for task in decode:
+                self._recent[self._session_key(task)] = now
+            for task in put_back:
+                self._ordered_tasks.put(task)
+            work = _Work(decode=decode)
+            if self._prefills:
+                prefill = self._prefills[0]
+                hidden = prefill.task.args[0]
+                work.prefill = prefill
+                work.prefill_last = (not self._chunkable(prefill.task)
+                                     or prefill.offset + self._chunk_length(hidden) >= hidden.shape[1])
+                if work.prefill_last:
+                    self._prefills.popleft()
+                    self.batch_receiver.recv()
+            if not self._ordered_tasks.empty():
+                first: Any = self._ordered_tasks.queue[0]
+                self.priority = (first.priority, first.time_submitted)
+            work_id = next(self._work_ids)
+            self._works[work_id] = work
+            return work_id, [work]
+
+        def _chunk_length(self, hidden: torch.Tensor) -> int:
+            return max(1, self.prefill_chunk_tokens // max(1, hidden.shape[0]))
+
+        def _chunkable(self, task) -> bool:
+            from petals.utils.misc import is_dummy
+
+            hidden, hypo_ids, _infos, *prompts = task.args
+            return hidden.ndim == 3 and is_dummy(hypo_ids) and all(p is None for p in prompts)
+
+        # -- running work (runtime thread) --------------------------------------------------------------------
+        def _process(self, work: _Work):
+            if work.decode:
+                self._run_decode(work.decode, work.results)
+            if work.prefill is not None:
+                self._run_prefill_chunk(work)
+            size = len(work.decode) + (1 if work.prefill is not None else 0)
+            return torch.empty(size), work  # Runtime reads outputs[0].size(0) as the batch size
+
+        def _run_prefill_chunk(self, work: _Work) -> None:
+            from petals.data_structures import InferenceMetadata
+
+            prefill = work.prefill
+            task = prefill.task
+            try:
+                if not self._chunkable(task):
+                    self.stats.add("other_steps")
+                    work.results.append((task, self._petals_step(*task.args)))
+                    return
+                hidden, hypo_ids, infos, *prompts = task.args
+                length = self._chunk_length(hidden)
+                offset = prefill.offset
+                chunk_infos = tuple(InferenceMetadata(i.uid, i.prefix_length + offset, i.cache_handles,
+                                                      i.active_adapter) for i in infos)
+                (out,) = self._petals_step(hidden[:, offset:offset + length], hypo_ids, chunk_infos, *prompts)
+                self.stats.add("prefill_chunks")
+                prefill.outputs.append(out)
+                prefill.offset = offset + length
+                if work.prefill_last:
+                    self.stats.add("other_steps")
+                    result = prefill.outputs[0] if len(prefill.outputs) == 1 else torch.cat(prefill.outputs, dim=1)
+                    work.results.append((task, (result,)))
+            except Exception as error:
+                self.stats.add("failed_steps")
+                if not work.prefill_last:  # stop the chunks of a failed prefill now
+                    try:
+                        self._prefills.remove(prefill)
+                        self.batch_receiver.recv()
+                    except ValueError:
+                        pass
+                work.prefill_last = True
+                work.results.append((task, error))
+
+        def _session_caches(self, task) -> list:
+            """Per block: (key, value) cache tensors of this task's session; raises if any is gone."""
+            hidden, _hypo, infos, *_ = task.args
+            caches = []
+            for info in infos:
+                backend = self.backends[info.uid]
+                with backend.memory_cache.use_cache(*info.cache_handles) as tensors:
+                    key, value = tensors
+                if key.shape[0] != hidden.shape[0]:
+                    raise ValueError(f"batch size {hidden.shape[0]} does not match the session's cache ({key.shape[0]})")
+                if info.prefix_length + 1 > key.shape[-1]:
+                    raise ValueError(f"prefix {info.prefix_length} + 1 exceeds the session's cache ({key.shape[-1]})")
+                caches.append((key, value))
+            return caches
+
+        def _run_decode(self, tasks: list, results: list) -> None:
+            groups: dict[tuple, list] = {}
+            for task in tasks:
+                try:
+                    caches = self._session_caches(task)
+                except Exception as error:  # e.g. KeyError: the client vanished and its cache was freed
+                    self.stats.add("failed_steps")
+                    results.append((task, error))
+                    continue
+                groups.setdefault(tuple(info.uid for info in task.args[2]), []).append((task, caches))
+            for chain, members in groups.items():
+                try:
+                    outputs = self._decode_chain(chain, members)
+                    self.stats.record_batch(len(members))
+                    results.extend(zip((task for task, _ in members), outputs))
+                except Exception as error:
+                    logger.warning("batched decode of %d sessions failed (%r); running them one by one",
+                                   len(members), error)
+                    self.stats.add("isolated_reruns")
+                    for task, _caches in members:
+                        try:
+                            results.append((task, self._petals_step(*task.args)))
+                            self.stats.add("other_steps")
+                        except Exception as single_error:
+                            self.stats.add("failed_steps")
+                            results.append((task, single_error))
+
+        def _decode_chain(self, chain: tuple, members: list) -> list:
+            dtype = self.backends[chain[0]].dtype
+            hidden = torch.cat([task.args[0].to(dtype) for task, _ in members], dim=0)
+            bounds = list(itertools.accumulate([task.args[0].shape[0] for task, _ in members], initial=0))
+            for block_index, uid in enumerate(chain):
+                layer = self.backends[uid].module.module_shards[0]
+                sessions = [SessionSlice(bounds[i], bounds[i + 1], task.args[2][block_index].prefix_length,
+                                         *caches[block_index]) for i, (task, caches) in enumerate(members)]
+                hidden = llama_decode_batch(layer, hidden, sessions)
+            return [(hidden[bounds[i]:bounds[i + 1]].clone(),) for i in range(len(members))]
+
+        # -- delivering results (sender thread) ---------------------------------------------------------------
+        def send_outputs_from_runtime(self, uid: int, batch_outputs) -> None:
+            work = self._works.pop(uid, None)
+            if work is None:
+                logger.error("batching pool: no work %s to deliver", uid)
+                return
+            for task, result in work.results:
+                try:
+                    if isinstance(result, BaseException):
+                        task.future.set_exception(result)
+                    else:
+                        task.future.set_result([t.detach().cpu().share_memory_() for t in result])
+                except Exception as error:  # a future whose handler is gone must not hurt the others
+                    logger.debug("batching pool: could not deliver a result: %r", error)
+
+        def send_exception_from_runtime(self, uid: int, exception: BaseException) -> None:
+            work = self._works.pop(uid, None)
+            if work is None:
+                return
+            done = {id(task) for task, _ in work.results}
+            tasks = [task for task, _ in work.results] + [t for t in work.decode if id(t) not in done]
+            if work.prefill is not None and work.prefill_last and id(work.prefill.task) not in done:
+                tasks.append(work.prefill.task)
+            for task in tasks:
+                try:
+                    task.future.set_exception(exception)
+                except Exception:
+                    pass
+
+    return BatchingInferencePool
+
+
+_POOL_CLASS = None
+
+
+def pool_class():
+    global _POOL_CLASS
+    if _POOL_CLASS is None:
+        _POOL_CLASS = _make_pool_class()
+    return _POOL_CLASS
+
+
+_installed: dict = {}
+
+
+def install(*, max_sessions: int = DEFAULT_MAX_SESSIONS, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+            batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS):
+    """Make Petals' ModuleContainer use :class:`BatchingInferencePool` for every server made in this process."""
+    import petals.server.backend as backend_module
+    import petals.server.server as server_module
+
+    original = _installed.setdefault("original", server_module.merge_inference_pools_inplace)
+    cls = pool_class()
+
+    def merge_inference_pools_inplace(backends: dict) -> None:
+        first_pool = next(iter(backends.values())).inference_pool
+        pool = cls(backends, max_batch_size=first_pool.max_batch_size, device=first_pool.device,
+                   max_sessions=max_sessions, prefill_chunk_tokens=prefill_chunk_tokens,
+                   batch_wait_ms=batch_wait_ms)
+        for backend in backends.values():
+            assert not backend.inference_pool.is_alive()
+            backend.inference_pool = pool
+
+    merge_inference_pools_inplace._far_mesh_original = original
+    server_module.merge_inference_pools_inplace = merge_inference_pools_inplace
+    backend_module.merge_inference_pools_inplace = merge_inference_pools_inplace
+
+
+def uninstall() -> None:
+    import petals.server.backend as backend_module
+    import petals.server.server as server_module
+
+    original = _installed.get("original")
+    if original is not None:
+        server_module.merge_inference_pools_inplace = original
+        backend_module.merge_inference_pools_inplace = original
