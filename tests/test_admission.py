@@ -76,6 +76,7 @@ def test_service_answers_503_overloaded_with_retry_after_and_metrics():
     class FakeModel:
         model_id = "admission-test"
         failure_listeners: list = []
+        failover_listeners: list = []
 
     async def scenario():
         service = InferenceService(store=None, accounts=None, limiter=None, models={"admission-test": FakeModel()},

@@ -25,6 +25,7 @@ def read_env(path: Path) -> dict:
 
 def spawn_up(state_dir: Path, server_url: str, redis_url: str, database: str, log) -> pexpect.spawn:
     env = dict(os.environ, FAR_MESH_STATE_DIR=str(state_dir), POSTGRES_URL=server_url, REDIS_URL=redis_url,
+               DISCOVERY_CHALLENGES_PER_MINUTE="100000",  # the test session shares one Redis database
                COLUMNS="250")
     args = ["-m", "services.cli", "up", "--database", database]
     for option in ("--port", "--discovery-port", "--chain-port", "--payouts-port"):
