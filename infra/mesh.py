@@ -408,11 +408,12 @@ class LocalMesh:
                               env=self.base_env(), capture_output=capture, text=True, timeout=180)
 
     def far_balance(self, wallet: str) -> Decimal:
+        from services.common.money import from_base_units
         from services.payouts.chain import connect
 
         settings = self.settings.model_copy(update=dict(BSC_RPC_URL=self.rpc_url, **self.contracts))
         chain = connect(settings, "local")
-        return Decimal(chain.far_balance(wallet)).scaleb(-18)
+        return from_base_units(chain.far_balance(wallet))
 
     # ------------------------------------------------------------------------------------------ where
 

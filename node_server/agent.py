@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
@@ -39,6 +38,7 @@ from node_server.discovery_client import (DiscoveryClient, DiscoveryError, Disco
                                           Registration)
 from node_server.petals_server import ServerOptions
 from services.common.logs import get_logger
+from services.common.money import format_far_truncated
 
 log = get_logger("far-node")
 GB = 1024**3
@@ -92,20 +92,13 @@ def backoff_delay(failures: int, *, initial: float = 1.0, maximum: float = 60.0)
     return min(maximum, initial * 2 ** max(0, failures))
 
 
-def format_far(value) -> str:
-    try:
-        return str(Decimal(str(value)).quantize(Decimal("0.0001"), rounding=ROUND_DOWN))
-    except (InvalidOperation, ValueError):
-        return "-"
-
-
 def status_line(*, tokens: Optional[int], earned: Optional[str], memory: str, blocks: str, state: str,
                 note: Optional[str] = None, prefix: str = "[Heartbeat]") -> str:
     """``[Heartbeat] Tokens: 1234 | Earned: 0.1234 FAR | VRAM: 22.5/24.0 GB | Blocks 0:16 ONLINE``"""
     parts = []
     if prefix == "[Heartbeat]":
         parts += [f"Tokens: {tokens if tokens is not None else '-'}",
-                  f"Earned: {format_far(earned) if earned is not None else '-'} FAR"]
+                  f"Earned: {format_far_truncated(earned) if earned is not None else '-'} FAR"]
     parts += [memory, f"Blocks {blocks} {state}"]
     if note:
         parts.append(note)

@@ -276,7 +276,7 @@ def _duration(seconds) -> str:
 
 def format_status(info: dict, *, peer_id: str) -> str:
     """Discovery's ``GET /nodes/{node_id}`` as a short report (tolerant of missing fields)."""
-    from node_server.agent import format_far
+    from services.common.money import format_far_truncated as format_far
 
     def get(name, default="-"):
         value = info.get(name)

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from eth_utils import to_checksum_address
 
-from services.payouts.planner import far_to_base
+from services.common.money import to_base_units
 
 
 def wallet(i: int) -> str:
@@ -80,7 +80,7 @@ def expected_payments(contributions: list[tuple[str | None, int]], *, completion
                       prompt_tokens: int = 0, price: Decimal = Decimal("0.01"), prompt_price: Decimal = Decimal(0),
                       fee_bps: int = 1000) -> dict[str, Decimal]:
     """SPEC "Accounting", independently in Python integers: shares round down to 1e-18 FAR."""
-    cost_base = far_to_base(completion_tokens * price + prompt_tokens * prompt_price)
+    cost_base = to_base_units(completion_tokens * price + prompt_tokens * prompt_price)
     total_units = sum(units for _, units in contributions)
     out: dict[str, Decimal] = defaultdict(Decimal)
     for w, units in contributions:

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.money import from_base_units, format_far, session_cost, split_session, to_base_units
+from services.common.money import (
+    format_far,
+    format_far_truncated,
+    from_base_units,
+    parse_far,
+    session_cost,
+    split_session,
+    to_base_units,
+)
 
 
 prices = st.integers(min_value=0, max_value=10**18).map(from_base_units)
@@ -23,6 +31,17 @@ def test_base_units_are_exact():
     with pytest.raises(TypeError):
         to_base_units(0.1)  # floats are refused
     assert format_far(Decimal("0.0048000")) == "0.0048"
+    assert format_far(Decimal("100")) == "100" and format_far(Decimal("-0")) == "0"
+
+
+def test_display_and_parsing_never_round_up():
+    # A status line shows earnings rounded down: never more than was earned.
+    assert format_far_truncated("0.00009") == "0.0000" and format_far_truncated("1.99999") == "1.9999"
+    assert format_far_truncated("12") == "12.0000" and format_far_truncated("nonsense") == "-"
+    assert parse_far("0.000000000000000001") == Decimal("1e-18")
+    for bad in ("1e-19", "0", "-1", "NaN", "Infinity", "ten"):
+        with pytest.raises(ValueError):
+            parse_far(bad)
 
 
 @given(cost=prices, bps=st.integers(0, 10_000),

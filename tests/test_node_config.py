@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from node_server import keys, validation
-from node_server.agent import backoff_delay, describe_exit, format_far, status_line
+from node_server.agent import backoff_delay, describe_exit, status_line
+from services.common.money import format_far_truncated as format_far
 from node_server.config import NodeConfig, default_config_path, load_config, save_config
 from node_server.discovery_client import DiscoveryClient, DiscoveryRefused, DiscoveryUnavailable, NotRegistered
 

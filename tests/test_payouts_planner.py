@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.money import to_base_units
 from services.payouts.planner import (
     WalletDue,
     build_plan,
-    far_to_base,
     max_recipients_for_gas,
     plan_payouts,
 )
@@ -35,7 +35,7 @@ def test_plan_partitions_wallets(dues, max_recipients, minimum):
     assert not {d.wallet for d in paid} & {d.wallet for d in plan.carried_over}
     assert all(d.amount_far >= minimum for d in paid) and all(d.amount_far < minimum for d in plan.carried_over)
     assert plan.total_far + plan.carried_over_far == sum((r.amount_far for r in rows), Decimal(0))
-    assert sum(sum(b.amounts_base) for b in plan.batches) == far_to_base(plan.total_far)
+    assert sum(sum(b.amounts_base) for b in plan.batches) == to_base_units(plan.total_far)
     # deterministic regardless of input order
     again = plan_payouts(list(reversed(rows)), min_payout_far=minimum, max_recipients=max_recipients)
     assert again == plan
@@ -54,11 +54,11 @@ def test_zero_address_is_never_paid():
 
 
 def test_exact_base_units_and_no_floats():
-    assert far_to_base(Decimal("1.000000000000000001")) == 10**18 + 1
+    assert to_base_units(Decimal("1.000000000000000001")) == 10**18 + 1
     with pytest.raises(ValueError):
-        far_to_base(Decimal("0.0000000000000000001"))
+        to_base_units(Decimal("0.0000000000000000001"))
     with pytest.raises(TypeError):
-        far_to_base(0.1)  # type: ignore[arg-type]
+        to_base_units(0.1)  # type: ignore[arg-type]
 
 
 def test_gas_cap_limits_batch_size():

@@ -8,7 +8,7 @@ stream is live and checked against the database by the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Hashable, Mapping
 
 DECIMALS = 18
@@ -28,14 +28,35 @@ def to_base_units(amount_far: Decimal) -> int:
     return int(scaled)
 
 
+def parse_far(text: str) -> Decimal:
+    """A user-typed positive FAR amount (CLI options), exact: ValueError with the reason otherwise."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a decimal amount of FAR") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"{text!r}: the amount must be positive")
+    to_base_units(value)  # refuses more than 18 decimals
+    return value
+
+
 def from_base_units(base: int) -> Decimal:
     return Decimal(base).scaleb(-DECIMALS)
 
 
-def format_far(amount_far: Decimal) -> str:
-    """Decimal string for JSON: no exponent, no trailing zeros beyond what is needed."""
-    text = format(amount_far.normalize(), "f")
+def format_far(amount_far) -> str:
+    """Exact decimal string (JSON, CLIs): no exponent, no trailing zeros ("40.5", "0.000000000000000001")."""
+    text = format(Decimal(amount_far).normalize(), "f")
     return text if text != "-0" else "0"
+
+
+def format_far_truncated(amount_far, places: int = 4) -> str:
+    """Fixed-width display for one-line status output ("12.0000"): rounded *down*, so a provider is never shown
+    more than it earned; "-" for an unreadable value. Not for anything that is added up or paid."""
+    try:
+        return str(Decimal(str(amount_far)).quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN))
+    except (InvalidOperation, ValueError):
+        return "-"
 
 
 def session_cost(completion_tokens: int, prompt_tokens: int, price_per_token: Decimal,

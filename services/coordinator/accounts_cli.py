@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Optional
 
 import asyncpg
@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.config import get_settings
-from services.common.money import format_far
+from services.common.money import format_far, parse_far
 from services.coordinator.accounts import AccountStore
 
 keys_app = typer.Typer(help="API keys (fl_...).", no_args_is_help=True)
@@ -33,12 +33,9 @@ def _with_store(fn):
 
 def _amount(text: str) -> Decimal:
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise typer.BadParameter(f"{text!r} is not a decimal amount of FAR") from None
-    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("1e-18")):
-        raise typer.BadParameter("amount must be positive with at most 18 decimals")
-    return value
+        return parse_far(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 @accounts_app.command("create")

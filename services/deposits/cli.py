@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from services.payouts.cli import Network, _config_error, _run, _settings, console, fmt_far
+from services.common.money import format_far
+from services.payouts.cli import Network, _config_error, _run, _settings, console
 
 app = typer.Typer(help="Credit on-chain FAR deposits (FarDeposit) to prepaid accounts.", no_args_is_help=True,
                   add_completion=False)
@@ -45,14 +46,14 @@ def run_once(network: Optional[Network] = typer.Option(None, help="default: BSC_
         typer.echo(f"far-mesh deposits: skipped: {report.skipped}", err=True)
         raise typer.Exit(3)
     for credit in report.credited:
-        console.print(f"credited {fmt_far(credit.amount_far)} FAR to {credit.account_id} "
+        console.print(f"credited {format_far(credit.amount_far)} FAR to {credit.account_id} "
                       f"({credit.tx_hash}:{credit.log_index})")
     for credit in report.unmatched:
-        console.print(f"[yellow]unmatched[/yellow] {fmt_far(credit.amount_far)} FAR ({credit.tx_hash}:"
+        console.print(f"[yellow]unmatched[/yellow] {format_far(credit.amount_far)} FAR ({credit.tx_hash}:"
                       f"{credit.log_index}): its accountRef names no account")
     span = f"blocks {report.from_block}..{report.to_block}" if report.to_block is not None else "no new final blocks"
     console.print(f"{span} (final up to {report.safe_head}): {len(report.credited)} credited "
-                  f"({fmt_far(report.credited_far)} FAR), {len(report.unmatched)} unmatched")
+                  f"({format_far(report.credited_far)} FAR), {len(report.unmatched)} unmatched")
 
 
 @app.command("watch")

@@ -27,7 +27,7 @@ import asyncpg
 from eth_utils import to_checksum_address
 
 from services.payouts.chain import Chain
-from services.payouts.planner import far_to_base
+from services.common.money import to_base_units
 
 TRANSFER_TOPIC = "0x" + "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 LOG_CHUNK = 5_000
@@ -191,7 +191,7 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
             _problem(check, f"batch {number}: no BatchPaid({number}) event in {batch['tx_hash']}")
         items = await conn.fetch("SELECT wallet_address, amount_far, amount_base FROM far_payment_batch_items "
                                  "WHERE batch_id = $1", batch["batch_id"])
-        expected = Multiset((to_checksum_address(row["wallet_address"]), far_to_base(Decimal(row["amount_far"])))
+        expected = Multiset((to_checksum_address(row["wallet_address"]), to_base_units(Decimal(row["amount_far"])))
                             for row in items)
         if transfers != expected:
             missing = expected - transfers

@@ -32,15 +32,13 @@ from web3.middleware import ExtraDataToPOAMiddleware
 
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.logs import get_logger
-from services.payouts.planner import far_to_base  # noqa: F401  (re-exported)
+from services.common.money import to_base_units
 
 log = get_logger(__name__)
 
 BUILD_DIR = PROJECT_ROOT / "contracts" / "build"
 CHAIN_IDS = {"testnet": 97, "mainnet": 56}
 NETWORKS = ("local", "testnet", "mainnet")
-FAR_DECIMALS = 18
-BASE_UNITS_PER_FAR = 10**FAR_DECIMALS
 
 # The first account of anvil's well-known development mnemonic. Only ever used on network "local".
 LOCAL_DEV_PRIVATE_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
@@ -81,10 +79,6 @@ def scrub_url(text: str, url: str | None) -> str:
     for secret in sorted({s for s in secrets if s and s != "/"}, key=len, reverse=True):
         text = text.replace(secret, "/<redacted>" if secret.startswith("/") else "<redacted>")
     return text
-
-
-def base_to_far(amount: int) -> Decimal:
-    return Decimal(int(amount)).scaleb(-FAR_DECIMALS)
 
 
 def load_artifact(name: str) -> dict[str, Any]:
@@ -188,7 +182,7 @@ def deploy_contracts(chain: Chain, *, treasury: str | None = None,
     if token_address:
         chain.attach(token_address, None)
     else:
-        chain.token = chain.deploy("FarToken", treasury, far_to_base(initial_supply_far))
+        chain.token = chain.deploy("FarToken", treasury, to_base_units(initial_supply_far))
     chain.payout = chain.deploy("FarPayout", chain.token.address, treasury)
     chain.deploy_block = chain.w3.eth.block_number
     chain.deposit = chain.deploy("FarDeposit", chain.token.address, treasury)

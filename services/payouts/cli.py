@@ -26,6 +26,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.common.money import format_far  # light: the CLI imports the heavy parts lazily
+
 app = typer.Typer(help="Weekly FAR payouts on BNB Smart Chain.", no_args_is_help=True, add_completion=False)
 chain_app = typer.Typer(help="Deploy and inspect the FAR contracts.", no_args_is_help=True, add_completion=False)
 
@@ -38,12 +40,6 @@ def _table(title: str, *columns: str) -> Table:
     for column in columns:
         table.add_column(column, overflow="fold")
     return table
-
-
-def fmt_far(amount) -> str:
-    from services.payouts.planner import fmt_far as fmt
-
-    return fmt(amount)
 
 
 class Network(str, Enum):
@@ -99,15 +95,15 @@ def print_plan(plan, *, title: str) -> None:
         table.add_row(str(index), wallet, amount, str(sessions))
     console.print(table)
     console.print(f"cutoff {plan.cutoff.isoformat() if plan.cutoff else '-'}: {plan.recipient_count} wallets, "
-                  f"{fmt_far(plan.total_far)} FAR in {len(plan.batches)} batch(es); {len(plan.carried_over)} wallets "
-                  f"below the {fmt_far(plan.min_payout_far)} FAR minimum carry over {fmt_far(plan.carried_over_far)} FAR")
+                  f"{format_far(plan.total_far)} FAR in {len(plan.batches)} batch(es); {len(plan.carried_over)} wallets "
+                  f"below the {format_far(plan.min_payout_far)} FAR minimum carry over {format_far(plan.carried_over_far)} FAR")
 
 
 def print_batches(batches) -> None:
     table = _table("batches", "batch", "state", "recipients", "total (FAR)", "tx hash", "block", "note")
     for batch in batches:
         note = ("resumed " if batch.resumed else "") + (batch.error or "")
-        table.add_row(str(batch.batch_number), batch.state, str(batch.recipient_count), fmt_far(batch.total_far),
+        table.add_row(str(batch.batch_number), batch.state, str(batch.recipient_count), format_far(batch.total_far),
                       batch.tx_hash or "-", str(batch.block_number or "-"), note.strip())
     console.print(table)
 
@@ -140,7 +136,7 @@ def run_once(
     if dry_run:
         for row in report.open_batches:
             console.print(f"would resume batch {row['batch_number']} ({row['state']}, {row['recipient_count']} "
-                          f"recipients, {fmt_far(row['total_far'])} FAR, network {row['network']})")
+                          f"recipients, {format_far(row['total_far'])} FAR, network {row['network']})")
         print_plan(report.plan, title=f"payout plan (dry run, {net})")
         return
     if report.plan is not None:
@@ -149,7 +145,7 @@ def run_once(
         print_batches(report.batches)
     for error in report.errors:
         typer.echo(f"far-mesh payouts: {error}", err=True)
-    console.print(f"paid {fmt_far(report.paid_far)} FAR in {sum(b.state == 'confirmed' for b in report.batches)} "
+    console.print(f"paid {format_far(report.paid_far)} FAR in {sum(b.state == 'confirmed' for b in report.batches)} "
                   f"confirmed batch(es)")
     if not report.ok:
         raise typer.Exit(1)
@@ -188,7 +184,7 @@ def status(limit: int = typer.Option(20, help="how many recent batches")) -> Non
                    "created", "error")
     for row in _run(fetch()):
         table.add_row(str(row["batch_number"]), row["network"], row["state"], str(row["recipient_count"]),
-                      fmt_far(row["total_far"]), row["tx_hash"] or "-", str(row["block_number"] or "-"),
+                      format_far(row["total_far"]), row["tx_hash"] or "-", str(row["block_number"] or "-"),
                       row["created_at"].isoformat(timespec="seconds"), row["error"] or "")
     console.print(table)
 

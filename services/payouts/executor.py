@@ -48,6 +48,7 @@ from eth_utils import to_checksum_address
 from web3.exceptions import ContractLogicError, TransactionNotFound
 
 from services.common.logs import get_logger
+from services.common.money import to_base_units
 from services.payouts import metrics
 from services.payouts.chain import Chain
 from services.payouts.planner import (
@@ -55,7 +56,6 @@ from services.payouts.planner import (
     Plan,
     WalletDue,
     build_plan,
-    far_to_base,
     max_recipients_for_gas,
 )
 
@@ -306,7 +306,7 @@ class PayoutExecutor:
                     log.warning("payouts.plan_changed", wallet=row["wallet"], planned=str(planned.get(row["wallet"])),
                                 attached=str(amount))
                 rows.append((batch["batch_id"], to_checksum_address(row["wallet"]), amount,
-                             Decimal(far_to_base(amount)), int(row["session_count"])))
+                             Decimal(to_base_units(amount)), int(row["session_count"])))
             if not rows:
                 raise _Rollback()
             await conn.executemany(
@@ -368,7 +368,7 @@ class PayoutExecutor:
         items = await self._items(conn, batch["batch_id"])
         recipients = [to_checksum_address(row["wallet_address"]) for row in items]
         amounts = [int(row["amount_base"]) for row in items]
-        if sum(amounts) != far_to_base(Decimal(batch["total_far"])):
+        if sum(amounts) != to_base_units(Decimal(batch["total_far"])):
             raise PayoutError(f"batch {number}: items do not add up to total_far")
         data = chain.payout.encode_abi("payBatch", args=[number, recipients, amounts])
         call = {"from": chain.address, "to": chain.payout.address, "data": data}

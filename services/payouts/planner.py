@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 
 from eth_utils import to_checksum_address
 
-BASE_UNITS_PER_FAR = 10**18
+from services.common.money import format_far, to_base_units
+
 ZERO_ADDRESS = "0x" + "0" * 40
 
 # Gas of one payBatch: fixed part, and the worst case per recipient (a new recipient costs ~27.4k with
@@ -59,7 +60,7 @@ class WalletDue:
 
     @property
     def amount_base(self) -> int:
-        return far_to_base(self.amount_far)
+        return to_base_units(self.amount_far)
 
 
 @dataclass(frozen=True)
@@ -104,16 +105,6 @@ class Plan:
         return sum(len(batch.items) for batch in self.batches)
 
 
-def far_to_base(amount: Decimal) -> int:
-    """Exact FAR -> integer base units; refuses anything finer than 1e-18 FAR (never rounds, never floats)."""
-    if not isinstance(amount, Decimal):
-        raise TypeError(f"FAR amounts are Decimal, got {type(amount).__name__}")
-    scaled = amount.scaleb(18)
-    if not scaled.is_finite() or scaled != scaled.to_integral_value():
-        raise ValueError(f"{amount} FAR is not a whole number of base units")
-    return int(scaled)
-
-
 def max_recipients_for_gas(gas_cap: int, configured_max: int) -> int:
     """How many recipients fit one transaction under ``gas_cap`` (worst case), capped by configuration."""
     by_gas = max(1, (gas_cap - BATCH_BASE_GAS) // WORST_GAS_PER_RECIPIENT)
@@ -145,7 +136,7 @@ def plan_payouts(dues: Iterable[WalletDue], *, min_payout_far: Decimal, max_reci
     skipped: list[WalletDue] = []
     for key in sorted(merged):
         due = merged[key]
-        far_to_base(due.amount_far)  # validates the precision
+        to_base_units(due.amount_far)  # validates the precision
         if key == ZERO_ADDRESS:
             skipped.append(due)
         elif due.amount_far <= 0:
@@ -171,24 +162,18 @@ async def build_plan(conn, *, cutoff: datetime, min_payout_far: Decimal, max_rec
                         max_recipients=max_recipients, cutoff=cutoff)
 
 
-def fmt_far(amount: Decimal) -> str:
-    """Exact, human form of a FAR amount: no exponent, no trailing zeros ("40.5", "0.000000000000000001")."""
-    text = format(Decimal(amount), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
 def summarize(plan: Plan) -> dict[str, object]:
     return {
         "cutoff": plan.cutoff.isoformat() if plan.cutoff else None,
         "batches": len(plan.batches),
         "recipients": plan.recipient_count,
-        "total_far": fmt_far(plan.total_far),
+        "total_far": format_far(plan.total_far),
         "carried_over_wallets": len(plan.carried_over),
-        "carried_over_far": fmt_far(plan.carried_over_far),
+        "carried_over_far": format_far(plan.carried_over_far),
     }
 
 
 def rows_for_table(plan: Plan) -> Sequence[tuple[int, str, str, int]]:
     """(batch index, wallet, amount, sessions) rows for the CLI table."""
-    return [(index, item.wallet, fmt_far(item.amount_far), item.session_count)
+    return [(index, item.wallet, format_far(item.amount_far), item.session_count)
             for index, batch in enumerate(plan.batches, start=1) for item in batch.items]
