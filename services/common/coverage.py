@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
+from services.common.states import NodeState
+
 ANNOUNCED_STATES = ("JOINING", "ONLINE")
 
 
@@ -39,7 +41,7 @@ class RegisteredNode:
     node_id: str
     start_block: int
     end_block: int
-    state: str = "online"  # far_nodes.state: online | offline | unregistered
+    state: NodeState = NodeState.ONLINE
     live: bool = True  # heartbeat within NODE_HEARTBEAT_TTL_S
     last_seen: Optional[float] = None  # unix time of the last heartbeat
     public_name: Optional[str] = None
@@ -182,7 +184,7 @@ def compute_coverage(
     # Registered (and heartbeating) nodes that the DHT does not show.
     if dht_connected:
         for node in sorted(registered, key=lambda n: n.peer_id):
-            if node.state != "online" or not node.live or node.peer_id in announced:
+            if node.state != NodeState.ONLINE or not node.live or node.peer_id in announced:
                 continue
             span = describe_blocks(_span_blocks(node.start_block, node.end_block, num_blocks) or [node.start_block])
             blocking.append(f"node {_who(node.peer_id, node.public_name)} is registered for {span} but absent "
@@ -194,7 +196,7 @@ def compute_coverage(
         if node is None:
             blocking.append(f"peer {_who(peer_id, info['name'])} serves {span} but is not registered: "
                             "it earns nothing")
-        elif node.state != "online":
+        elif node.state != NodeState.ONLINE:
             # Payment rule (docs/discovery.md "Who is paid"): a peer that registered is paid for the work its server
             # does, to the wallet it registered, even after it unregistered; only never-registered peers earn nothing.
             blocking.append(f"peer {_who(peer_id, info['name'] or node.public_name)} serves {span} but its node "

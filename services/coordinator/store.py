@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import asyncpg
 
+from services.common.states import SessionStatus
 from services.coordinator.metering import PeerWork
 
 
@@ -171,7 +172,7 @@ class SessionStore:
             "WHERE status = 'running' AND finalized_at IS NULL AND coordinator_id = $1", coordinator_id)
         for row in rows:
             async with self.pool.acquire() as conn, conn.transaction():
-                await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
+                await _finalize_and_settle(conn, row["session_id"], SessionStatus.INTERRUPTED, None, row["prompt_tokens"],
                                            row["completion_tokens"], None, "coordinator restarted mid-session")
         return len(rows)
 
@@ -192,7 +193,7 @@ class SessionStore:
                         ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED""", float(stale_after_s))
                 if row is None:
                     break
-                await _finalize_and_settle(conn, row["session_id"], "interrupted", None, row["prompt_tokens"],
+                await _finalize_and_settle(conn, row["session_id"], SessionStatus.INTERRUPTED, None, row["prompt_tokens"],
                                            row["completion_tokens"], None,
                                            f"no progress for {stale_after_s:.0f} s: finalized by the stale-session "
                                            f"sweep")

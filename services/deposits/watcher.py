@@ -42,6 +42,7 @@ from eth_utils import keccak, to_checksum_address
 
 from services.common.logs import get_logger
 from services.common.money import from_base_units
+from services.common.states import DepositState
 from services.deposits import metrics
 
 log = get_logger(__name__)
@@ -241,7 +242,7 @@ class DepositWatcher:
                     credit = await self._record(conn, chain_id, event)
                     if credit is None:
                         report.already_known += 1
-                    elif credit.state == "credited":
+                    elif credit.state == DepositState.CREDITED:
                         report.credited.append(credit)
                     else:
                         report.unmatched.append(credit)
@@ -276,7 +277,7 @@ class DepositWatcher:
         if account is not None and not await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM far_accounts WHERE account_id = $1)", account):
             account = None
-        state = "credited" if account is not None else "unmatched"
+        state = DepositState.CREDITED if account is not None else DepositState.UNMATCHED
         deposit_id = await conn.fetchval(
             """INSERT INTO far_deposits (chain_id, contract_address, tx_hash, log_index, block_number, block_hash,
                    account_ref, account_id, from_address, amount_base, amount_far, state)

@@ -26,6 +26,7 @@ from services.common.coverage import RegisteredNode, compute_coverage
 from services.common.identity import public_key_problem, registration_message, verify_signature
 from services.common.logs import get_logger
 from services.common.money import format_far
+from services.common.states import NodeState
 from services.discovery.hot import HotStore, new_token, token_hash
 from services.discovery.metrics import DiscoveryMetrics
 from services.discovery.protocol import ApiError, HeartbeatRequest, RegisterRequest, check_peer_id, check_wallet
@@ -152,7 +153,7 @@ class Discovery:
         self._heartbeats_ok.inc()
         return {"ok": True, "node_id": node_id, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
                 "tokens_served": ledger["tokens_served"], "earned_far": _far(ledger["earned_far"]),
-                "state": "online"}
+                "state": NodeState.ONLINE}
 
     async def refresh_ledgers(self) -> int:
         """Re-read the ledger figures (tokens served, FAR earned) of the nodes whose contributions changed since
@@ -214,7 +215,7 @@ class Discovery:
             node_id = r["node_id"]
             hb = last.get(node_id)
             detail = details.get(node_id) or {}
-            active = r["state"] == "online" and hb is not None and now - hb <= self.ttl
+            active = r["state"] == NodeState.ONLINE and hb is not None and now - hb <= self.ttl
             ledger = json.loads(detail["ledger"]) if detail.get("ledger") else None
             report = json.loads(detail["report"]) if detail.get("report") else {}
             since = float(detail["online_since"]) if active and detail.get("online_since") else None
@@ -253,7 +254,7 @@ class Discovery:
         now = time.time()
         registered = [
             RegisteredNode(peer_id=r["peer_id"], node_id=r["node_id"], start_block=r["start_block"],
-                           end_block=r["end_block"], state=r["state"],
+                           end_block=r["end_block"], state=NodeState(r["state"]),
                            live=last.get(r["node_id"]) is not None and now - last[r["node_id"]] <= self.ttl,
                            last_seen=last.get(r["node_id"]) or r["last_seen"].timestamp(),
                            public_name=r["public_name"])
@@ -346,14 +347,14 @@ class Discovery:
         old_sha = await self.store.unregister(node_id)
         await self.hot.drop(node_id, old_sha or token_hash(_bearer(authorization)))
         log.info("node unregistered", node_id=node_id)
-        return {"ok": True, "node_id": node_id, "state": "offline"}
+        return {"ok": True, "node_id": node_id, "state": NodeState.OFFLINE}
 
     # --- nodes and models ----------------------------------------------------------------------------------
     async def active_nodes(self, model_id: Optional[str]) -> dict:
         if model_id is not None:
             self.num_blocks(model_id)
         live = await self.hot.live_nodes()
-        rows = [r for r in await self.store.nodes(node_ids=list(live), model_id=model_id) if r["state"] == "online"]
+        rows = [r for r in await self.store.nodes(node_ids=list(live), model_id=model_id) if r["state"] == NodeState.ONLINE]
         nodes = await self.describe_nodes(rows)
         return {"nodes": nodes, "count": len(nodes), "heartbeat_ttl_s": self.ttl}
 
@@ -408,7 +409,7 @@ class Discovery:
         rows = await self.store.nodes(wallet=wallet)
         live = await self.hot.last_heartbeats([r["node_id"] for r in rows])
         now = time.time()
-        online = sum(1 for r in rows if r["state"] == "online" and live.get(r["node_id"]) is not None
+        online = sum(1 for r in rows if r["state"] == NodeState.ONLINE and live.get(r["node_id"]) is not None
                      and now - live[r["node_id"]] <= self.ttl)
         return {"wallet_address": wallet.lower(), "tokens_served": totals["tokens_served"],
                 "sessions": totals["sessions"], "earned_far": _far(totals["earned"]),

@@ -28,6 +28,7 @@ from eth_utils import to_checksum_address
 
 from services.payouts.chain import Chain
 from services.common.money import to_base_units
+from services.common.states import BatchState
 
 TRANSFER_TOPIC = "0x" + "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 LOG_CHUNK = 5_000
@@ -92,7 +93,7 @@ async def check_attachment(conn) -> Check:
         WHERE b.state = 'failed' OR s.finalized_at IS NULL OR c.node_id IS NULL OR c.wallet_address IS NULL
            OR c.payment_far <= 0""")
     for row in bad:
-        why = ("its batch failed but it was not released" if row["state"] == "failed"
+        why = ("its batch failed but it was not released" if row["state"] == BatchState.FAILED
                else "it is not payable (unfinalized session, unregistered node, no wallet or no payment)")
         _problem(check, f"contribution ({row['session_id']}, {row['peer_id']}) in batch {row['batch_number']}: {why}")
     orphans = await conn.fetch("""
@@ -161,7 +162,7 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
             continue
         check.checked += 1
         paid_on_chain = payout.functions.paid(number).call()
-        if batch["state"] == "failed":
+        if batch["state"] == BatchState.FAILED:
             if paid_on_chain:
                 _problem(check, f"batch {number} is failed (contributions released) but the contract says it is "
                                 "paid: those contributions may be paid twice")

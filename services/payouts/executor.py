@@ -49,6 +49,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound
 
 from services.common.logs import get_logger
 from services.common.money import to_base_units
+from services.common.states import OPEN_BATCH_STATES, BatchState
 from services.payouts import metrics
 from services.payouts.chain import Chain
 from services.payouts.planner import (
@@ -72,16 +73,16 @@ def is_revert(error: BaseException) -> bool:
 
 
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"far-mesh:payouts").digest()[:8], "big", signed=True)
-OPEN_STATES = ("planned", "signed", "submitted")
 # The one table of legal batch state changes. Every state change goes through PayoutExecutor._transition, and the
 # database enforces the same table (trigger far_payment_batches_guard, migration 0004_payout_guards).
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "planned": frozenset({"signed", "failed"}),
-    "signed": frozenset({"submitted", "failed"}),
-    "submitted": frozenset({"confirmed", "failed"}),
-    "confirmed": frozenset(),
-    "failed": frozenset(),
+TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
+    BatchState.PLANNED: frozenset({BatchState.SIGNED, BatchState.FAILED}),
+    BatchState.SIGNED: frozenset({BatchState.SUBMITTED, BatchState.FAILED}),
+    BatchState.SUBMITTED: frozenset({BatchState.CONFIRMED, BatchState.FAILED}),
+    BatchState.CONFIRMED: frozenset(),
+    BatchState.FAILED: frozenset(),
 }
+# Where a fault-injection test can crash the executor: after each recorded state, and between the chain's steps.
 CHECKPOINTS = ("planned", "signed", "broadcast", "submitted", "mined", "confirmed", "failed")
 CRASH_ENV = "FAR_MESH_PAYOUTS_CRASH_AT"
 
@@ -136,11 +137,11 @@ class RunReport:
 
     @property
     def paid_far(self) -> Decimal:
-        return sum((b.total_far for b in self.batches if b.state == "confirmed"), Decimal(0))
+        return sum((b.total_far for b in self.batches if b.state == BatchState.CONFIRMED), Decimal(0))
 
     @property
     def ok(self) -> bool:
-        return not self.errors and all(b.state in ("confirmed",) for b in self.batches)
+        return not self.errors and all(b.state in (BatchState.CONFIRMED,) for b in self.batches)
 
 
 class PayoutExecutor:
@@ -215,7 +216,7 @@ class PayoutExecutor:
         async with conn.transaction(readonly=True):
             report.open_batches = [dict(row) for row in await conn.fetch(
                 "SELECT batch_id, batch_number, network, state, total_far, recipient_count, tx_hash "
-                "FROM far_payment_batches WHERE state = ANY($1::text[]) ORDER BY batch_number", list(OPEN_STATES))]
+                "FROM far_payment_batches WHERE state = ANY($1::text[]) ORDER BY batch_number", list(OPEN_BATCH_STATES))]
             report.plan = await build_plan(conn, cutoff=cutoff, min_payout_far=self.min_payout_far,
                                            max_recipients=self.max_recipients)
         return report
@@ -251,14 +252,14 @@ class PayoutExecutor:
                 continue
             outcome = await self._drive(conn, row)
             report.batches.append(outcome)
-            if outcome.state != "confirmed":
+            if outcome.state != BatchState.CONFIRMED:
                 report.errors.append(f"batch {outcome.batch_number} ended {outcome.state}: {outcome.error or ''}")
                 break  # the next run resumes / re-plans
         metrics.OPEN_BATCHES.set(len(await self._open_batches(conn)))
 
     async def _open_batches(self, conn) -> list[asyncpg.Record]:
         rows = await conn.fetch("SELECT * FROM far_payment_batches WHERE state = ANY($1::text[]) "
-                                "ORDER BY batch_number", list(OPEN_STATES))
+                                "ORDER BY batch_number", list(OPEN_BATCH_STATES))
         for row in rows:
             if row["network"] != self.network:
                 raise PayoutError(f"batch {row['batch_number']} is {row['state']} on network {row['network']}; "
@@ -318,7 +319,7 @@ class PayoutExecutor:
                 batch["batch_id"], total, len(rows))
         log.info("payouts.batch_planned", batch_number=batch["batch_number"], recipients=len(rows),
                  total_far=str(total))
-        self._checkpoint("planned", batch["batch_number"])
+        self._checkpoint(BatchState.PLANNED, batch["batch_number"])
         return batch
 
     # ---------------------------------------------------------------------------------------- drive
@@ -328,8 +329,8 @@ class PayoutExecutor:
         if resumed:
             log.info("payouts.resume", batch_number=number, state=batch["state"], tx_hash=batch["tx_hash"])
         self._check_target(batch)
-        while batch["state"] in OPEN_STATES:
-            if batch["state"] == "planned":
+        while batch["state"] in OPEN_BATCH_STATES:
+            if batch["state"] == BatchState.PLANNED:
                 batch = await self._sign(conn, batch)
             else:
                 batch, waiting = await self._advance_signed(conn, batch)
@@ -338,7 +339,7 @@ class PayoutExecutor:
         outcome = BatchOutcome(str(batch["batch_id"]), number, batch["state"], Decimal(batch["total_far"]),
                                batch["recipient_count"], batch["tx_hash"], batch["block_number"], batch["error"],
                                resumed)
-        if outcome.state in ("confirmed", "failed"):
+        if outcome.state in (BatchState.CONFIRMED, BatchState.FAILED):
             metrics.BATCHES.labels(outcome.state).inc()
         return outcome
 
@@ -388,11 +389,11 @@ class PayoutExecutor:
         del tx["from"]
         signed = chain.account.sign_transaction(tx)
         tx_hash = "0x" + bytes(signed.hash).hex()
-        batch = await self._transition(conn, batch, "signed", raw_tx=bytes(signed.raw_transaction), tx_hash=tx_hash,
-                                       nonce=nonce, gas_limit=gas_limit, from_address=chain.address,
+        batch = await self._transition(conn, batch, BatchState.SIGNED, raw_tx=bytes(signed.raw_transaction),
+                                       tx_hash=tx_hash, nonce=nonce, gas_limit=gas_limit, from_address=chain.address,
                                        chain_id=chain.chain_id, contract_address=chain.payout.address, error=None)
         log.info("payouts.batch_signed", batch_number=number, tx_hash=tx_hash, nonce=nonce, gas_limit=gas_limit)
-        self._checkpoint("signed", number)
+        self._checkpoint(BatchState.SIGNED, number)
         return batch
 
     def _receipt(self, tx_hash: str):
@@ -429,16 +430,16 @@ class PayoutExecutor:
                 try:
                     chain.w3.eth.send_raw_transaction(bytes(batch["raw_tx"]))
                     log.info("payouts.broadcast", batch_number=number, tx_hash=tx_hash,
-                             rebroadcast=batch["state"] != "signed")
+                             rebroadcast=batch["state"] != BatchState.SIGNED)
                 except Exception as error:  # noqa: BLE001 - "already known" races; re-checked below
                     if not self._known(tx_hash) and self._receipt(tx_hash) is None:
                         raise PayoutError(f"batch {number}: broadcast of {tx_hash} failed: {error}") from error
                 self._checkpoint("broadcast", number)
-        if batch["state"] == "signed":
-            batch = await self._transition(conn, batch, "submitted",
+        if batch["state"] == BatchState.SIGNED:
+            batch = await self._transition(conn, batch, BatchState.SUBMITTED,
                                            submitted_at=batch["submitted_at"] or datetime.now(timezone.utc))
             log.info("payouts.batch_submitted", batch_number=number, tx_hash=tx_hash)
-            self._checkpoint("submitted", number)
+            self._checkpoint(BatchState.SUBMITTED, number)
         receipt = await self._wait_receipt(tx_hash)
         if receipt is None:
             log.warning("payouts.receipt_timeout", batch_number=number, tx_hash=tx_hash)
@@ -457,14 +458,14 @@ class PayoutExecutor:
                                   "is paid; investigate before releasing")
             return await self._fail(conn, batch, f"transaction {tx_hash} reverted in block {receipt['blockNumber']} "
                                                  f"({head - receipt['blockNumber']} confirmations)"), False
-        batch = await self._transition(conn, batch, "confirmed", block_number=receipt["blockNumber"],
+        batch = await self._transition(conn, batch, BatchState.CONFIRMED, block_number=receipt["blockNumber"],
                                        gas_used=receipt["gasUsed"], confirmed_at=datetime.now(timezone.utc), error=None)
         metrics.PAID_FAR.inc(float(batch["total_far"]))
         metrics.PAID_RECIPIENTS.inc(batch["recipient_count"])
         metrics.GAS_USED.inc(receipt["gasUsed"])
         log.info("payouts.batch_confirmed", batch_number=number, tx_hash=tx_hash, block=receipt["blockNumber"],
                  gas_used=receipt["gasUsed"], total_far=str(batch["total_far"]))
-        self._checkpoint("confirmed", number)
+        self._checkpoint(BatchState.CONFIRMED, number)
         return batch, False
 
     async def _nonce_state(self, batch) -> tuple[str, int | None]:
@@ -546,7 +547,7 @@ class PayoutExecutor:
                 batch["batch_id"], to, current, *columns.values())
             if row is None:
                 raise PayoutError(f"batch {number} is no longer {current}; not moved to {to}")
-            if to == "failed":
+            if to == BatchState.FAILED:
                 released = await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL "
                                               "WHERE payment_batch_id = $1", batch["batch_id"])
                 log.info("payouts.contributions_released", batch_number=number, released=released)
@@ -555,11 +556,11 @@ class PayoutExecutor:
     async def _fail(self, conn, batch, reason: str):
         """-> failed, releasing the contributions (payment_batch_id = NULL) in the same transaction. The next run
         plans them again (never the run that released them)."""
-        batch = await self._transition(conn, batch, "failed", error=reason)
+        batch = await self._transition(conn, batch, BatchState.FAILED, error=reason)
         self.released = True
         metrics.FAILURES.labels("batch").inc()
         log.error("payouts.batch_failed", batch_number=batch["batch_number"], reason=reason)
-        self._checkpoint("failed", batch["batch_number"])
+        self._checkpoint(BatchState.FAILED, batch["batch_number"])
         return batch
 
 

@@ -1,0 +1,37 @@
+"""The state enums of services/common/states.py are the words the schema's CHECK constraints allow, no more, no
+less; and the executor's transition table is the one the database trigger enforces."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+import pytest
+
+from services.common.states import OPEN_BATCH_STATES, BatchState, DepositState, NodeState, SessionStatus
+from services.payouts.executor import TRANSITIONS
+
+MIRRORED = [("far_mesh_sessions", "status", SessionStatus), ("far_payment_batches", "state", BatchState),
+            ("far_nodes", "state", NodeState), ("far_deposits", "state", DepositState)]
+
+
+@pytest.mark.parametrize("table,column,enum", MIRRORED, ids=[t for t, *_ in MIRRORED])
+async def test_enum_mirrors_the_check_constraint(postgres_url, table, column, enum):
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        definition = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c' AND conname = $1",
+            f"{table}_{column}_check")
+    finally:
+        await conn.close()
+    assert definition is not None, f"no CHECK on {table}.{column}"
+    assert re.findall(r"'([a-z_]+)'::text", definition) == [member.value for member in enum]
+
+
+def test_transition_table_covers_every_batch_state():
+    assert set(TRANSITIONS) == set(BatchState)
+    terminal = {state for state, targets in TRANSITIONS.items() if not targets}
+    assert terminal == {BatchState.CONFIRMED, BatchState.FAILED}
+    assert set(OPEN_BATCH_STATES) == set(BatchState) - terminal
+    # Every open state can fail; the happy path is planned -> signed -> submitted -> confirmed.
+    assert all(BatchState.FAILED in TRANSITIONS[state] for state in OPEN_BATCH_STATES)
