@@ -33,15 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import base58  # noqa: E402
 import httpx  # noqa: E402
 
+from infra.embedded import free_port  # noqa: E402
 from infra.processes import ManagedProcess, wait_until  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fake_peer_id() -> str:

@@ -26,10 +26,8 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -37,24 +35,13 @@ from typing import Callable, Optional
 
 import httpx
 
+from infra.embedded import free_port
 from infra.processes import ManagedProcess, python_argv, wait_until
 
 # The three demo providers and their payout wallets (any valid address works on the local chain).
 DEMO_SPANS = {"node-a": "0:10", "node-b": "10:20", "node-c": "20:30"}
 DEMO_WALLETS = {"node-a": "0x" + "A1" * 20, "node-b": "0x" + "B2" * 20, "node-c": "0x" + "C3" * 20}
 ADDRESS_LINE = re.compile(r"^(FAR_TOKEN_ADDRESS|PAYOUT_CONTRACT_ADDRESS)=(0x[0-9a-fA-F]{40})$", re.M)
-
-
-def free_port(preferred: int) -> int:
-    """``preferred`` if it is free on loopback, else any free port."""
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise RuntimeError("no free port")
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

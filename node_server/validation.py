@@ -12,17 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 from services.common.swarm import BlockSpan
+from services.common.wallets import checksum_address
+from services.common.wallets import wallet_problem as common_wallet_problem
 
 AUTO = "auto"
 DTYPES = ("float32", "float16", "bfloat16")
-_HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-
-
-def checksum_address(text: str) -> str:
-    from eth_utils import to_checksum_address
-
-    return to_checksum_address(text)
 
 
 def wallet_problem(text: str) -> Optional[str]:
@@ -30,19 +25,8 @@ def wallet_problem(text: str) -> Optional[str]:
     text = text.strip()
     if not text:
         return "a payout wallet address is required (0x followed by 40 hex digits)"
-    if not text.startswith("0x"):
-        return f"{text!r} is not a wallet address: it must start with 0x"
-    if not _HEX_ADDRESS.fullmatch(text):
-        digits = len(text) - 2
-        return f"{text!r} is not a wallet address: expected 0x followed by 40 hex digits, got {digits} characters"
-    if int(text, 16) == 0:
-        return "the zero address cannot receive payouts"
-    body = text[2:]
-    mixed_case = body != body.lower() and body != body.upper()
-    if mixed_case and checksum_address(text) != text:
-        return (f"{text!r} fails its EIP-55 checksum (mixed case that does not match): probably a typo; "
-                "copy the address again from your wallet")
-    return None
+    problem = common_wallet_problem(text)
+    return f"{text!r} {problem}" if problem else None
 
 
 def parse_wallet(text: str) -> str:

@@ -531,8 +531,10 @@ async def test_ledger_in_heartbeat_and_provider_views(api, identities, db_pool):
         "amount_far": "0.0009", "tx_hash": "0xfeed", "state": "confirmed", "network": "local"}
     nodes = (await api.get(f"/provider/{wallet}/nodes")).json()
     assert nodes["count"] == 1 and nodes["nodes"][0]["earned_far"] == "0.00135"
-    empty = (await api.get(f"/provider/0x{'0' * 40}/stats")).json()
+    empty = (await api.get(f"/provider/0x{'1' * 40}/stats")).json()  # a wallet nobody registered
     assert empty["earned_far"] == "0" and empty["nodes_total"] == 0
+    zero = await api.get(f"/provider/0x{'0' * 40}/stats")  # the one wallet rule: never a payable wallet
+    assert zero.status_code == 422 and "zero address" in zero.json()["error"]["message"]
 
 
 async def test_coverage_without_dht(api, identities):

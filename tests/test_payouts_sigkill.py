@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import pytest
 
+from infra.embedded import free_port
 from services.common.config import PROJECT_ROOT, Settings
 from services.payouts.audit import run_audit
 from services.payouts.chain import LOCAL_DEV_PRIVATE_KEY, connect, deploy_contracts
@@ -24,19 +25,13 @@ CONTRACTS = PROJECT_ROOT / "contracts"
 ANVIL = CONTRACTS / "node_modules" / ".bin" / "anvil"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def anvil_url():
     if not ANVIL.exists():
         if subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CONTRACTS,
                           capture_output=True).returncode != 0 or not ANVIL.exists():
             pytest.skip("anvil (npm @foundry-rs/anvil-linux-amd64) not installable on this platform")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -6,8 +6,9 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.common.wallets import WALLET_PATTERN
+
 MAX_TOKENS_LIMIT = 4096
-WALLET_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters

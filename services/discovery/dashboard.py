@@ -17,15 +17,15 @@ The pages refresh themselves every 30 s (``?refresh=N`` seconds overrides it, fo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
+from services.common.wallets import WALLET_RE
+
 STATIC_DIR = (Path(__file__).parent / "static").resolve()
 STATIC_PREFIX = "/dashboard/static"
-WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 # Only our own origin: the vendored chart library is served from here, never from a CDN.
 SECURITY_HEADERS = {

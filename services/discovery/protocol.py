@@ -8,28 +8,11 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.http import ApiError  # noqa: F401  (re-exported: the discovery code raises it)
+from services.common.wallets import wallet_problem
 
 PEER_ID_RE = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
-WALLET_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
-WALLET_RULE = "must be 0x followed by 40 hex digits"
-CHECKSUM_RULE = ("fails its EIP-55 checksum (mixed case that does not match): probably a typo; "
-                 "use the address exactly as your wallet shows it, or all lowercase")
 
-
-def wallet_problem(value: str) -> Optional[str]:
-    """Why ``value`` is not a payable wallet, or None. Mixed case must be a valid EIP-55 checksum (a mistyped
-    character would otherwise be paid to an address nobody controls); all-lowercase or all-uppercase hex carries no
-    checksum and is accepted."""
-    if not WALLET_RE.match(value):
-        return WALLET_RULE
-    digits = value[2:]
-    if digits != digits.lower() and digits != digits.upper():
-        from eth_utils import to_checksum_address
-
-        if to_checksum_address(value) != value:
-            return CHECKSUM_RULE
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,8 +70,9 @@ class HeartbeatRequest(BaseModel):
 
 
 def check_wallet(wallet: str) -> str:
-    if not WALLET_RE.match(wallet):
-        raise ApiError(422, "invalid_wallet", f"wallet {wallet[:64]!r} {WALLET_RULE}")
+    problem = wallet_problem(wallet)
+    if problem:
+        raise ApiError(422, "invalid_wallet", f"wallet {wallet[:64]!r} {problem}")
     return wallet
 
 
