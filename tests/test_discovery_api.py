@@ -203,14 +203,14 @@ async def test_bad_input_is_4xx_with_reason(api, identities):
     r = await api.post("/nodes/register", content=b"{not json", headers={"content-type": "application/json"})
     cases.append((r, 422, "invalid_request"))
     r = await api.post("/nodes/register", content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
-    cases.append((r, 413, "body_too_large"))
+    cases.append((r, 413, "request_too_large"))
 
     async def chunked():
         for _ in range(70):
             yield b"x" * 1024
 
     r = await api.post("/nodes/heartbeat", content=chunked(), headers=bearer("fn_x"))
-    cases.append((r, 413, "body_too_large"))
+    cases.append((r, 413, "request_too_large"))
     r = await api.get("/models/nope/model/coverage")
     cases.append((r, 404, "model_not_found"))
     r = await api.get("/models/nope/nodes")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.common.config import Settings
-from services.common.http import install_error_handlers, validation_message
+from services.common.http import BodyLimitMiddleware, install_error_handlers, validation_message
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.discovery.api.routes import router
 from services.discovery.dashboard import router as dashboard_router
@@ -55,58 +55,25 @@ def install_discovery_error_handlers(app: FastAPI) -> None:
 
 class RequestContextMiddleware:
     """Pure ASGI (cheaper than BaseHTTPMiddleware on the heartbeat path): binds ``request_id`` for the logs and
-    refuses bodies larger than ``max_body`` with 413 (by Content-Length, or while reading a chunked body)."""
+    answers POST /nodes/heartbeat without FastAPI's routing. Bodies are capped outside it (BodyLimitMiddleware)."""
 
-    def __init__(self, app, max_body: int = MAX_BODY_BYTES, fast_heartbeat: bool = True):
-        self.app, self.max_body, self.fast_heartbeat = app, max_body, fast_heartbeat
+    def __init__(self, app, fast_heartbeat: bool = True):
+        self.app, self.fast_heartbeat = app, fast_heartbeat
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = None
-        length = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
-            elif name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = -1
         clear_context()
         bind_request_id(request_id or uuid.uuid4().hex)
-        if length is not None and (length < 0 or length > self.max_body):
-            return await self._too_large(send)
-        received = 0
-        state = {"started": False, "refused": False}
-
-        async def limited_receive():
-            nonlocal received
-            if state["refused"]:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    # Answer 413 now; whatever the app sends afterwards is dropped.
-                    if not state["started"]:
-                        state["refused"] = True
-                        await self._too_large(send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if state["refused"]:
-                return
-            if message["type"] == "http.response.start":
-                state["started"] = True
-            await send(message)
-
         if scope["path"] == "/nodes/heartbeat" and scope["method"] == "POST" and self.fast_heartbeat:
             service = getattr(scope["app"].state, "discovery", None) if "app" in scope else None
             if service is not None:
-                return await self._heartbeat(service, scope, limited_receive, guarded_send)
-        await self.app(scope, limited_receive, guarded_send)
+                return await self._heartbeat(service, scope, receive, send)
+        await self.app(scope, receive, send)
 
     async def _heartbeat(self, service, scope, receive, send):
         """POST /nodes/heartbeat without FastAPI routing/dependency resolution (the hot path)."""
@@ -142,13 +109,6 @@ class RequestContextMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _too_large(self, send):
-        body = json.dumps({"error": {"code": "body_too_large",
-                                     "message": f"request body larger than {self.max_body} bytes"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -> FastAPI:
@@ -176,6 +136,7 @@ def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -
     app = FastAPI(title="Far Mesh discovery", version="0.1.0", lifespan=lifespan)
     install_discovery_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)  # added last: runs first
     app.include_router(router)
     app.include_router(dashboard_router)
     return app
