@@ -22,10 +22,21 @@ def default_config_path() -> Path:
 
 
 def default_state_dir() -> Path:
-    """Where the node keeps its identity key and registration (``$FAR_MESH_STATE_DIR/node``)."""
-    from services.common.config import default_state_dir as project_state_dir
+    """Where the node keeps its identity key, registration and run status: ``$FAR_MESH_STATE_DIR/node`` when that
+    is set (the local mesh and the tests give each node its own), else the user's state dir
+    (``$XDG_STATE_HOME/far-mesh/node``, ``~/.local/state/far-mesh/node``) — never inside a source checkout or an
+    installed package. A node set up by an older version under ``<checkout>/.far-mesh/node`` keeps that folder,
+    so its identity (peer ID) and registration survive the upgrade."""
+    if os.environ.get("FAR_MESH_STATE_DIR"):
+        return Path(os.environ["FAR_MESH_STATE_DIR"]).expanduser().resolve() / "node"
+    from platformdirs import user_state_path
 
-    return project_state_dir() / "node"
+    from services.common.config import PROJECT_ROOT
+
+    legacy = PROJECT_ROOT / ".far-mesh" / "node"
+    if (legacy / "identity.key").exists():
+        return legacy
+    return user_state_path("far-mesh", appauthor=False) / "node"
 
 
 @dataclass

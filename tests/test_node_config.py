@@ -9,9 +9,9 @@ import pytest
 
 from node_server import keys, validation
 from node_server.agent import backoff_delay, describe_exit, status_line
-from services.common.money import format_far_truncated as format_far
-from node_server.config import NodeConfig, default_config_path, load_config, save_config
+from node_server.config import NodeConfig, default_config_path, default_state_dir, load_config, save_config
 from node_server.discovery_client import DiscoveryClient, DiscoveryRefused, DiscoveryUnavailable, NotRegistered
+from services.common.money import format_far_truncated as format_far
 
 CHECKSUMMED = "0x52908400098527886E0F7030069857D2E4169EE7"  # EIP-55 test vector
 
@@ -69,6 +69,21 @@ def test_config_round_trip_mode_600_and_xdg(tmp_path, monkeypatch):
     path.write_text(path.read_text() + "unknown_key = 1\n")
     with pytest.raises(ValueError, match="unknown keys unknown_key"):
         load_config(path)
+
+
+def test_node_state_lives_in_the_users_state_dir(tmp_path, monkeypatch):
+    """The identity key is the provider's: in $XDG_STATE_HOME (not in a checkout or an installed package), unless
+    FAR_MESH_STATE_DIR gives this node a folder of its own."""
+    monkeypatch.delenv("FAR_MESH_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+    monkeypatch.setattr("services.common.config.PROJECT_ROOT", tmp_path / "checkout")
+    assert default_state_dir() == tmp_path / "state-home" / "far-mesh" / "node"
+    legacy = tmp_path / "checkout" / ".far-mesh" / "node"  # set up by an older version: its identity is kept
+    legacy.mkdir(parents=True)
+    (legacy / "identity.key").write_bytes(b"x")
+    assert default_state_dir() == legacy
+    monkeypatch.setenv("FAR_MESH_STATE_DIR", str(tmp_path / "mine"))
+    assert default_state_dir() == tmp_path / "mine" / "node"
 
 
 def test_light_identity_matches_hivemind_format(tmp_path):
