@@ -1,8 +1,9 @@
 #!/usr/bin/env node
-// Compile src/*.sol with the pinned npm solc and write build/<Contract>.json (abi + bytecode).
+// Compile src/*.sol with the pinned npm solc and write <Contract>.json (abi + bytecode) into the payout
+// package's data folder, services/payouts/artifacts/ (an installed far-mesh loads them with importlib.resources).
 //
-//   node build.js            write build/*.json
-//   node build.js --check    recompile and exit 1 if build/*.json differ from what the sources give
+//   node build.js            write services/payouts/artifacts/*.json
+//   node build.js --check    recompile and exit 1 if the artifacts differ from what the sources give
 //   node build.js --out DIR  write the artifacts to DIR instead (used by the reproducibility test)
 //
 // Settings are explicit so the output is reproducible: evmVersion "cancun" (supported by BSC since the
@@ -17,6 +18,7 @@ const EVM_VERSION = 'cancun';
 const OPTIMIZER = { enabled: true, runs: 200 };
 const HERE = __dirname;
 const SRC = path.join(HERE, 'src');
+const ARTIFACTS = path.join(HERE, '..', 'services', 'payouts', 'artifacts');
 
 function compile() {
   const files = fs.readdirSync(SRC).filter((f) => f.endsWith('.sol')).sort();
@@ -62,15 +64,15 @@ function main() {
   const args = process.argv.slice(2);
   const check = args.includes('--check');
   const outIndex = args.indexOf('--out');
-  const outDir = outIndex >= 0 ? path.resolve(args[outIndex + 1]) : path.join(HERE, 'build');
+  const outDir = outIndex >= 0 ? path.resolve(args[outIndex + 1]) : ARTIFACTS;
   const artifacts = compile();
   if (check) {
     let stale = 0;
     for (const [name, artifact] of Object.entries(artifacts)) {
-      const file = path.join(HERE, 'build', name + '.json');
+      const file = path.join(ARTIFACTS, name + '.json');
       const committed = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
       if (committed !== render(artifact)) {
-        process.stderr.write(`stale: build/${name}.json does not match src/${artifact.sourceName}\n`);
+        process.stderr.write(`stale: services/payouts/artifacts/${name}.json does not match src/${artifact.sourceName}\n`);
         stale += 1;
       }
     }

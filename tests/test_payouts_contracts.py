@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -12,7 +13,9 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
 from services.common.config import PROJECT_ROOT
-from services.payouts.chain import BUILD_DIR, deploy_contracts, new_local_chain
+from services.payouts.chain import ARTIFACTS, deploy_contracts, new_local_chain
+
+BUILD_DIR = Path(str(ARTIFACTS))  # a plain folder in a source checkout
 from tests.payouts_support import wallet
 
 CONTRACTS = PROJECT_ROOT / "contracts"

@@ -15,6 +15,7 @@ testnet and mainnet.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import stat
@@ -30,13 +31,14 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import Settings
 from services.common.logs import get_logger
 from services.common.money import to_base_units
 
 log = get_logger(__name__)
 
-BUILD_DIR = PROJECT_ROOT / "contracts" / "build"
+# Compiled by contracts/build.sh; package data, so an installed far-mesh has them too.
+ARTIFACTS = importlib.resources.files("services.payouts") / "artifacts"
 CHAIN_IDS = {"testnet": 97, "mainnet": 56}
 NETWORKS = ("local", "testnet", "mainnet")
 
@@ -82,7 +84,7 @@ def scrub_url(text: str, url: str | None) -> str:
 
 
 def load_artifact(name: str) -> dict[str, Any]:
-    path = BUILD_DIR / f"{name}.json"
+    path = ARTIFACTS / f"{name}.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
