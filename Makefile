@@ -10,12 +10,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.far-mesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lock clean-state bench help
+.PHONY: install install-gpu demo test lock clean-state bench help
 
 help:
 	@echo "make demo     run a whole local mesh (installs first if needed)"
 	@echo "make test     run the test suite (installs first if needed)"
 	@echo "make install  create .venv with the pinned, tested dependency set (idempotent)"
+	@echo "make install-gpu   the same with CUDA torch and nvidia-ml-py, for GPU providers (docs/provider.md)"
 	@echo "make lock     re-resolve requirements/base.in into requirements/lock.txt"
 	@echo "make bench    run the benchmarks in bench/"
 	@echo "make contracts / contracts-check   rebuild / verify the committed Solidity artifacts"
@@ -25,6 +26,12 @@ install: $(STAMP)
 # The stamp depends on the lock and the project metadata: a second `make install` is a no-op.
 $(STAMP): requirements/lock.txt requirements/no-deps.txt pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh
+	@touch $(STAMP)
+
+# GPU providers: the lock with CUDA torch + NVML (requirements/gpu.txt). It touches the stamp so that a later
+# `make demo` does not put the CPU torch back; `make install` after a lock change does (run install-gpu again).
+install-gpu:
+	PYTHON=$(PYTHON) bash scripts/install.sh --gpu
 	@touch $(STAMP)
 
 demo: install

@@ -95,7 +95,8 @@ def run(
     port: Optional[int] = typer.Option(None, help="TCP port (0 = any free port; 31330 is the usual one)"),
     public_address: Optional[str] = typer.Option(None, help="address announced to the swarm"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16"),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on CPU; on a GPU "
+                                                   "bfloat16 from compute capability 8.0, else float16)"),
     memory_limit: Optional[str] = typer.Option(None, help="GB of (V)RAM the server may use, or 'auto'"),
     wallet: Optional[str] = typer.Option(None, help="payout wallet address"),
     identity: Optional[Path] = typer.Option(None, help="libp2p identity key file (created once, keeps the peer ID)"),
@@ -147,7 +148,11 @@ def run(
     if not peers:
         _fail("--initial-peers", "no DHT bootstrap peers (give --initial-peers or set FAR_MESH_DHT_BOOTSTRAP)")
     device = check("--device", pick(device, node.device, "cpu"), validation.parse_device)
-    dtype = check("--dtype", pick(dtype, node.dtype, "float32"), lambda v: validation.parse_dtype(v, device))
+    if pick(dtype, node.dtype) is None:  # float32 on CPU; on a GPU half precision as Petals supports it
+        from node_server.hardware import default_dtype_for
+
+        dtype = default_dtype_for(device)
+    dtype = check("--dtype", pick(dtype, node.dtype), lambda v: validation.parse_dtype(v, device))
     memory_limit_gb = (check("--memory-limit", memory_limit, validation.parse_memory_limit)
                        if memory_limit is not None else node.memory_limit_gb)
     blocks_text = pick(blocks, node.blocks if _path else None)

