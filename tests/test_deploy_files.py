@@ -182,9 +182,10 @@ def test_node_image_runs_far_node_and_has_a_gpu_build():
 
 
 def test_services_image_carries_the_contract_artifacts():
+    # The compiled contracts the payment tracker loads are package data of services/payouts (copied with it).
     copies = [args.split() for kind, args in dockerfile_instructions(DEPLOY / "Dockerfile.services") if kind == "COPY"]
-    assert ["contracts/build/", "contracts/build/"] in copies
-    assert sorted(p.name for p in (ROOT / "contracts" / "build").glob("*.json"))  # what the tracker loads
+    assert ["services/", "services/"] in copies
+    assert sorted(p.name for p in (ROOT / "services" / "payouts" / "artifacts").glob("*.json"))
 
 
 def run_entrypoint(env: dict, *command: str) -> subprocess.CompletedProcess:
