@@ -32,7 +32,7 @@ from typing import Callable, Optional, TextIO
 
 import psutil
 
-from infra.processes import kill_all
+from services.common.process_tree import kill_all
 from node_server import keys
 from node_server.discovery_client import (DiscoveryClient, DiscoveryError, DiscoveryRefused, NotRegistered,
                                           Registration)

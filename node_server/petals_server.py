@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from infra.processes import reap_children
+from services.common.process_tree import reap_children
 from services.common.swarm import BlockSpan, dht_prefix_for
 
 

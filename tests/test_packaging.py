@@ -36,3 +36,12 @@ def test_the_wheel_carries_the_package_data(tmp_path):
     for expected in ("database/migrations/0001_initial.sql", "services/payouts/artifacts/FarPayout.json",
                      "services/discovery/static/provider.html", "services/discovery/static/vendor/chart.umd.min.js"):
         assert expected in shipped, expected
+
+
+def test_the_provider_node_does_not_load_the_dev_harness():
+    """far-node is what third parties install: it must not depend on infra/ (launchers for tests, bench, demo)."""
+    probe = ("import sys, node_server.cli, node_server.agent, node_server.petals_server; "
+             "print(sorted(m for m in sys.modules if m == 'infra' or m.startswith('infra.')))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[]", run.stdout
