@@ -168,6 +168,7 @@ def test_readyz_never_shows_the_rpc_api_key(cli_env, postgres_url):
     body = ready.json()
     assert "SECRET" not in ready.text and "pw-" not in ready.text, ready.text
     assert body["rpc"] == f"http://127.0.0.1:{port}"
+    assert body["status"] == "not_ready" and any(p.startswith("chain: error") for p in body["problems"]), body
     assert body["checks"]["chain"].startswith("error: ChainConfigError: BSC_RPC_URL: cannot reach "
                                               f"http://127.0.0.1:{port}")
     assert body["last_error"] and "SECRET" not in body["last_error"]

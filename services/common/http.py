@@ -33,6 +33,13 @@ def validation_message(error) -> str:
     return "; ".join(parts)
 
 
+def readiness_response(problems: list[str], **details) -> JSONResponse:
+    """Every service's GET /readyz, one shape: 200 ``{"status": "ready", ...}`` or 503 ``{"status": "not_ready",
+    "problems": [why, ...], ...}`` (load balancers read the code, people and health checks the reasons)."""
+    body = {"status": "not_ready" if problems else "ready", "problems": problems, **details}
+    return JSONResponse(body, status_code=503 if problems else 200)
+
+
 def install_error_handlers(app: FastAPI, log) -> None:
     """ApiError → its status and body; invalid input → 422 with the reasons; HTTP errors (404 of unknown routes,
     405, ...) → the same body shape; anything unexpected → 500 ``internal_error``, logged with its traceback."""

@@ -15,9 +15,9 @@ import time
 from datetime import timezone
 
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.common.http import readiness_response
 from services.common.logs import get_logger
 from services.payouts import metrics
 
@@ -155,11 +155,10 @@ def create_app(service: PayoutService, *, start_scheduler: bool = True) -> FastA
     @app.get("/readyz")
     async def readyz():
         checks = await service.ready()
-        ok = all(value.startswith("ok") for value in checks.values())
-        body = {"ready": ok, "checks": checks, "network": service.network, "rpc": service.rpc(),
-                "next_run": str(service.next_run()) if service.scheduler else None,
-                "last_error": service.last_error, "deposits_error": service.deposits_error}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        problems = [f"{name}: {value}" for name, value in checks.items() if not value.startswith("ok")]
+        return readiness_response(problems, checks=checks, network=service.network, rpc=service.rpc(),
+                                  next_run=str(service.next_run()) if service.scheduler else None,
+                                  last_error=service.last_error, deposits_error=service.deposits_error)
 
     @app.get("/metrics")
     async def prometheus_metrics():

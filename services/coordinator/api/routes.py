@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from services.common.http import readiness_response
 from services.common.money import format_far
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
@@ -92,9 +93,7 @@ async def readyz(request: Request):
             problems.append(f"redis: {error}")
     if not getattr(state, "service", None) or not state.service.models:
         problems.append("no model loaded")
-    if problems:
-        return JSONResponse({"status": "not_ready", "problems": problems}, status_code=503)
-    return {"status": "ready"}
+    return readiness_response(problems)
 
 
 @router.get("/metrics")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.common.http import readiness_response
 from services.discovery.protocol import HeartbeatRequest, RegisterRequest
 from services.discovery.service import Discovery
 
@@ -104,10 +105,7 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(service: Discovery = Depends(get_discovery)):
-    problems = await service.readiness_problems()
-    if problems:
-        return JSONResponse({"status": "not_ready", "problems": problems}, status_code=503)
-    return {"status": "ready", "dht": service.watcher.enabled}
+    return readiness_response(await service.readiness_problems(), dht=service.watcher.enabled)
 
 
 @router.get("/metrics")
