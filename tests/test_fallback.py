@@ -25,7 +25,7 @@ import pytest_asyncio
 from services.common.config import ConfigError, FallbackEndpoint, Settings
 from services.coordinator.fallback import billed_tokens, parse_chunk, upstream_request
 from services.coordinator.protocol import GenerateRequest
-from tests.fixtures.swarm import MODEL_ID, asse_events, create_api_key, sse_events, start_coordinator
+from tests.fixtures.swarm import MODEL_ID, asse_events, create_api_key, start_coordinator
 
 PRICE = Decimal("0.0003")  # the fallback's, not the swarm's 0.0001
 PROMPT_PRICE = Decimal("0.00001")
@@ -53,11 +53,12 @@ def test_parse_chunk_and_billing_rule():
     with pytest.raises(Exception, match="mid-stream: boom"):
         parse_chunk({"error": {"code": "x", "message": "boom"}})
     # completed: the upstream's count, capped at max_tokens; else only what was delivered, nothing if nothing was
-    assert billed_tokens(completed=True, reported_completion=7, delivered=5, prompt_tokens=3, max_tokens=8) == (3, 7)
-    assert billed_tokens(completed=True, reported_completion=99, delivered=5, prompt_tokens=3, max_tokens=8) == (3, 8)
-    assert billed_tokens(completed=True, reported_completion=None, delivered=5, prompt_tokens=3, max_tokens=8) == (3, 5)
-    assert billed_tokens(completed=False, reported_completion=None, delivered=2, prompt_tokens=3, max_tokens=8) == (3, 2)
-    assert billed_tokens(completed=False, reported_completion=None, delivered=0, prompt_tokens=3, max_tokens=8) == (0, 0)
+    def billed(completed, reported, delivered):
+        return billed_tokens(completed=completed, reported_completion=reported, delivered=delivered, prompt_tokens=3,
+                             max_tokens=8)
+
+    assert billed(True, 7, 5) == (3, 7) and billed(True, 99, 5) == (3, 8) and billed(True, None, 5) == (3, 5)
+    assert billed(False, None, 2) == (3, 2) and billed(False, None, 0) == (0, 0)
 
 
 def test_settings_are_off_by_default_and_bad_values_fail_in_one_line(monkeypatch, capsys):
@@ -91,7 +92,8 @@ def fallback_coordinator(half_swarm, coordinator, tiny_model_dir, postgres_url, 
                             "price_per_token_far": str(PRICE), "price_per_prompt_token_far": str(PROMPT_PRICE)}}
     started = start_coordinator(workdir=tmp_path_factory.mktemp("fallback"), model_dir=tiny_model_dir,
                                 initial_peers=half_swarm.initial_peers, postgres_url=postgres_url,
-                                redis_url=redis_url, api_key=key, env_extra={"FALLBACK_ENDPOINTS": json.dumps(endpoints)})
+                                redis_url=redis_url, api_key=key,
+                                env_extra={"FALLBACK_ENDPOINTS": json.dumps(endpoints)})
     started.account_id = account_id
     yield started
     started.process.stop()
@@ -206,8 +208,10 @@ class NotReady:
         return compute_coverage("test/fake", 4, [[] for _ in range(4)], now=now, observed_at=now)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def harness(db_pool, tiny_model_dir):
+    """The coordinator's HTTP app and InferenceService in process over a fake model (the tiny tokenizer) whose swarm
+    has no block; each test points its fallback (``_use``) at a real upstream."""
     from transformers import AutoTokenizer
 
     from services.coordinator.accounts import AccountStore
@@ -326,3 +330,56 @@ async def test_upstream_failures_are_502_or_504_and_bill_only_what_was_delivered
                                      uuid.UUID(account_id))
     assert account["balance_far"] == Decimal(1) - billed and account["reserved_far"] == 0
     assert counted("fallback_error") - errors_before == 4 and counted("fallback_timeout") - timeouts_before == 1
+
+
+async def test_cancel_stops_the_upstream_and_bills_what_was_delivered(harness, db_pool):
+    service, client = harness
+    account_id, headers = await _account(service)
+    upstream_closed = asyncio.Event()
+
+    async def drip(reader, writer):  # one token every 50 ms, up to 100; notes when the coordinator hangs up
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        try:
+            for _ in range(100):
+                writer.write(b'data: {"choices": [{"index": 0, "text": "x", "finish_reason": null}]}\n\n')
+                await writer.drain()
+                if await _eof_within(reader, 0.05):
+                    upstream_closed.set()
+                    return
+            writer.write(b"data: [DONE]\n\n")
+        except ConnectionError:
+            upstream_closed.set()
+        finally:
+            writer.close()
+
+    server, url = await _serve(drip)
+    _use(service, url)
+    events = []
+    # the serving object itself: httpx's ASGI transport hands over a response only once the app finished it
+    principal = await service.authenticate(headers["Authorization"])
+    stream = await service.start(GenerateRequest(prompt=PROMPT, max_tokens=100, request_id="fb-cancel"), principal)
+    async for event in stream:
+        events.append(event)
+        if len(events) == 3:
+            cancelled = await client.delete("/mesh/inference/fb-cancel", headers=headers)
+            assert cancelled.json()["status"] == "cancelling"
+    await asyncio.wait_for(upstream_closed.wait(), 10)  # the upstream stopped generating
+    server.close()
+    final = events[-1]
+    assert final["done"] and final["finish_reason"] == "cancelled" and final["served_by"] == "fallback"
+    delivered = len(events) - 1
+    assert 3 <= delivered < 100 and final["usage"]["completion_tokens"] == delivered
+    prompt_tokens = len(service.models["test/fake"].encode(PROMPT))
+    assert Decimal(final["cost_far"]) == delivered * PRICE + prompt_tokens * PROMPT_PRICE
+    row = await db_pool.fetchrow("SELECT status, cost_far FROM far_mesh_sessions WHERE account_id = $1",
+                                 uuid.UUID(account_id))
+    assert row["status"] == "cancelled" and row["cost_far"] == Decimal(final["cost_far"])
+
+
+async def _eof_within(reader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except asyncio.TimeoutError:
+        return False
