@@ -7,14 +7,15 @@ variable (see :func:`load_settings`). Money values are ``Decimal`` (never float)
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,33 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def default_state_dir() -> Path:
     """Where embedded services, the demo model and identity files live (``FAR_MESH_STATE_DIR`` overrides)."""
     return Path(os.environ.get("FAR_MESH_STATE_DIR", PROJECT_ROOT / ".far-mesh")).resolve()
+
+
+def _finite_non_negative(value: Decimal) -> Decimal:
+    if value < 0 or not value.is_finite():
+        raise ValueError("must be a finite, non-negative decimal")
+    return value
+
+
+class FallbackEndpoint(BaseModel):
+    """An upstream OpenAI-compatible API that serves a model while its swarm cannot (docs/fallback.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://\S+$", description="base URL of the API, e.g. http://127.0.0.1:8000/v1")
+    api_key: str = Field(default="", repr=False, description="sent as 'Authorization: Bearer …' when not empty")
+    model: str = Field(default="", description="the model's name upstream (default: the coordinator's model id)")
+    price_per_token_far: Decimal = Field(description="what the user pays per generated token when served upstream")
+    price_per_prompt_token_far: Decimal = Decimal("0")
+    timeout_s: float = Field(default=60.0, gt=0, description="connect, and wait for each chunk, at most this long")
+
+    @field_validator("price_per_token_far", "price_per_prompt_token_far")
+    @classmethod
+    def _price(cls, value: Decimal) -> Decimal:
+        value = _finite_non_negative(value)
+        if value.scaleb(18) != value.scaleb(18).to_integral_value():  # the books hold 1e-18 FAR (numeric(38,18))
+            raise ValueError("has more than 18 decimals")
+        return value
 
 
 class Settings(BaseSettings):
@@ -83,6 +111,9 @@ class Settings(BaseSettings):
                                          "finalized 'interrupted' (0 = GENERATION_TIMEOUT_S + 120)")
     MAX_REQUEST_BODY_BYTES: int = Field(default=1024 * 1024, ge=1024, description="coordinator: larger bodies get 413")
     SWARM_READINESS_REFRESH_S: float = Field(default=2.0, gt=0)
+    # Fallback to centralized inference (docs/fallback.md): {"<model_id>": {"url", "api_key", "model",
+    # "price_per_token_far", "price_per_prompt_token_far", "timeout_s"}}; empty = off.
+    FALLBACK_ENDPOINTS: Annotated[dict[str, FallbackEndpoint], NoDecode] = Field(default_factory=dict)
     # Discovery service tuning (documented in docs/discovery.md).
     NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
     DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")
@@ -92,11 +123,20 @@ class Settings(BaseSettings):
     DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
                                                  description="GET /nodes/challenge per client address per minute")
 
-    @field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR", "MIN_PAYOUT_FAR")
+    _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR",
+                                    "MIN_PAYOUT_FAR")(_finite_non_negative)
+
+    @field_validator("FALLBACK_ENDPOINTS", mode="before")
     @classmethod
-    def _non_negative(cls, value: Decimal) -> Decimal:
-        if value < 0 or not value.is_finite():
-            raise ValueError("must be a finite, non-negative decimal")
+    def _json_object(cls, value):
+        """Decoded here, not by pydantic-settings, so bad JSON is a ValidationError (one clear line)."""
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value, parse_float=Decimal)  # money stays exact: never a float
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not JSON ({error.msg} at character {error.pos})") from None
         return value
 
     @property
@@ -120,7 +160,8 @@ def _explain(error: ValidationError) -> str:
     first = error.errors()[0]
     name = ".".join(str(part) for part in first["loc"]) or "?"
     got = os.environ.get(name)
-    shown = f" (got {got!r})" if got is not None and "SECRET" not in name and "KEY" not in name else ""
+    secret = any(word in name for word in ("SECRET", "KEY", "FALLBACK"))  # FALLBACK_ENDPOINTS holds API keys
+    shown = f" (got {got!r})" if got is not None and not secret else ""
     return f"far-mesh: configuration error: {name}: {first['msg']}{shown}"
 
 

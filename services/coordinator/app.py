@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from services.common.config import Settings
+from services.common.config import ConfigError, Settings
 from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.coordinator.account_service import DepositInfo
@@ -21,6 +22,7 @@ from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.account_routes import router as account_router
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
+from services.coordinator.fallback import FallbackClient
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
 from services.coordinator.serving import InferenceService
@@ -38,6 +40,20 @@ def install_coordinator_handlers(app: FastAPI) -> None:
         clear_context()
         bind_request_id(request.headers.get("x-request-id") or uuid.uuid4().hex)
         return await call_next(request)
+
+
+def fallback_clients(settings: Settings, model_ids: list[str]) -> dict[str, FallbackClient]:
+    """The FALLBACK_ENDPOINTS of the models served here; one naming another model is a configuration error (a typo
+    would silently leave the fallback off)."""
+    unknown = sorted(set(settings.FALLBACK_ENDPOINTS) - set(model_ids))
+    if unknown:
+        print(f"far-mesh: configuration error: FALLBACK_ENDPOINTS names {unknown}, not served by this coordinator "
+              f"(it serves {model_ids})", file=sys.stderr)
+        raise ConfigError(2)
+    for model_id, endpoint in settings.FALLBACK_ENDPOINTS.items():
+        log.info("fallback API configured", model_id=model_id, url=endpoint.url, model=endpoint.model or model_id,
+                 price_per_token_far=str(endpoint.price_per_token_far))
+    return {model_id: FallbackClient(endpoint, model_id) for model_id, endpoint in settings.FALLBACK_ENDPOINTS.items()}
 
 
 def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
@@ -73,6 +89,7 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
         readiness.start()
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
                           settings.PLATFORM_FEE_BPS)
+        fallbacks = fallback_clients(settings, [swarm.model_id])
         app.state.service = InferenceService(
             store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(app.state.redis),
             models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
@@ -80,7 +97,8 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S,
             deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS,
             max_running=settings.MAX_RUNNING_GENERATIONS, max_waiting=settings.MAX_QUEUED_GENERATIONS,
-            max_queue_wait_s=settings.MAX_QUEUE_WAIT_S, overloaded_retry_after_s=settings.OVERLOADED_RETRY_AFTER_S)
+            max_queue_wait_s=settings.MAX_QUEUE_WAIT_S, overloaded_retry_after_s=settings.OVERLOADED_RETRY_AFTER_S,
+            fallbacks=fallbacks)
         sweeper = asyncio.create_task(app.state.service.sweep_stale_sessions(
             interval_s=settings.SESSION_SWEEP_INTERVAL_S, stale_after_s=settings.stale_session_after_s))
         log.info("coordinator ready", coordinator_id=coordinator_id)

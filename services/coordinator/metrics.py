@@ -28,3 +28,6 @@ RUNNING = Gauge("farmesh_num_requests_running", "Generations running now", ["mod
 WAITING = Gauge("farmesh_num_requests_waiting", "Generations waiting for a running slot (admission queue)",
                 ["model_id"])
 SWARM_READY = Gauge("farmesh_swarm_ready", "1 if every block of the model has an ONLINE server", ["model_id"])
+FALLBACK_REQUESTS = Counter("farmesh_fallback_requests_total", "Requests served by the fallback API while the swarm "
+                            "was not ready, by outcome (completed, cancelled, fallback_error, fallback_timeout, "
+                            "generation_timeout)", ["model_id", "outcome"])

@@ -3,7 +3,9 @@
 Routes stay thin (api/routes.py, api/openai_routes.py); this module knows nothing about HTTP except the
 ``ServingError`` status. Order of admission: credentials (401) → rate limit (429) → input (400/404/422) → swarm
 readiness (503, immediate) → idempotency (replay or 409) → prepaid balance (402, reserved atomically with the
-session row). A generation runs in a worker thread (the Petals client is synchronous); tokens come back to the
+session row). When the swarm is not ready and the model has a fallback API (FALLBACK_ENDPOINTS), the request is
+served there instead of the 503 (services/coordinator/fallback.py; charged at the fallback price, no contributions).
+A generation runs in a worker thread (the Petals client is synchronous); tokens come back to the
 event loop through an ``asyncio.Queue``. Contributions are checkpointed while the stream runs and the session
 is finalized exactly once (``finalize_session()`` in SQL), whatever way the stream ends.
 """
@@ -26,6 +28,7 @@ from services.common.petals_compat import SwarmUnavailable
 from services.coordinator import metrics
 from services.coordinator.admission import AdmissionGate, Overloaded
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
+from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, TokenEvent,
@@ -82,6 +85,8 @@ class ActiveGeneration:
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
     release_slot: object = None  # the admission slot's release (services/coordinator/admission.py)
+    pricing: Optional[Pricing] = None  # the session's prices (the fallback's when served there)
+    served_by: str = "swarm"
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ class InferenceService:
                  readiness: dict, default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
                  max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
-                 max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2):
+                 max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
+                 fallbacks: Optional[dict[str, FallbackClient]] = None):
         self.store = store
         self.accounts = accounts
         self.limiter = limiter
@@ -120,6 +126,7 @@ class InferenceService:
         self.jwt_secret = jwt_secret
         self.generation_timeout_s = generation_timeout_s
         self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
+        self.fallbacks = fallbacks or {}  # model_id -> FallbackClient, used while that model's swarm is not ready
         self.max_api_keys = max_api_keys
         self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
                                            thread_name_prefix="generation")
@@ -152,9 +159,10 @@ class InferenceService:
                                headers={"Retry-After": str(decision.retry_after_s)},
                                retry_after_s=decision.retry_after_s)
 
-    def cost_of(self, completion_tokens: int, prompt_tokens: int) -> Decimal:
-        return session_cost(completion_tokens, prompt_tokens, self.pricing.price_per_token_far,
-                            self.pricing.price_per_prompt_token_far)
+    def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
+        pricing = pricing or self.pricing
+        return session_cost(completion_tokens, prompt_tokens, pricing.price_per_token_far,
+                            pricing.price_per_prompt_token_far)
 
     def model(self, model_id: Optional[str]):
         model_id = model_id or self.default_model_id
@@ -202,22 +210,39 @@ class InferenceService:
                 headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
                 loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
 
-    async def begin(self, prepared: PreparedRequest, request: GenerateRequest,
-                    principal: Optional[Principal]) -> ActiveGeneration | Replay:
+    async def route(self, model) -> Optional[FallbackClient]:
+        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate)."""
+        try:
+            await self.gate(model)
+        except ServingError as error:
+            fallback = self.fallbacks.get(model.model_id)
+            if fallback is None:
+                raise
+            log.info("swarm not ready: serving from the fallback API", model_id=model.model_id,
+                     upstream=fallback.host, reason=error.message)
+            return fallback
+        return None
+
+    async def begin(self, prepared: PreparedRequest, request: GenerateRequest, principal: Optional[Principal],
+                    fallback: Optional[FallbackClient] = None) -> ActiveGeneration | Replay:
         account_id = principal.account_id if principal else None
         key = (account_id, prepared.request_id)
         if key in self.active:
             raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
-        reserved = self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids)) if account_id else Decimal(0)
+        pricing = fallback.pricing if fallback is not None else self.pricing
+        reserved = (self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids), pricing) if account_id
+                    else Decimal(0))
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
-                                  len(prepared.prompt_ids), account_id)
+                                  len(prepared.prompt_ids), account_id, pricing=pricing,
+                                  served_by="swarm" if fallback is None else "fallback")
         self.active[key] = active
         try:
             await self.store.create_session(
                 session_id=active.session_id, request_id=prepared.request_id, model_id=prepared.model.model_id,
-                pricing=self.pricing, prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
-                account_id=account_id, reserved_far=reserved, coordinator_id=self.coordinator_id)
+                pricing=pricing, prompt_tokens=len(prepared.prompt_ids), user_wallet=request.user_wallet,
+                account_id=account_id, reserved_far=reserved, coordinator_id=self.coordinator_id,
+                served_by=active.served_by)
         except DuplicateRequest:  # the same account, racing (here or on another coordinator)
             self.active.pop(key, None)
             previous = await self.store.read_by_request_id(prepared.request_id, account_id)
@@ -264,10 +289,10 @@ class InferenceService:
             previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
-        await self.gate(prepared.model)
+        fallback = await self.route(prepared.model)
         release = await self.take_slot(prepared.model.model_id)
         try:
-            started = await self.begin(prepared, request, principal)
+            started = await self.begin(prepared, request, principal, fallback)
         except BaseException:
             release()
             raise
@@ -275,6 +300,8 @@ class InferenceService:
             release()
             return self.replay_events(started)
         started.release_slot = release
+        if fallback is not None:
+            return await self.start_fallback(prepared, request, started, fallback)
         return self.run(prepared, started)
 
     async def take_slot(self, model_id: str):
@@ -378,7 +405,11 @@ class InferenceService:
             await worker
             if status == "completed" and generation.finish_reason == "cancelled":
                 status = "cancelled"
-            final = await self._save(active, generation, meter, status, failure)
+            final = await self._save(active, status=status, finish_reason=generation.finish_reason,
+                                     prompt_tokens=active.prompt_tokens,
+                                     completion_tokens=generation.completion_tokens,
+                                     output_text=generation.text.emitted, failure=failure, work=meter.snapshot(),
+                                     replaced_servers=generation.replaced_servers())
         finally:
             self.active.pop((active.account_id, active.request_id), None)
             if active.release_slot is not None:
@@ -393,34 +424,151 @@ class InferenceService:
                  completion_tokens=final.completion_tokens, cost_far=format_far(final.cost_far))
         return final
 
-    async def _save(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
-                    failure: Optional[BaseException]) -> FinalSession:
+    async def _save(self, active: ActiveGeneration, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
+                    completion_tokens: int, output_text: str, failure: Optional[BaseException], work=(),
+                    replaced_servers: Optional[list] = None) -> FinalSession:
         """Last checkpoint and finalize (both idempotent), retried with backoff. If the database stays
         unreachable the session stays 'running' and the stale-session sweep finalizes it later."""
         delay = FINALIZE_BACKOFF_S
         for attempt in range(1, FINALIZE_ATTEMPTS + 1):
             try:
-                await self.store.checkpoint(active.session_id, generation.completion_tokens, meter.snapshot())
-                return await self.store.finalize(active.session_id, status=status,
-                                                 finish_reason=generation.finish_reason,
-                                                 prompt_tokens=active.prompt_tokens,
-                                                 completion_tokens=generation.completion_tokens,
-                                                 output_text=generation.text.emitted,
-                                                 error=repr(failure) if failure else None,
-                                                 replaced_servers=generation.replaced_servers())
+                await self.store.checkpoint(active.session_id, completion_tokens, work)
+                return await self.store.finalize(active.session_id, status=status, finish_reason=finish_reason,
+                                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                 output_text=output_text, error=repr(failure) if failure else None,
+                                                 replaced_servers=replaced_servers)
             except Exception as error:  # noqa: BLE001 - database or network: retried, then handed to the sweep
                 if attempt == FINALIZE_ATTEMPTS:
                     log.error("finalize failed; the stale-session sweep will finalize the session",
                               request_id=active.request_id, session_id=active.session_id, error=repr(error))
                     raise ServingError(
                         503, "settlement_pending",
-                        f"the generation ended after {generation.completion_tokens} tokens but its accounting could "
+                        f"the generation ended after {completion_tokens} tokens but its accounting could "
                         f"not be saved; it will be settled automatically (status 'interrupted')",
-                        tokens_generated=generation.completion_tokens) from None
+                        tokens_generated=completion_tokens) from None
                 log.warning("finalize failed; retrying", request_id=active.request_id, attempt=attempt,
                             retry_in_s=delay, error=repr(error))
                 await asyncio.sleep(delay)
                 delay *= 2
+
+    # ----------------------------------------------------------------------------------------- fallback
+    async def start_fallback(self, prepared: PreparedRequest, request: GenerateRequest, active: ActiveGeneration,
+                             fallback: FallbackClient) -> AsyncIterator[dict]:
+        """Open the upstream request before answering, so an upstream that refuses or cannot be reached is an
+        HTTP 502/504 (not charged) even for a streaming client; then the event stream of its answer."""
+        try:
+            response = await asyncio.wait_for(fallback.open(request), timeout=self.generation_timeout_s)
+        except (FallbackFailed, asyncio.TimeoutError) as error:
+            failure = error if isinstance(error, FallbackFailed) else FallbackFailed(
+                "fallback_timeout", f"the fallback API did not answer within {self.generation_timeout_s:.0f} s")
+            await self._settle_fallback(active, status="failed", finish_reason=None, prompt_tokens=0,
+                                        completion_tokens=0, text="", failure=failure, outcome=failure.code)
+            raise self._fallback_error(failure.status, failure.code, failure.message, 0, Decimal(0)) from None
+        except BaseException:
+            await asyncio.shield(self._settle_fallback(active, status="cancelled", finish_reason="cancelled",
+                                                       prompt_tokens=0, completion_tokens=0, text="", failure=None,
+                                                       outcome="cancelled"))
+            raise
+        return self._fallback_events(prepared, active, fallback, response)
+
+    async def _fallback_events(self, prepared: PreparedRequest, active: ActiveGeneration, fallback: FallbackClient,
+                               response) -> AsyncIterator[dict]:
+        """Token events of the upstream's answer, then the final event (``served_by: fallback``). Settled like a
+        swarm session: once, in a task of its own, whatever way the stream ends."""
+        chunks = fallback.chunks(response)
+        texts: list[str] = []
+        delivered, reported, upstream_finish = 0, None, None
+        status, failure, code = "completed", None, None
+        deadline = active.started_at + self.generation_timeout_s
+        last_checkpoint = (0, time.monotonic())
+        metrics.RUNNING.labels(active.model_id).inc()
+        try:
+            while True:
+                try:  # per chunk, so the deadline never fires while the consumer holds a yielded event
+                    chunk = await asyncio.wait_for(anext(chunks), timeout=max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    status, code = "failed", "generation_timeout"
+                    failure = TimeoutError(f"generation exceeded {self.generation_timeout_s:.0f} s")
+                    break
+                except FallbackFailed as error:
+                    status, failure, code = "failed", error, error.code
+                    break
+                if chunk.completion_tokens is not None:
+                    reported = chunk.completion_tokens
+                upstream_finish = chunk.finish_reason or upstream_finish
+                if chunk.text and delivered < prepared.params.max_tokens:
+                    delivered += 1
+                    texts.append(chunk.text)
+                    active.tokens_generated = delivered
+                    yield TokenEvent(token=chunk.text, request_id=active.request_id, tokens_generated=delivered,
+                                     cost_far=format_far(self.cost_of(delivered, active.prompt_tokens,
+                                                                      active.pricing))).model_dump()
+                    now = time.monotonic()
+                    if (delivered - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
+                            or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
+                        await self.store.checkpoint(active.session_id, delivered, [])
+                        last_checkpoint = (delivered, now)
+                if active.cancel.is_set():  # DELETE /mesh/inference/{request_id}
+                    status = "cancelled"
+                    break
+        except BaseException:  # the consumer went away (client disconnected): bill what was delivered
+            if status == "completed":
+                status = "cancelled"
+            raise
+        finally:
+            metrics.RUNNING.labels(active.model_id).dec()
+            completed = status == "completed"
+            prompt_tokens, completion_tokens = billed_tokens(
+                completed=completed, reported_completion=reported, delivered=delivered,
+                prompt_tokens=active.prompt_tokens, max_tokens=prepared.params.max_tokens)
+            finish = finish_reason_of(upstream_finish) if completed else "cancelled" if status == "cancelled" else None
+            settlement = asyncio.ensure_future(self._close_then_settle(
+                chunks, active, status=status, finish_reason=finish, prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens, text="".join(texts), failure=failure, outcome=code or status))
+            self._settlements.add(settlement)
+            settlement.add_done_callback(self._settlements.discard)
+            final = await asyncio.shield(settlement)
+        if failure is not None:
+            log.error("fallback generation failed", request_id=active.request_id, code=code, error=str(failure))
+            if code == "generation_timeout":
+                message = (f"the generation exceeded the coordinator's limit of {self.generation_timeout_s:.0f} s "
+                           f"after {delivered} tokens; the tokens delivered are billed")
+            else:
+                message = f"{failure.message}; after {delivered} tokens" + (
+                    ", which are billed" if delivered else " (nothing billed)")
+            raise self._fallback_error(504 if code == "generation_timeout" else failure.status, code, message,
+                                       delivered, final.cost_far)
+        yield self.done_event(final)
+
+    @staticmethod
+    def _fallback_error(status: int, code: str, message: str, tokens: int, cost: Decimal) -> ServingError:
+        return ServingError(status, code, message, tokens_generated=tokens, cost_far=format_far(cost),
+                            served_by="fallback")
+
+    async def _close_then_settle(self, chunks, active: ActiveGeneration, **settle) -> FinalSession:
+        try:
+            await chunks.aclose()  # closes the upstream response (a cancelled answer stops being generated)
+        except Exception as error:  # noqa: BLE001 - the settlement must happen anyway
+            log.warning("closing the fallback stream failed", request_id=active.request_id, error=repr(error))
+        return await self._settle_fallback(active, **settle)
+
+    async def _settle_fallback(self, active: ActiveGeneration, *, status: str, finish_reason: Optional[str],
+                               prompt_tokens: int, completion_tokens: int, text: str,
+                               failure: Optional[BaseException], outcome: str) -> FinalSession:
+        try:
+            final = await self._save(active, status=status, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                                     completion_tokens=completion_tokens, output_text=text, failure=failure)
+        finally:
+            self.active.pop((active.account_id, active.request_id), None)
+            if active.release_slot is not None:
+                active.release_slot()
+        metrics.FALLBACK_REQUESTS.labels(active.model_id, outcome).inc()
+        metrics.E2E_LATENCY.labels(active.model_id).observe(time.monotonic() - active.started_at)
+        log.info("fallback session finalized", request_id=active.request_id, status=final.status,
+                 completion_tokens=final.completion_tokens, cost_far=format_far(final.cost_far))
+        return final
 
     async def sweep_stale_sessions(self, *, interval_s: float, stale_after_s: float) -> None:
         """Background task of the coordinator: every ``interval_s``, finalize stale sessions of any coordinator
@@ -445,7 +593,7 @@ class InferenceService:
             contributions=[Contribution(node_id=c.node_id, peer_id=c.peer_id, wallet_address=c.wallet_address,
                                         blocks=c.blocks, work_units=c.work_units,
                                         payment_far=format_far(c.payment_far)) for c in final.contributions],
-            replaced_servers=[ReplacedServer(**r) for r in final.replaced_servers],
+            replaced_servers=[ReplacedServer(**r) for r in final.replaced_servers], served_by=final.served_by,
         ).model_dump()
 
     async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
@@ -469,3 +617,5 @@ class InferenceService:
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for fallback in self.fallbacks.values():
+            await fallback.aclose()

@@ -64,6 +64,7 @@ class FinalSession:
     output_text: Optional[str] = None
     account_id: Optional[str] = None
     replaced_servers: list = dataclasses.field(default_factory=list)  # failovers (engine.replaced_servers())
+    served_by: str = "swarm"  # or "fallback": the upstream API of FALLBACK_ENDPOINTS (no contributions)
 
 
 class SessionStore:
@@ -73,7 +74,7 @@ class SessionStore:
     async def create_session(self, *, request_id: str, model_id: str, pricing: Pricing, prompt_tokens: int,
                              user_wallet: Optional[str] = None, account_id: Optional[str] = None,
                              reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None,
-                             session_id: Optional[str] = None) -> str:
+                             session_id: Optional[str] = None, served_by: str = "swarm") -> str:
         """Insert the running session and, for an account, reserve ``reserved_far`` of its prepaid balance, in
         one transaction (402 if the balance not already reserved is short)."""
         session_id = session_id or str(uuid.uuid4())
@@ -91,11 +92,11 @@ class SessionStore:
                 await conn.execute(
                     """INSERT INTO far_mesh_sessions (session_id, request_id, account_id, user_wallet, model_id,
                            prompt_tokens, price_per_token_far, price_per_prompt_token_far, platform_fee_bps,
-                           reserved_far, coordinator_id)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                           reserved_far, coordinator_id, served_by)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
                     session_id, request_id, uuid.UUID(account_id) if account_id else None, user_wallet, model_id,
                     prompt_tokens, pricing.price_per_token_far, pricing.price_per_prompt_token_far,
-                    pricing.platform_fee_bps, reserved_far, coordinator_id,
+                    pricing.platform_fee_bps, reserved_far, coordinator_id, served_by,
                 )
             except asyncpg.UniqueViolationError:
                 raise DuplicateRequest(request_id) from None
@@ -151,7 +152,7 @@ class SessionStore:
             completion_tokens=row["completion_tokens"], cost_far=row["cost_far"], fee_far=row["fee_far"],
             contributions=[ContributionRow(**dict(c)) for c in contributions],
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
-            replaced_servers=_json_list(row.get("replaced_servers")),
+            replaced_servers=_json_list(row.get("replaced_servers")), served_by=row["served_by"],
         )
 
     async def read_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[FinalSession]:

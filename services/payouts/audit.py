@@ -2,7 +2,9 @@
 
 Checks (each reported as ok / problem with details):
 
-1. **conservation** — every finalized session: ``cost_far = fee_far + Σ payment_far`` of its contributions.
+1. **conservation** — every finalized session: ``cost_far = fee_far + Σ payment_far`` of its contributions. A session
+   served by the fallback API (``served_by = 'fallback'``, docs/fallback.md) has no contributions and
+   ``fee_far = cost_far``: the platform kept the whole charge (it pays the upstream itself).
 2. **attachment** — every contribution with a ``payment_batch_id`` is payable (finalized session, registered node,
    a wallet, positive payment), its batch is not ``failed`` (a failed batch must have released it) and, for a
    confirmed batch, the batch's items carry its wallet. Contributions of open batches are reported as in flight.
@@ -72,6 +74,19 @@ async def check_conservation(conn) -> Check:
     for row in rows:
         _problem(check, f"session {row['session_id']}: cost {row['cost_far']} != fee {row['fee_far']} "
                         f"+ payments {row['paid']}")
+    fallback = await conn.fetch("""
+        SELECT s.session_id, s.cost_far, s.fee_far, s.platform_fee_bps, count(c.peer_id) AS contributions
+        FROM far_mesh_sessions s LEFT JOIN far_session_contributions c ON c.session_id = s.session_id
+        WHERE s.served_by = 'fallback' AND s.finalized_at IS NOT NULL
+        GROUP BY s.session_id""")
+    for row in fallback:
+        if row["contributions"] or row["fee_far"] != row["cost_far"] or row["platform_fee_bps"] != 10_000:
+            _problem(check, f"fallback session {row['session_id']}: {row['contributions']} contributions, cost "
+                            f"{row['cost_far']}, fee {row['fee_far']} (bps {row['platform_fee_bps']}); a session "
+                            "served by the fallback API pays no provider")
+    if fallback:
+        charged = sum((row["cost_far"] for row in fallback), Decimal(0))
+        check.notes.append(f"{len(fallback)} sessions served by the fallback API: {charged} FAR charged, all fee")
     unfinalized_paid = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
         WHERE s.finalized_at IS NULL AND c.payment_far <> 0""")

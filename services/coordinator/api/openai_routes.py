@@ -48,10 +48,12 @@ async def _openai_stream(events, make_chunk, include_usage: bool, model: str, re
         first = True
         async for event in events:
             if event.get("done"):
-                yield {"data": json.dumps(make_chunk(None, openai_finish_reason(event["finish_reason"]), first))}
+                last = make_chunk(None, openai_finish_reason(event["finish_reason"]), first)
+                yield {"data": json.dumps({**last, "served_by": event["served_by"]})}
                 if include_usage:
                     yield {"data": json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
-                                               "choices": [], "usage": _usage(event)})}
+                                               "choices": [], "usage": _usage(event),
+                                               "served_by": event["served_by"]})}
             else:
                 if event["token"] or first:
                     yield {"data": json.dumps(make_chunk(event["token"], None, first))}
@@ -95,7 +97,7 @@ async def completions(raw: Request, service: InferenceService = Depends(get_serv
     return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": model_id,
                          "choices": [{"index": 0, "text": final["text"], "logprobs": None,
                                       "finish_reason": openai_finish_reason(final["finish_reason"])}],
-                         "usage": _usage(final), "cost_far": final["cost_far"]})
+                         "usage": _usage(final), "cost_far": final["cost_far"], "served_by": final["served_by"]})
 
 
 @router.post("/chat/completions")
@@ -125,7 +127,7 @@ async def chat_completions(raw: Request, service: InferenceService = Depends(get
     return JSONResponse({"id": response_id, "object": "chat.completion", "created": created, "model": model.model_id,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": final["text"]},
                                       "logprobs": None, "finish_reason": openai_finish_reason(final["finish_reason"])}],
-                         "usage": _usage(final), "cost_far": final["cost_far"]})
+                         "usage": _usage(final), "cost_far": final["cost_far"], "served_by": final["served_by"]})
 
 
 @router.get("/models")
@@ -138,5 +140,6 @@ async def list_models(service: InferenceService = Depends(get_service), _: Princ
                      "ready": bool(coverage and coverage.swarm_ready),
                      "missing_blocks": coverage.missing_blocks if coverage else [],
                      "loading_blocks": coverage.loading_blocks if coverage else [],
+                     "fallback": model_id in service.fallbacks,
                      "context_length": model.context_length})
     return {"object": "list", "data": data}

@@ -54,13 +54,15 @@ async def inference_status(request_id: str, service: InferenceService = Depends(
     active = service.running(request_id, principal.account_id)
     if active is not None:
         return {"request_id": request_id, "status": "running", "tokens_generated": active.tokens_generated,
-                "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens)),
+                "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens, active.pricing)),
+                "served_by": active.served_by,
                 "route": active.generation.route() if active.generation is not None else [],
                 "replaced_servers": active.generation.replaced_servers() if active.generation is not None else []}
     final = await _owned_session(service, request_id, principal)
     return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
             "finish_reason": final.finish_reason,
             "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
+            "served_by": final.served_by,
             "replaced_servers": final.replaced_servers}
 
 

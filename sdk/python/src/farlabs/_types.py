@@ -63,6 +63,7 @@ class ChatResponse:
     fee_far: Decimal
     contributions: List[Contribution] = field(default_factory=list)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    served_by: str = "swarm"  # "fallback": the coordinator's fallback API answered (the swarm was not ready)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ChatResponse":
@@ -72,7 +73,7 @@ class ChatResponse:
                    usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
                    cost_far=_decimal(data.get("cost_far")), fee_far=_decimal(data.get("fee_far")),
                    contributions=[Contribution.from_json(c) for c in data.get("contributions") or []],
-                   raw=dict(data))
+                   raw=dict(data), served_by=str(data.get("served_by") or "swarm"))
 
 
 @dataclass(frozen=True)
