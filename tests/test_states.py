@@ -8,14 +8,15 @@ import re
 import asyncpg
 import pytest
 
-from services.common.states import OPEN_BATCH_STATES, BatchState, DepositState, NodeState, SessionStatus
+from services.common.states import OPEN_BATCH_STATES, BatchState, DepositState, NodeState, ServedBy, SessionStatus
 from services.payouts.executor import TRANSITIONS
 
 MIRRORED = [("far_mesh_sessions", "status", SessionStatus), ("far_payment_batches", "state", BatchState),
-            ("far_nodes", "state", NodeState), ("far_deposits", "state", DepositState)]
+            ("far_nodes", "state", NodeState), ("far_deposits", "state", DepositState),
+            ("far_mesh_sessions", "served_by", ServedBy)]
 
 
-@pytest.mark.parametrize("table,column,enum", MIRRORED, ids=[t for t, *_ in MIRRORED])
+@pytest.mark.parametrize("table,column,enum", MIRRORED, ids=[f"{t}.{c}" for t, c, _ in MIRRORED])
 async def test_enum_mirrors_the_check_constraint(postgres_url, table, column, enum):
     conn = await asyncpg.connect(postgres_url)
     try:

@@ -17,6 +17,13 @@ class SessionStatus(StrEnum):
     INTERRUPTED = "interrupted"  # its coordinator died or stalled; settled by the stale-session sweep
 
 
+class ServedBy(StrEnum):
+    """far_mesh_sessions.served_by: who generated the answer."""
+
+    SWARM = "swarm"
+    FALLBACK = "fallback"  # the upstream API of FALLBACK_ENDPOINTS, while the swarm was not ready: no contributions
+
+
 class BatchState(StrEnum):
     """far_payment_batches.state. Legal changes: services/payouts/executor.py TRANSITIONS (and the database
     trigger far_payment_batches_guard)."""

@@ -25,6 +25,7 @@ from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.common.petals_compat import SwarmUnavailable
+from services.common.states import ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.admission import AdmissionGate, Overloaded
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
@@ -86,7 +87,7 @@ class ActiveGeneration:
     started_at: float = field(default_factory=time.monotonic)
     release_slot: object = None  # the admission slot's release (services/coordinator/admission.py)
     pricing: Optional[Pricing] = None  # the session's prices (the fallback's when served there)
-    served_by: str = "swarm"
+    served_by: ServedBy = ServedBy.SWARM
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ class InferenceService:
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
                                   len(prepared.prompt_ids), account_id, pricing=pricing,
-                                  served_by="swarm" if fallback is None else "fallback")
+                                  served_by=ServedBy.SWARM if fallback is None else ServedBy.FALLBACK)
         self.active[key] = active
         try:
             await self.store.create_session(
@@ -270,9 +271,9 @@ class InferenceService:
     def replay_of(previous: FinalSession) -> Replay:
         """The stored outcome of a request_id used before: a finished result is replayed; a running, failed or
         interrupted one is reported as such (never as a success, never run twice)."""
-        if previous.status in ("completed", "cancelled"):
+        if previous.status in (SessionStatus.COMPLETED, SessionStatus.CANCELLED):
             return Replay(previous)
-        if previous.status == "running":
+        if previous.status == SessionStatus.RUNNING:
             raise ServingError(409, "request_in_progress", f"request {previous.request_id!r} is running")
         raise ServingError(409, "request_failed",
                            f"request {previous.request_id!r} ended {previous.status} after "
@@ -337,7 +338,7 @@ class InferenceService:
                 loop.call_soon_threadsafe(queue.put_nowait, error)
 
         future = loop.run_in_executor(self.executor, worker)
-        status, failure, error_code = "completed", None, None
+        status, failure, error_code = SessionStatus.COMPLETED, None, None
         deadline = active.started_at + self.generation_timeout_s
         last_checkpoint = (0, time.monotonic())
         last_token_at = None
@@ -347,13 +348,13 @@ class InferenceService:
                     item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     active.cancel.set()
-                    status, error_code = "failed", "generation_timeout"
+                    status, error_code = SessionStatus.FAILED, "generation_timeout"
                     failure = TimeoutError(f"generation exceeded {self.generation_timeout_s:.0f} s")
                     break
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
-                    status, failure = "failed", item
+                    status, failure = SessionStatus.FAILED, item
                     error_code = "swarm_unavailable" if isinstance(item, SwarmUnavailable) else "swarm_error"
                     break
                 now = time.monotonic()
@@ -403,8 +404,8 @@ class InferenceService:
         model_id = active.model_id
         try:
             await worker
-            if status == "completed" and generation.finish_reason == "cancelled":
-                status = "cancelled"
+            if status == SessionStatus.COMPLETED and generation.finish_reason == "cancelled":
+                status = SessionStatus.CANCELLED
             final = await self._save(active, status=status, finish_reason=generation.finish_reason,
                                      prompt_tokens=active.prompt_tokens,
                                      completion_tokens=generation.completion_tokens,
@@ -461,11 +462,12 @@ class InferenceService:
         except (FallbackFailed, asyncio.TimeoutError) as error:
             failure = error if isinstance(error, FallbackFailed) else FallbackFailed(
                 "fallback_timeout", f"the fallback API did not answer within {self.generation_timeout_s:.0f} s")
-            await self._settle_fallback(active, status="failed", finish_reason=None, prompt_tokens=0,
+            await self._settle_fallback(active, status=SessionStatus.FAILED, finish_reason=None, prompt_tokens=0,
                                         completion_tokens=0, text="", failure=failure, outcome=failure.code)
             raise self._fallback_error(failure.status, failure.code, failure.message, 0, Decimal(0)) from None
         except BaseException:
-            await asyncio.shield(self._settle_fallback(active, status="cancelled", finish_reason="cancelled",
+            await asyncio.shield(self._settle_fallback(active, status=SessionStatus.CANCELLED,
+                                                       finish_reason="cancelled",
                                                        prompt_tokens=0, completion_tokens=0, text="", failure=None,
                                                        outcome="cancelled"))
             raise
@@ -478,7 +480,7 @@ class InferenceService:
         chunks = fallback.chunks(response)
         texts: list[str] = []
         delivered, reported, upstream_finish = 0, None, None
-        status, failure, code = "completed", None, None
+        status, failure, code = SessionStatus.COMPLETED, None, None
         deadline = active.started_at + self.generation_timeout_s
         last_checkpoint = (0, time.monotonic())
         metrics.RUNNING.labels(active.model_id).inc()
@@ -489,11 +491,11 @@ class InferenceService:
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
-                    status, code = "failed", "generation_timeout"
+                    status, code = SessionStatus.FAILED, "generation_timeout"
                     failure = TimeoutError(f"generation exceeded {self.generation_timeout_s:.0f} s")
                     break
                 except FallbackFailed as error:
-                    status, failure, code = "failed", error, error.code
+                    status, failure, code = SessionStatus.FAILED, error, error.code
                     break
                 if chunk.completion_tokens is not None:
                     reported = chunk.completion_tokens
@@ -511,19 +513,20 @@ class InferenceService:
                         await self.store.checkpoint(active.session_id, delivered, [])
                         last_checkpoint = (delivered, now)
                 if active.cancel.is_set():  # DELETE /mesh/inference/{request_id}
-                    status = "cancelled"
+                    status = SessionStatus.CANCELLED
                     break
         except BaseException:  # the consumer went away (client disconnected): bill what was delivered
-            if status == "completed":
-                status = "cancelled"
+            if status == SessionStatus.COMPLETED:
+                status = SessionStatus.CANCELLED
             raise
         finally:
             metrics.RUNNING.labels(active.model_id).dec()
-            completed = status == "completed"
+            completed = status == SessionStatus.COMPLETED
             prompt_tokens, completion_tokens = billed_tokens(
                 completed=completed, reported_completion=reported, delivered=delivered,
                 prompt_tokens=active.prompt_tokens, max_tokens=prepared.params.max_tokens)
-            finish = finish_reason_of(upstream_finish) if completed else "cancelled" if status == "cancelled" else None
+            cancelled = status == SessionStatus.CANCELLED
+            finish = finish_reason_of(upstream_finish) if completed else "cancelled" if cancelled else None
             settlement = asyncio.ensure_future(self._close_then_settle(
                 chunks, active, status=status, finish_reason=finish, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, text="".join(texts), failure=failure, outcome=code or status))
@@ -545,7 +548,7 @@ class InferenceService:
     @staticmethod
     def _fallback_error(status: int, code: str, message: str, tokens: int, cost: Decimal) -> ServingError:
         return ServingError(status, code, message, tokens_generated=tokens, cost_far=format_far(cost),
-                            served_by="fallback")
+                            served_by=ServedBy.FALLBACK)
 
     async def _close_then_settle(self, chunks, active: ActiveGeneration, **settle) -> FinalSession:
         try:

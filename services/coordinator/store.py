@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import asyncpg
 
-from services.common.states import SessionStatus
+from services.common.states import ServedBy, SessionStatus
 from services.coordinator.metering import PeerWork
 
 
@@ -64,7 +64,7 @@ class FinalSession:
     output_text: Optional[str] = None
     account_id: Optional[str] = None
     replaced_servers: list = dataclasses.field(default_factory=list)  # failovers (engine.replaced_servers())
-    served_by: str = "swarm"  # or "fallback": the upstream API of FALLBACK_ENDPOINTS (no contributions)
+    served_by: ServedBy = ServedBy.SWARM
 
 
 class SessionStore:
@@ -74,7 +74,7 @@ class SessionStore:
     async def create_session(self, *, request_id: str, model_id: str, pricing: Pricing, prompt_tokens: int,
                              user_wallet: Optional[str] = None, account_id: Optional[str] = None,
                              reserved_far: Decimal = Decimal(0), coordinator_id: Optional[str] = None,
-                             session_id: Optional[str] = None, served_by: str = "swarm") -> str:
+                             session_id: Optional[str] = None, served_by: ServedBy = ServedBy.SWARM) -> str:
         """Insert the running session and, for an account, reserve ``reserved_far`` of its prepaid balance, in
         one transaction (402 if the balance not already reserved is short)."""
         session_id = session_id or str(uuid.uuid4())

@@ -11,6 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.common.http import readiness_response
 from services.common.money import format_far
+from services.common.states import SessionStatus
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
 from services.coordinator.protocol import GenerateRequest
@@ -53,7 +54,7 @@ async def inference_status(request_id: str, service: InferenceService = Depends(
                            principal: Principal = Depends(get_principal)):
     active = service.running(request_id, principal.account_id)
     if active is not None:
-        return {"request_id": request_id, "status": "running", "tokens_generated": active.tokens_generated,
+        return {"request_id": request_id, "status": SessionStatus.RUNNING, "tokens_generated": active.tokens_generated,
                 "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens, active.pricing)),
                 "served_by": active.served_by,
                 "route": active.generation.route() if active.generation is not None else [],
