@@ -238,9 +238,9 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
         metrics = httpx.get(f"{discovery_url}/metrics", timeout=5).text
         assert f'far_discovery_unreachable_peers{{model_id="{MODEL_ID}"}} 1.0' in metrics
     finally:
+        swarm.stop()  # providers first: they unregister from discovery as they stop
         for process in reversed(processes):
             process.stop()
-        swarm.stop()
 
 
 def _ok(url: str) -> bool:
