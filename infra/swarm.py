@@ -136,8 +136,13 @@ class LocalSwarm:
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None
-        for node in reversed(list(self.nodes.values())):
-            node.process.stop()
+        # all at once: each node announces OFFLINE and unregisters on SIGTERM (seconds), independently
+        from concurrent.futures import ThreadPoolExecutor
+
+        nodes = list(self.nodes.values())
+        if nodes:
+            with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+                list(pool.map(lambda node: node.process.stop(), nodes))
         if self.bootstrap is not None:
             self.bootstrap.stop()
 

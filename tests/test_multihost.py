@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,10 +67,17 @@ def _started(stack: list, process: ManagedProcess) -> ManagedProcess:
 
 
 def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_path):
+    started = time.monotonic()
+
+    def phase(what: str) -> None:  # real timings (-s)
+        print(f"[multihost] {time.monotonic() - started:6.1f} s  {what}", flush=True)
+
     postgres_url = make_database()
     hosts = {name: lab.add_host(name) for name in ("dht", "discovery", "coordinator", "payouts", *SPANS, "lost")}
     pg, rd = urlsplit(postgres_url), urlsplit(redis_url)
-    lab.relay_to_root({pg.port or 5432: (pg.hostname, pg.port or 5432), rd.port or 6379: (rd.hostname, rd.port or 6379)})
+    # the database server's ports on the bridge address (they listen on loopback only here)
+    lab.relay_to_root({pg.port or 5432: (pg.hostname, pg.port or 5432),
+                       rd.port or 6379: (rd.hostname, rd.port or 6379)})
     db_url, cache_url = _via(postgres_url, lab.gateway), _via(redis_url, lab.gateway)
     processes: list[ManagedProcess] = []
     swarm = LocalSwarm(tiny_model_dir, MODEL_ID, tmp_path / "swarm", request_timeout=10)
@@ -79,6 +88,7 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
                                                   "--announce-maddrs", dht.address),
                                       argv_prefix=tuple(dht.argv([])))
         assert peers and all(p.startswith(f"/ip4/{dht.address}/tcp/{DHT_PORT}/p2p/") for p in peers), peers
+        phase(f"{len(hosts)} hosts and the bootstrap up: {peers[0]}")
 
         # --- discovery and the coordinator, each on its host's address ----------------------------------
         disc = hosts["discovery"]
@@ -93,7 +103,7 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
                              argv_prefix=tuple(host.argv([])),
                              extra_args=("--host", "0.0.0.0", "--port", str(NODE_PORT),
                                          "--public-address", host.address, "--heartbeat-interval", "2"))
-        account_id, api_key = asyncio.run(create_api_key(postgres_url))
+        _, api_key = asyncio.run(create_api_key(postgres_url))
         coord = hosts["coordinator"]
         coordinator = start_coordinator(
             workdir=tmp_path / "coordinator", model_dir=tiny_model_dir, initial_peers=peers, postgres_url=db_url,
@@ -102,6 +112,35 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
             env_extra={"PETALS_REQUEST_TIMEOUT_S": "10", "SWARM_READINESS_REFRESH_S": "0.5",
                        "DISCOVERY_URL": discovery_url})
         processes.append(coordinator.process)
+
+        # --- payouts on their own host (while the providers load): its local chain, the database via the bridge --
+        pay = hosts["payouts"]
+        chain = _started(processes, ManagedProcess(
+            "chain", pay.argv(python_argv("services.cli", "chain", "devnode", "--port", "8545")),
+            log_path=tmp_path / "chain.log").start())
+        rpc = "http://127.0.0.1:8545"  # the chain node runs on the payouts host itself
+        chain_env = dict(os.environ, BSC_NETWORK="local", BSC_RPC_URL=rpc, POSTGRES_URL=db_url, REDIS_URL=cache_url,
+                         FAR_MESH_STATE_DIR=str(tmp_path / "payouts"), MIN_PAYOUT_FAR="0.000001",
+                         PAYOUT_CONFIRMATIONS="1")
+        deployed = None
+
+        def deploy():
+            nonlocal deployed
+            deployed = subprocess.run(pay.argv(python_argv("services.cli", "chain", "deploy", "--network", "local")),
+                                      env=chain_env, capture_output=True, text=True, timeout=120)
+            return deployed.returncode == 0
+
+        wait_until(deploy, timeout=90, interval=2, what="far-mesh chain deploy on the payouts host", process=chain)
+        from infra.mesh import ADDRESS_LINE
+
+        chain_env.update(dict(ADDRESS_LINE.findall(deployed.stdout)))
+        payouts = _started(processes, ManagedProcess(
+            "payouts", pay.argv(python_argv("services.cli", "payouts", "serve", "--host", pay.address, "--port",
+                                            str(PAYOUTS_PORT), "--network", "local")),
+            env=chain_env, log_path=tmp_path / "payouts.log").start())
+        wait_until(lambda: _ok(f"http://{pay.address}:{PAYOUTS_PORT}/readyz"), timeout=90,
+                   what="the payment tracker /readyz", process=payouts)
+        phase("coordinator and payment tracker up")
 
         # --- ready: discovery sees every block ONLINE, every provider registered and reachable -------------
         def mesh_ready():
@@ -114,6 +153,7 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
         reach = wait_until(mesh_ready, timeout=240, interval=1.0, what="swarm ready, providers reachable")
         for name in SPANS:  # discovery dialed each provider at the address it announced, on its port
             assert reach[swarm.nodes[name].peer_id]["addresses"] == [f"/ip4/{hosts[name].address}/tcp/{NODE_PORT}"]
+        phase("swarm ready, every provider registered and reachable at its announced address")
 
         # --- a generation streams from the coordinator host; the route's 2:4 host loses its link ------------
         request_id = "multihost_001"
@@ -152,6 +192,8 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
         assert replaced["peer_id"] == swarm.nodes[victim].peer_id and replaced["blocks"] == "2:4"
         assert replaced["replaced_by"] == swarm.nodes[survivor].peer_id
         swarm.nodes[victim].process.kill()  # its host is cut off: nothing to shut down gracefully
+        phase(f"generation done: {victim}'s link cut after {CUT_AFTER} tokens, replaced by {survivor} "
+              f"({replaced['cause']}, stall {replaced['stall_ms']} ms)")
 
         # --- contributions: every registered provider that served is recorded with its wallet ---------------
         async def contributions():
@@ -166,6 +208,13 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
             finally:
                 await conn.close()
 
+        # --- a provider announcing an address nobody can dial (it loads while payouts run; checked below) ------
+        lost = swarm.start_node("lost", "0:2", discovery_url=discovery_url, wallet=WALLETS["lost"],
+                                argv_prefix=tuple(hosts["lost"].argv([])),
+                                extra_args=("--host", "0.0.0.0", "--port", str(NODE_PORT),
+                                            # a typo'd public address: the database server's, where 31330 is shut
+                                            "--public-address", lab.gateway, "--heartbeat-interval", "2"))
+
         session, rows = asyncio.run(contributions())
         by_name = {name: rows.get(node.peer_id) for name, node in swarm.nodes.items()}
         assert by_name["p1"]["steps"] == MAX_TOKENS
@@ -176,47 +225,15 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
             assert by_name[name]["wallet_address"].lower() == WALLETS[name].lower()
         assert session["fee_far"] + sum(r["payment_far"] for r in rows.values()) == session["cost_far"] > 0
 
-        # --- payouts on their own host: its local chain, the database through the bridge ----------------------
-        pay = hosts["payouts"]
-        chain = _started(processes, ManagedProcess(
-            "chain", pay.argv(python_argv("services.cli", "chain", "devnode", "--port", "8545")),
-            log_path=tmp_path / "chain.log").start())
-        rpc = "http://127.0.0.1:8545"  # the chain node runs on the payouts host itself
-        chain_env = dict(os.environ, BSC_NETWORK="local", BSC_RPC_URL=rpc, POSTGRES_URL=db_url, REDIS_URL=cache_url,
-                         FAR_MESH_STATE_DIR=str(tmp_path / "payouts"), MIN_PAYOUT_FAR="0.000001",
-                         PAYOUT_CONFIRMATIONS="1")
-        deployed = None
-
-        def deploy():
-            nonlocal deployed
-            deployed = subprocess.run(pay.argv(python_argv("services.cli", "chain", "deploy", "--network", "local")),
-                                      env=chain_env, capture_output=True, text=True, timeout=120)
-            return deployed.returncode == 0
-
-        wait_until(deploy, timeout=90, interval=2, what="far-mesh chain deploy on the payouts host", process=chain)
-        from infra.mesh import ADDRESS_LINE
-
-        chain_env.update(dict(ADDRESS_LINE.findall(deployed.stdout)))
-        payouts = _started(processes, ManagedProcess(
-            "payouts", pay.argv(python_argv("services.cli", "payouts", "serve", "--host", pay.address, "--port",
-                                            str(PAYOUTS_PORT), "--network", "local")),
-            env=chain_env, log_path=tmp_path / "payouts.log").start())
-        wait_until(lambda: _ok(f"http://{pay.address}:{PAYOUTS_PORT}/readyz"), timeout=90,
-                   what="the payment tracker /readyz", process=payouts)
         paid = subprocess.run(pay.argv(python_argv("services.cli", "payouts", "run-once", "--network", "local")),
                               env=chain_env, capture_output=True, text=True, timeout=180)
         assert paid.returncode == 0, paid.stdout + paid.stderr
         batches, items = asyncio.run(_payments(postgres_url))
         assert [b["state"] for b in batches] == ["confirmed"], batches
         assert set(items) == {WALLETS[name].lower() for name in SPANS}
+        phase("contributions recorded, providers paid")
 
-        # --- a provider announcing an address nobody can dial: discovery, its log and far-node status say so --
-        lost = swarm.start_node("lost", "0:2", discovery_url=discovery_url, wallet=WALLETS["lost"],
-                                argv_prefix=tuple(hosts["lost"].argv([])),
-                                extra_args=("--host", "0.0.0.0", "--port", str(NODE_PORT),
-                                            # a typo'd public address: the database server's, where 31330 is shut
-                                            "--public-address", lab.gateway, "--heartbeat-interval", "2"))
-
+        # --- ... discovery, its log and far-node status say it is unreachable ---------------------------------
         def lost_verdict():
             try:
                 info = httpx.get(f"{discovery_url}/nodes/by-peer/{lost.peer_id}", timeout=5).json()
@@ -235,12 +252,22 @@ def test_mesh_across_hosts(lab, tiny_model_dir, make_database, redis_url, tmp_pa
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         assert "reachable    NO:" in status.stdout, status.stdout
+        coverage = httpx.get(f"{discovery_url}/models/{MODEL_ID}/coverage", timeout=5).json()
+        assert lost.peer_id in {peer["peer_id"] for peer in coverage["unreachable"]}, coverage["unreachable"]
+        shown = subprocess.run(python_argv("services.cli", "status", "--url", discovery_url, "--model", MODEL_ID),
+                               capture_output=True, text=True, timeout=60)
+        assert "Unreachable: lost" in shown.stdout, shown.stdout
         metrics = httpx.get(f"{discovery_url}/metrics", timeout=5).text
-        assert f'far_discovery_unreachable_peers{{model_id="{MODEL_ID}"}} 1.0' in metrics
+        gauge = re.search(rf'^far_discovery_unreachable_peers{{model_id="{MODEL_ID}"}} (\S+)$', metrics, re.M)
+        assert gauge and float(gauge.group(1)) >= 1, metrics  # the lost node (and the cut one while announced)
+        phase("the unreachable provider is reported by discovery, its log and far-node status")
     finally:
+        phase("stopping")
         swarm.stop()  # providers first: they unregister from discovery as they stop
-        for process in reversed(processes):
-            process.stop()
+        phase("providers and bootstrap stopped")
+        with ThreadPoolExecutor(max_workers=max(1, len(processes))) as pool:  # independent: all at once
+            list(pool.map(lambda process: process.stop(), processes))
+        phase("services stopped")
 
 
 def _ok(url: str) -> bool:

@@ -295,6 +295,12 @@ class Discovery:
                 for s in servers:
                     names.setdefault(s.peer_id, s.public_name)
         result["peer_names"] = {p: n for p, n in names.items() if n}
+        # announced servers no client can dial: they look ONLINE but serve nobody (docs/multihost.md)
+        result["unreachable"] = [
+            {"peer_id": peer, "public_name": names.get(peer), "error": reach["error"]}
+            for peer in sorted({s.peer_id for servers in snapshot.block_servers or () for s in servers
+                                if s.state in ("JOINING", "ONLINE")})
+            if (reach := self.watcher.reachability(peer)) and reach["reachable"] is False]
         return result
 
 
