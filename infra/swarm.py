@@ -74,14 +74,15 @@ class LocalSwarm:
         env = dict(os.environ, FAR_MESH_STATE_DIR=str(self.workdir / "nodes" / f"{name}-state"))
         process = ManagedProcess(
             f"node-{name}",
-            [*argv_prefix, *python_argv("node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
-                        "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
-                        "--identity", str(identity), "--public-name", name,
-                        "--request-timeout", str(self.request_timeout),
-                        "--update-period", str(self.update_period), "--no-config",
-                        *(("--discovery-url", discovery_url) if discovery_url else ()),
-                        *(() if registers else ("--no-register",)),
-                        *(("--wallet", wallet) if wallet else ()), *extra_args)],
+            [*argv_prefix, *python_argv(
+                "node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
+                "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
+                "--identity", str(identity), "--public-name", name,
+                "--request-timeout", str(self.request_timeout),
+                "--update-period", str(self.update_period), "--no-config",
+                *(("--discovery-url", discovery_url) if discovery_url else ()),
+                *(() if registers else ("--no-register",)),
+                *(("--wallet", wallet) if wallet else ()), *extra_args)],
             log_path=self.workdir / "logs" / f"node-{name}.log", env=env,
         ).start()
         node = SwarmNode(name, BlockSpan.parse(span), peer_id, identity, process)
