@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.far-mesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-gpu demo test lock clean-state bench help
+.PHONY: install install-gpu demo test multihost lock clean-state bench help
 
 help:
 	@echo "make demo     run a whole local mesh (installs first if needed)"
@@ -19,6 +19,7 @@ help:
 	@echo "make install-gpu   the same with CUDA torch and nvidia-ml-py, for GPU providers (docs/provider.md)"
 	@echo "make lock     re-resolve requirements/base.in into requirements/lock.txt"
 	@echo "make bench    run the benchmarks in bench/"
+	@echo "make multihost  the mesh across network namespaces (root; docs/multihost.md)"
 	@echo "make contracts / contracts-check   rebuild / verify the committed Solidity artifacts"
 
 install: $(STAMP)
@@ -39,6 +40,10 @@ demo: install
 
 test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# Every part on a host of its own (network namespaces, needs root and iproute2; skips with the reason otherwise).
+multihost: install
+	$(PY) -m pytest -v -rs tests/test_multihost.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/swarm_vs_local.py

@@ -43,13 +43,17 @@ class LocalSwarm:
     initial_peers: list = field(default_factory=list)
     _dht = None
 
-    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+    def start_bootstrap(self, timeout: float = 60.0, *, extra_args: tuple[str, ...] = ("--port", "0"),
+                        argv_prefix: tuple[str, ...] = ()) -> list[str]:
+        """``far-mesh dht`` (``extra_args``: --host/--port/--announce-maddrs; ``argv_prefix`` e.g. runs it in a
+        network namespace, infra/netns.py); returns the multiaddrs it prints."""
         maddrs_file = self.workdir / "dht" / "maddrs.txt"
         maddrs_file.unlink(missing_ok=True)
         self.bootstrap = ManagedProcess(
             "dht-bootstrap",
-            python_argv("services.cli", "dht", "--port", "0", "--identity", str(self.workdir / "dht" / "bootstrap.key"),
-                        "--maddrs-file", str(maddrs_file)),
+            [*argv_prefix, *python_argv("services.cli", "dht", *extra_args,
+                                        "--identity", str(self.workdir / "dht" / "bootstrap.key"),
+                                        "--maddrs-file", str(maddrs_file))],
             log_path=self.workdir / "logs" / "dht.log",
         ).start()
         wait_until(maddrs_file.exists, timeout=timeout, what="the DHT bootstrap's multiaddrs", process=self.bootstrap)
@@ -57,7 +61,8 @@ class LocalSwarm:
         return self.initial_peers
 
     def start_node(self, name: str, span: str, *, extra_args: tuple[str, ...] = (),
-                   discovery_url: Optional[str] = None, wallet: Optional[str] = None) -> SwarmNode:
+                   discovery_url: Optional[str] = None, wallet: Optional[str] = None,
+                   argv_prefix: tuple[str, ...] = ()) -> SwarmNode:
         """Start a provider node. Without a discovery URL (``discovery_url``, or ``--discovery-url`` in
         ``extra_args``) it serves without registering (``--no-register``)."""
         import os
@@ -69,14 +74,15 @@ class LocalSwarm:
         env = dict(os.environ, FAR_MESH_STATE_DIR=str(self.workdir / "nodes" / f"{name}-state"))
         process = ManagedProcess(
             f"node-{name}",
-            python_argv("node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
-                        "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
-                        "--identity", str(identity), "--public-name", name,
-                        "--request-timeout", str(self.request_timeout),
-                        "--update-period", str(self.update_period), "--no-config",
-                        *(("--discovery-url", discovery_url) if discovery_url else ()),
-                        *(() if registers else ("--no-register",)),
-                        *(("--wallet", wallet) if wallet else ()), *extra_args),
+            [*argv_prefix, *python_argv(
+                "node_server.cli", "run", "--model", str(self.model_path), "--model-id", self.model_id,
+                "--blocks", span, "--initial-peers", ",".join(self.initial_peers),
+                "--identity", str(identity), "--public-name", name,
+                "--request-timeout", str(self.request_timeout),
+                "--update-period", str(self.update_period), "--no-config",
+                *(("--discovery-url", discovery_url) if discovery_url else ()),
+                *(() if registers else ("--no-register",)),
+                *(("--wallet", wallet) if wallet else ()), *extra_args)],
             log_path=self.workdir / "logs" / f"node-{name}.log", env=env,
         ).start()
         node = SwarmNode(name, BlockSpan.parse(span), peer_id, identity, process)
@@ -131,8 +137,13 @@ class LocalSwarm:
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None
-        for node in reversed(list(self.nodes.values())):
-            node.process.stop()
+        # all at once: each node announces OFFLINE and unregisters on SIGTERM (seconds), independently
+        from concurrent.futures import ThreadPoolExecutor
+
+        nodes = list(self.nodes.values())
+        if nodes:
+            with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+                list(pool.map(lambda node: node.process.stop(), nodes))
         if self.bootstrap is not None:
             self.bootstrap.stop()
 

@@ -390,6 +390,7 @@ class DiscoveryAgent(threading.Thread):
         self.failures = 0
         self.tokens: Optional[int] = None
         self.earned: Optional[str] = None
+        self.reachability: Optional[dict] = None  # discovery's last dial of this node (None: not probed yet)
         self._halt = threading.Event()
 
     # -- discovery calls --------------------------------------------------------------------------------------
@@ -426,8 +427,27 @@ class DiscoveryAgent(threading.Thread):
                                        vram_used_gb=status.get("vram_used_gb"), gpu_temp_c=status.get("gpu_temp_c"))
         self.tokens = answer.get("tokens_served", self.tokens)
         self.earned = answer.get("earned_far", self.earned)
+        self.note_reachability(answer.get("reachability"))
         if answer.get("heartbeat_interval_s") and not self.config.heartbeat_interval:
             self.interval = float(answer["heartbeat_interval_s"])
+
+    def note_reachability(self, reach: Optional[dict]) -> None:
+        """Log when discovery's verdict changes: an unreachable node serves nobody and earns nothing."""
+        before, self.reachability = self.reachability, reach
+        if not reach or (before or {}).get("reachable") == reach.get("reachable"):
+            return
+        if reach.get("reachable"):
+            log.info("the swarm can reach this node", addresses=reach.get("addresses"))
+        else:
+            log.warning("the swarm CANNOT reach this node: clients cannot open sessions with it, so it serves no "
+                        "tokens and earns nothing", error=reach.get("error"), fix=reach.get("hint"),
+                        announced=self.config.options.announce_host or self.config.options.host,
+                        port=self.config.options.port)
+
+    def reachability_note(self) -> Optional[str]:
+        if self.reachability and self.reachability.get("reachable") is False:
+            return "UNREACHABLE from the swarm (earning nothing): see `far-node status`"
+        return None
 
     # -- loop ---------------------------------------------------------------------------------------------
     def print_status(self, status: dict, note: Optional[str] = None) -> None:
@@ -463,7 +483,7 @@ class DiscoveryAgent(threading.Thread):
                 self.registration = self.register(status)
             self.heartbeat(status)
             self.failures = 0
-            self.print_status(status)
+            self.print_status(status, note=self.reachability_note())
             return self.interval
         except NotRegistered as error:
             if registering:  # a refused proof (bad nonce/signature): retry with a fresh challenge, slowly

@@ -174,6 +174,9 @@ def run(
         announce = check("--public-address", announce, validation.parse_address)
         if announce == host or announce == "localhost":
             announce = None
+        elif port == 0:
+            # others dial <address>:<port>; with port 0 the port is picked at start and unknown to the announcement
+            _fail("--public-address", "needs a fixed --port (e.g. --port 31330, forwarded to this machine)")
     state_dir = default_state_dir()
     identity_path = Path(pick(identity, node.identity_path, state_dir / "identity.key")).expanduser()
     url = pick(discovery_url, node.discovery_url, settings.DISCOVERY_URL)
@@ -279,6 +282,15 @@ def _duration(seconds) -> str:
     return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
+def _reachability(reach) -> str:
+    """Discovery's dial of this node: can clients open sessions with it?"""
+    if not isinstance(reach, dict) or reach.get("reachable") is None:
+        return "- (not checked yet)"
+    if reach["reachable"]:
+        return "yes" + (f" ({', '.join(reach['addresses'])})" if reach.get("addresses") else "")
+    return f"NO: {reach.get('error') or 'no answer'}\n             {reach.get('hint') or ''}".rstrip()
+
+
 def format_status(info: dict, *, peer_id: str) -> str:
     """Discovery's ``GET /nodes/{node_id}`` as a short report (tolerant of missing fields)."""
     from services.common.money import format_far_truncated as format_far
@@ -316,6 +328,7 @@ def format_status(info: dict, *, peer_id: str) -> str:
         f"state        {state}",
         f"uptime       {_duration(info.get('uptime_s')) if info.get('uptime_s') else '-'}",
         f"last seen    {get('last_seen')}",
+        f"reachable    {_reachability(info.get('reachability'))}",
         f"model        {get('model_id')}  blocks {blocks}",
         f"hardware     {hw}",
         f"wallet       {get('wallet_address')}",

@@ -56,17 +56,25 @@ def make_model(
 
 @app.command("dht")
 def dht(
-    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(31337, help="TCP port (0 = any free port)"),
+    announce_maddrs: str = typer.Option("", help="comma-separated addresses peers are told to dial: multiaddrs "
+                                                 "(/ip4/203.0.113.5/tcp/31337) or bare IPs/DNS names (the port "
+                                                 "is appended); default: the listen addresses"),
     identity: Optional[Path] = typer.Option(None, help="identity key file (created once; default in state dir)"),
     maddrs_file: Optional[Path] = typer.Option(None, help="write the visible multiaddrs here"),
     initial_peers: str = typer.Option("", help="comma-separated multiaddrs of other bootstrap peers"),
 ) -> None:
     """Run the DHT bootstrap peer (persistent identity, prints its multiaddrs)."""
-    from services.dht.bootstrap import run_bootstrap
+    from services.dht.bootstrap import parse_announce_maddrs, run_bootstrap
 
+    try:
+        announce = parse_announce_maddrs(announce_maddrs, port)
+    except ValueError as error:
+        typer.echo(f"far-mesh dht: --announce-maddrs: {error}", err=True)
+        raise typer.Exit(2)
     run_bootstrap(host=host, port=port, identity_path=identity, maddrs_file=maddrs_file,
-                  initial_peers=[p for p in initial_peers.split(",") if p])
+                  initial_peers=[p for p in initial_peers.split(",") if p], announce_maddrs=announce)
 
 
 @app.command("coordinator")

@@ -147,3 +147,17 @@ def test_coverage_invariants(case):
     assert all(set(b.loaded) <= set(b.discovered) for b in cov.blocks)
     if cov.missing_blocks:
         assert cov.blocking[0] == f"{describe_blocks(cov.missing_blocks)}: no server announced"
+
+
+def test_reachability_probes_new_peers_first_then_the_oldest_verdicts():
+    from services.discovery.reachability import HINT, Reachability, ReachabilityProber
+
+    prober = ReachabilityProber(interval_s=60, max_per_round=2)
+    prober.results = {"old": Reachability(True, 100.0, addresses=["/ip4/10.0.0.5/tcp/31330"]),
+                      "fresh": Reachability(False, 150.0, "no answer within 5 s")}
+    assert prober.due({"new", "old", "fresh"}, now=170.0) == ["new", "old"]  # fresh was checked 20 s ago
+    assert prober.due({"old", "fresh"}, now=215.0) == ["old", "fresh"]
+    assert prober.get("old") == {"reachable": True, "checked_at": 100.0, "error": None, "hint": None,
+                                 "addresses": ["/ip4/10.0.0.5/tcp/31330"]}
+    assert prober.get("fresh")["hint"] == HINT and "--public-address" in HINT
+    assert prober.get("never") is None

@@ -133,3 +133,29 @@ def test_auto_block_count_fits_the_memory_limit(tiny_model_dir):
     assert fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=2 * 1024**3) == 4
     assert fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=1) == 1
     assert validation.model_num_blocks(str(tiny_model_dir)) == 4
+
+
+def test_status_says_whether_the_swarm_can_reach_the_node():
+    from node_server.cli import format_status
+
+    base = {"node_id": "n", "state": "online", "model_id": "m", "start_block": 0, "end_block": 2}
+    assert "reachable    - (not checked yet)" in format_status(base, peer_id="Qm")
+    ok = {**base, "reachability": {"reachable": True, "addresses": ["/ip4/10.0.0.5/tcp/31330"]}}
+    assert "reachable    yes (/ip4/10.0.0.5/tcp/31330)" in format_status(ok, peer_id="Qm")
+    bad = {**base, "reachability": {"reachable": False, "error": "dial refused", "hint": "use --public-address"}}
+    text = format_status(bad, peer_id="Qm")
+    assert "reachable    NO: dial refused" in text and "use --public-address" in text
+
+
+def test_dht_announce_maddrs_parsing():
+    from services.dht.bootstrap import parse_announce_maddrs
+
+    assert parse_announce_maddrs("203.0.113.5, /ip4/198.51.100.7/tcp/4001, boot.example.org", 31337) == [
+        "/ip4/203.0.113.5/tcp/31337", "/ip4/198.51.100.7/tcp/4001", "/dns/boot.example.org/tcp/31337"]
+    assert parse_announce_maddrs("", 31337) == []
+    with pytest.raises(ValueError, match="needs a fixed --port"):
+        parse_announce_maddrs("203.0.113.5", 0)
+    with pytest.raises(ValueError, match="not a multiaddr"):
+        parse_announce_maddrs("/ip4/not-an-ip/tcp/1", 31337)
+    with pytest.raises(ValueError, match="neither"):
+        parse_announce_maddrs("two words", 31337)

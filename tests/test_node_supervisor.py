@@ -116,6 +116,9 @@ def test_run_flag_errors_name_the_flag(tmp_path):
         (["--initial-peers", BOOTSTRAP, "--blocks", "0:2", "--discovery-url", "http://127.0.0.1:9"], "--wallet"),
         (["--initial-peers", BOOTSTRAP, "--blocks", "0:2", "--no-register", "--port", "70000"], "--port"),
         (["--config", str(tmp_path / "missing.toml")], "--config"),
+        # peers dial <public address>:<port>: an announced address needs a port known before the start
+        (["--initial-peers", BOOTSTRAP, "--blocks", "0:2", "--no-register", "--public-address", "203.0.113.5"],
+         "--public-address"),
     ]
     for args, flag in cases:
         result = subprocess.run(base + args, env=env, text=True, capture_output=True, timeout=60)

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     # Discovery service tuning (documented in docs/discovery.md).
     NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
     DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")
+    DISCOVERY_REACHABILITY_INTERVAL_S: float = Field(
+        default=60.0, ge=0, description="seconds between discovery's dials of each announced server (0 = off)")
     DISCOVERY_FLUSH_INTERVAL_S: float = Field(default=5.0, gt=0, description="heartbeat write-behind to Postgres")
     JOINING_TOO_LONG_S: float = Field(default=300.0, gt=0, description="a server JOINING longer than this is reported")
     DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")

@@ -22,7 +22,8 @@ def default_identity_path() -> Path:
     return get_settings().FAR_MESH_STATE_DIR / "dht" / "bootstrap.key"
 
 
-def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[str]):
+def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[str],
+              announce_maddrs: list[str] | None = None):
     import hivemind
 
     identity_path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,9 @@ def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[
         start=True,
         initial_peers=initial_peers,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        # what peers are told to dial (e.g. the public address in front of a 0.0.0.0 listener); default: the
+        # listen addresses, which for 0.0.0.0 are every interface's, loopback included
+        announce_maddrs=announce_maddrs or None,
         identity_path=str(identity_path),
         client_mode=False,
         use_relay=False,
@@ -43,13 +47,44 @@ def visible_maddrs(dht) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
 
+def parse_announce_maddrs(text: str, port: int) -> list[str]:
+    """``--announce-maddrs``: comma-separated multiaddrs (``/ip4/203.0.113.5/tcp/31337``) or bare IPv4/IPv6
+    addresses / DNS names (the listen port is appended). Raises ValueError with the offending item."""
+    import ipaddress
+
+    from hivemind.utils.multiaddr import Multiaddr
+
+    result = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.startswith("/"):
+            try:
+                Multiaddr(item)
+            except Exception as error:  # noqa: BLE001 - multiaddr raises several types
+                raise ValueError(f"{item!r} is not a multiaddr: {error}") from None
+            result.append(item)
+            continue
+        if port == 0:
+            raise ValueError(f"{item!r}: a bare address needs a fixed --port (with --port 0 the port is unknown)")
+        try:
+            ip = ipaddress.ip_address(item)
+            result.append(f"/ip{ip.version}/{ip}/tcp/{port}")
+        except ValueError:
+            if not all(part and part.replace("-", "").isalnum() for part in item.split(".")):
+                raise ValueError(f"{item!r} is neither a multiaddr, an IP address nor a DNS name") from None
+            result.append(f"/dns/{item}/tcp/{port}")
+    return result
+
+
 def run_bootstrap(*, host: str, port: int, identity_path: Path | None, maddrs_file: Path | None,
-                  initial_peers: list[str]) -> None:
+                  initial_peers: list[str], announce_maddrs: list[str] | None = None) -> None:
     settings = get_settings()
     configure_logging(settings.LOG_LEVEL)
     identity_path = identity_path or default_identity_path()
     maddrs_file = maddrs_file or settings.FAR_MESH_STATE_DIR / "dht" / "maddrs.txt"
-    dht = start_dht(host=host, port=port, identity_path=identity_path, initial_peers=initial_peers)
+    dht = start_dht(host=host, port=port, identity_path=identity_path, initial_peers=initial_peers,
+                    announce_maddrs=announce_maddrs)
     # Handlers are installed only after the DHT process is forked: a child must keep default signal handling.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

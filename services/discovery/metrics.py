@@ -30,3 +30,5 @@ class DiscoveryMetrics:
         self.dht_errors = Counter("far_discovery_dht_read_errors", "Failed DHT reads", ["model_id"], registry=r)
         self.dht_age = Gauge("far_discovery_dht_observed_timestamp_seconds", "When the DHT was last read",
                              ["model_id"], registry=r)
+        self.unreachable_peers = Gauge("far_discovery_unreachable_peers", "Servers announced in the DHT that "
+                                       "discovery cannot dial (clients cannot reach them)", ["model_id"], registry=r)

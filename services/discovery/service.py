@@ -66,7 +66,9 @@ class Discovery:
         self._heartbeats_ok = self.metrics.heartbeats.labels("ok")
         self.ttl = settings.NODE_HEARTBEAT_TTL_S
         self.watcher = DhtWatcher(settings.initial_peers, models, settings.DISCOVERY_DHT_REFRESH_S,
-                                  on_refresh=self._on_dht_refresh)
+                                  on_refresh=self._on_dht_refresh,
+                                  reachability_interval_s=settings.DISCOVERY_REACHABILITY_INTERVAL_S)
+        self._peer_of_node: dict[str, str] = {}  # node_id → peer_id, for the reachability in heartbeat answers
         self._ledger_scan_at = 0.0  # monotonic time of the last ledger scan
         self._ledger_since = None  # database time the next scan starts from
         self._flusher: Optional[asyncio.Task] = None
@@ -151,9 +153,21 @@ class Discovery:
             ledger = (await self.store.ledgers([node_id]))[node_id]
             await self.hot.set_ledgers({node_id: ledger})
         self._heartbeats_ok.inc()
-        return {"ok": True, "node_id": node_id, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
-                "tokens_served": ledger["tokens_served"], "earned_far": _far(ledger["earned_far"]),
-                "state": NodeState.ONLINE}
+        answer = {"ok": True, "node_id": node_id, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
+                  "tokens_served": ledger["tokens_served"], "earned_far": _far(ledger["earned_far"]),
+                  "state": NodeState.ONLINE}
+        if self.watcher.prober is not None:
+            # the node learns here whether the swarm can reach it (it logs and shows it; docs/multihost.md)
+            answer["reachability"] = self.watcher.reachability(await self._peer_id_of(node_id))
+        return answer
+
+    async def _peer_id_of(self, node_id: str) -> str:
+        peer_id = self._peer_of_node.get(node_id)
+        if peer_id is None:
+            rows = await self.store.nodes(node_ids=[node_id], include_unregistered=True)
+            peer_id = rows[0]["peer_id"] if rows else ""
+            self._peer_of_node[node_id] = peer_id
+        return peer_id
 
     async def refresh_ledgers(self) -> int:
         """Re-read the ledger figures (tokens served, FAR earned) of the nodes whose contributions changed since
@@ -174,6 +188,11 @@ class Discovery:
         if snapshot.block_servers is None:
             return
         coverage = compute_coverage(model_id, self.models[model_id], snapshot.block_servers)
+        if self.watcher.prober is not None:
+            announced = {server.peer_id for servers in snapshot.block_servers for server in servers
+                         if server.state in ("JOINING", "ONLINE")}
+            self.metrics.unreachable_peers.labels(model_id).set(sum(
+                1 for peer in announced if (self.watcher.reachability(peer) or {}).get("reachable") is False))
         self.metrics.discovered_blocks.labels(model_id).set(coverage.discovered_blocks)
         self.metrics.loaded_blocks.labels(model_id).set(coverage.loaded_blocks)
         self.metrics.swarm_ready.labels(model_id).set(1 if coverage.swarm_ready else 0)
@@ -233,6 +252,8 @@ class Discovery:
                 "vram_used_gb": report.get("vram_used_gb", _num(r["vram_used_gb"])),
                 "gpu_temp_c": report.get("gpu_temp_c", _num(r["gpu_temp_c"])),
                 "reported_tokens_served": report.get("tokens_served", r["reported_tokens_served"]),
+                # can a client open a session with it? (discovery dials it; None = not probed (yet))
+                "reachability": self.watcher.reachability(r["peer_id"]),
             }
             if ledger is None or with_money:
                 ledger = (await self.store.ledgers([node_id]))[node_id]
@@ -275,6 +296,12 @@ class Discovery:
                 for s in servers:
                     names.setdefault(s.peer_id, s.public_name)
         result["peer_names"] = {p: n for p, n in names.items() if n}
+        # announced servers no client can dial: they look ONLINE but serve nobody (docs/multihost.md)
+        result["unreachable"] = [
+            {"peer_id": peer, "public_name": names.get(peer), "error": reach["error"]}
+            for peer in sorted({s.peer_id for servers in snapshot.block_servers or () for s in servers
+                                if s.state in ("JOINING", "ONLINE")})
+            if (reach := self.watcher.reachability(peer)) and reach["reachable"] is False]
         return result
 
 
@@ -338,6 +365,7 @@ class Discovery:
         await self.hot.bind_token(sha, node_id, old_sha)
         await self.hot.mark_alive(node_id, ledger=ledger)
         self.metrics.registrations.labels("created" if created else "updated").inc()
+        self._peer_of_node[node_id] = body.peer_id
         log.info("node registered", node_id=node_id, peer_id=body.peer_id, model_id=body.model_id,
                  blocks=f"{body.start_block}:{body.end_block}", created=created)
         return {"node_id": node_id, "node_token": token, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S}

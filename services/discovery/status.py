@@ -72,6 +72,9 @@ def render(coverage: dict, console: Console) -> None:
             console.print(f"  - {reason}", highlight=False, markup=False)
     elif ready:
         console.print("Nothing is blocking inference.")
+    for peer in coverage.get("unreachable") or ():
+        console.print(f"Unreachable: {_peer(peer['peer_id'], names)} is announced but discovery cannot dial it "
+                      f"(it serves nobody): {peer.get('error')}", highlight=False, markup=False)
 
 
 def run_status(*, url: str, model_id: str, watch: bool, interval: float,

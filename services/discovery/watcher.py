@@ -30,7 +30,9 @@ class Snapshot:
 
 class DhtWatcher:
     def __init__(self, initial_peers: list[str], models: dict[str, int], refresh_s: float,
-                 on_refresh: Optional[Callable[[str, Snapshot], None]] = None):
+                 on_refresh: Optional[Callable[[str, Snapshot], None]] = None, reachability_interval_s: float = 0.0):
+        from services.discovery.reachability import ReachabilityProber
+
         self.initial_peers = initial_peers
         self.models = models
         self.refresh_s = refresh_s
@@ -40,6 +42,9 @@ class DhtWatcher:
         self.connect_error: Optional[str] = None if initial_peers else "FAR_MESH_DHT_BOOTSTRAP is not set"
         self._task: Optional[asyncio.Task] = None
         self._refreshed = asyncio.Event()
+        # dials every announced server like a client would (services/discovery/reachability.py); None = off
+        self.prober = (ReachabilityProber(reachability_interval_s)
+                       if reachability_interval_s > 0 and self.enabled else None)
 
     @property
     def enabled(self) -> bool:
@@ -83,9 +88,22 @@ class DhtWatcher:
                         snapshot.block_servers, snapshot.observed_at, snapshot.error = servers, now, None
                     if self.on_refresh is not None:
                         self.on_refresh(model_id, snapshot)
+            if self.dht is not None and self.prober is not None:
+                try:
+                    await asyncio.to_thread(self.prober.probe, self.dht, self.announced_peers())
+                except Exception as error:  # noqa: BLE001 - a failed probe round must not stop the DHT reads
+                    log.warning("reachability probe failed", error=str(error))
             self._refreshed.set()
             self._refreshed = asyncio.Event()
             await asyncio.sleep(max(0.0, self.refresh_s - (time.monotonic() - started)))
+
+    def announced_peers(self) -> set[str]:
+        """Peers the DHT announces as JOINING or ONLINE for any block of any known model."""
+        return {server.peer_id for snapshot in self.snapshots.values() for servers in snapshot.block_servers or ()
+                for server in servers if server.state in ("JOINING", "ONLINE")}
+
+    def reachability(self, peer_id: str) -> Optional[dict]:
+        return self.prober.get(peer_id) if self.prober is not None else None
 
     @property
     def ready(self) -> bool:
