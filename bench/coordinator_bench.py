@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-from httpx_sse import EventSource  # noqa: E402
 
+from bench.sse import stream_generation  # noqa: E402
 from infra.swarm import LocalSwarm  # noqa: E402
 from services.coordinator.accounts import provision_api_key  # noqa: E402
 from tests.fixtures.swarm import MODEL_ID, start_coordinator  # noqa: E402
@@ -39,21 +39,7 @@ PROMPT = "def compute(a, b):"
 
 
 def stream(url: str, key: str, tokens: int, on_token=None) -> dict:
-    """One SSE generation; returns timings."""
-    started = time.perf_counter()
-    stamps = []
-    payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
-    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=600,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
-        response.raise_for_status()
-        for sse in EventSource(response).iter_sse():
-            event = sse.json()
-            if not event.get("done"):
-                stamps.append(time.perf_counter())
-                if on_token is not None:
-                    on_token(len(stamps), event)
-    return {"elapsed": time.perf_counter() - started, "ttft": stamps[0] - started, "stamps": stamps,
-            "tokens": len(stamps)}
+    return stream_generation(url, key, PROMPT, tokens, on_token)
 
 
 def main() -> int:

@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
-from httpx_sse import EventSource  # noqa: E402
 
+from bench.sse import stream_generation  # noqa: E402
 from infra.swarm import LocalSwarm  # noqa: E402
 from services.coordinator.accounts import provision_api_key  # noqa: E402
 from tests.fixtures.swarm import start_coordinator  # noqa: E402
@@ -42,17 +41,9 @@ SPANS = {"a": "0:10", "b": "10:20", "c": "20:30"}
 
 
 def sse_rate(url: str, key: str, tokens: int) -> float:
-    payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
-    started = time.perf_counter()
-    count = 0
-    with httpx.stream("POST", f"{url}/mesh/inference/generate", json=payload, timeout=600,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
-        response.raise_for_status()
-        for sse in EventSource(response).iter_sse():
-            if not sse.json().get("done"):
-                count += 1
-    assert count == tokens, f"the stream ended after {count} tokens"
-    return count / (time.perf_counter() - started)
+    run = stream_generation(url, key, PROMPT, tokens)
+    assert run["tokens"] == tokens, f"the stream ended after {run['tokens']} tokens"
+    return run["tokens"] / run["elapsed"]
 
 
 def tree_memory_mib(pid: int) -> tuple[float, float]:
