@@ -1,6 +1,7 @@
 """The TypeScript SDK (sdk/typescript, ``@farlabs/sdk``) against live coordinators: builds it (``npm ci`` when
 node_modules is missing or older than package-lock.json, ``npm run build``), then runs its Node test files (offline
-unit tests + the live tests in test/live.test.mjs) with the coordinators' URLs and keys in the environment, and requires every test to pass and
+unit tests, the live tests in test/live.test.mjs, and the React hook ``@farlabs/sdk/react`` rendered in jsdom in
+test/react.test.mjs) with the coordinators' URLs and keys in the environment, and requires every test to pass and
 none to be skipped."""
 
 from __future__ import annotations
@@ -72,5 +73,7 @@ def test_typescript_sdk_live(coordinator, not_ready_coordinator, postgres_url):
     counts = {name: int(value) for name, value in re.findall(r"^# (tests|pass|fail|skipped|cancelled) (\d+)$",
                                                                  run.stdout, re.M)}
     assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("cancelled") == 0, output[-6000:]
-    assert counts.get("pass", 0) >= 30 and counts["pass"] == counts["tests"], counts
+    assert counts.get("pass", 0) >= 33 and counts["pass"] == counts["tests"], counts
     assert len(_section(run.stdout, "live coordinator")) == 10
+    # the React hook in a jsdom DOM against the live coordinator: streaming, a 402 in `error`, cancel()
+    assert len(_section(run.stdout, "react useFarMesh (live coordinator)")) == 3
