@@ -6,5 +6,7 @@ bash scripts/ensure_chromium.sh   # Debian's chromium for the dashboard's browse
 bash scripts/ensure_deploy_tools.sh   # Debian's promtool and caddy: check the alert rules and the TLS proxy config (deploy/)
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ -f sdk/typescript/package.json ]; then
-  (cd sdk/typescript && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; } && npm test --silent)
+  # npm ci again when package-lock.json changed after the last install (npm's record: node_modules/.package-lock.json)
+  (cd sdk/typescript && { [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --silent --no-audit --no-fund; } &&
+    npm test --silent)
 fi

@@ -6,6 +6,8 @@ import { EventSourceParserStream } from "eventsource-parser/stream";
 
 import { APIConnectionError, APIError, APITimeoutError, FarMeshError, errorFromResponse } from "./errors.js";
 import {
+  type AccountUsage,
+  type Balance,
   type ChatMessage,
   type ChatOptions,
   type ChatResponse,
@@ -13,6 +15,8 @@ import {
   type InferenceStatus,
   type Model,
   type TokenEvent,
+  toAccountUsage,
+  toBalance,
   toChatResponse,
   toInferenceStatus,
   toModel,
@@ -43,6 +47,16 @@ export interface FarMeshOptions {
   headers?: Record<string, string>;
   /** A `fetch` implementation (default: the global one). */
   fetch?: typeof fetch;
+}
+
+export interface UsageOptions {
+  /** Requests per page, 1..500 (default 50). */
+  limit?: number;
+  /** Only requests created before this time (ISO string, e.g. the previous page's `nextBefore`). */
+  before?: string | Date | null;
+  /** Days of `daily` sums, 1..366 (default 30). */
+  days?: number;
+  signal?: AbortSignal;
 }
 
 export type PromptOrMessages = string | ChatMessage[];
@@ -254,6 +268,22 @@ export class FarMesh {
   async models(options: { signal?: AbortSignal } = {}): Promise<Model[]> {
     const data = (await this.json("GET", "/v1/models", undefined, options.signal)) as { data?: unknown[] };
     return (data.data ?? []).map((m) => toModel(m as Record<string, unknown>));
+  }
+
+  /** The account's balance, reserved and available FAR, and how to deposit (`GET /mesh/account`). */
+  async balance(options: { signal?: AbortSignal } = {}): Promise<Balance> {
+    return toBalance((await this.json("GET", "/mesh/account", undefined, options.signal)) as Record<string, unknown>);
+  }
+
+  /** Recent requests with tokens, cost and nodes, daily sums and totals (`GET /mesh/account/usage`). `limit`
+   * 1..500 (50), `days` of daily sums 1..366 (30), `before` (a previous page's `nextBefore`) pages back. */
+  async usage(options: UsageOptions = {}): Promise<AccountUsage> {
+    const query = new URLSearchParams({ limit: String(options.limit ?? 50), days: String(options.days ?? 30) });
+    if (options.before !== undefined && options.before !== null) {
+      query.set("before", options.before instanceof Date ? options.before.toISOString() : options.before);
+    }
+    return toAccountUsage((await this.json("GET", `/mesh/account/usage?${query}`, undefined,
+      options.signal)) as Record<string, unknown>);
   }
 
   private async json(method: string, path: string, body: unknown, signal?: AbortSignal): Promise<unknown> {

@@ -9,7 +9,7 @@ export {
   newRequestId,
   retryDelayMs,
 } from "./client.js";
-export type { FarMeshOptions, PromptOrMessages } from "./client.js";
+export type { FarMeshOptions, PromptOrMessages, UsageOptions } from "./client.js";
 export {
   APIConnectionError,
   APIError,
@@ -27,14 +27,20 @@ export {
 } from "./errors.js";
 export type { APIErrorInit } from "./errors.js";
 export type {
+  AccountUsage,
+  Balance,
   ChatMessage,
   ChatOptions,
   ChatResponse,
   Contribution,
+  DailyUsage,
+  DepositInfo,
   FinishReason,
   InferenceStatus,
   Model,
+  RequestUsage,
   Role,
   TokenEvent,
   Usage,
+  UsageTotals,
 } from "./types.js";

@@ -97,14 +97,7 @@ export function toChatResponse(data: Json): ChatResponse {
     usage: { promptTokens, completionTokens, totalTokens: promptTokens + completionTokens },
     costFar: String(data.cost_far ?? "0"),
     feeFar: String(data.fee_far ?? "0"),
-    contributions: ((data.contributions ?? []) as Json[]).map((c) => ({
-      nodeId: c.node_id ?? null,
-      peerId: String(c.peer_id ?? ""),
-      walletAddress: c.wallet_address ?? null,
-      blocks: String(c.blocks ?? ""),
-      workUnits: Number(c.work_units ?? 0),
-      paymentFar: String(c.payment_far ?? "0"),
-    })),
+    contributions: ((data.contributions ?? []) as Json[]).map(toContribution),
   };
 }
 
@@ -136,5 +129,136 @@ export function toInferenceStatus(data: Json): InferenceStatus {
     finishReason: (data.finish_reason ?? null) as string | null,
     costFar: data.cost_far === undefined || data.cost_far === null ? null : String(data.cost_far),
     route: (data.route ?? []) as unknown[],
+  };
+}
+
+/** How to top up (`GET /mesh/account`'s `deposit`; docs/accounts.md): call `deposit(accountRef, amount)` on the
+ * FarDeposit `contract` after approving it on the FAR `token`. */
+export interface DepositInfo {
+  network: string;
+  chainId: number;
+  contract: string;
+  token: string;
+  accountRef: string;
+  confirmations: number;
+  how: string;
+}
+
+/** `GET /mesh/account`. `balanceFar` includes `reservedFar` (held for running requests); `availableFar` is what a
+ * new request can reserve. `deposit` is null when the coordinator has no deposit contract. */
+export interface Balance {
+  accountId: string;
+  name: string;
+  balanceFar: string;
+  reservedFar: string;
+  availableFar: string;
+  depositedFar: string;
+  grantedFar: string;
+  chargedFar: string;
+  deposit: DepositInfo | null;
+}
+
+/** One request of `GET /mesh/account/usage`: tokens, cost (null while running) and the nodes that served it. */
+export interface RequestUsage {
+  requestId: string;
+  modelId: string;
+  status: string;
+  finishReason: string | null;
+  promptTokens: number;
+  completionTokens: number;
+  costFar: string | null;
+  reservedFar: string | null;
+  createdAt: string;
+  finalizedAt: string | null;
+  nodes: Contribution[];
+}
+
+/** Sums of a UTC day (`day` is YYYY-MM-DD), or of every request (`totals`, without `day`). */
+export interface UsageTotals {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  costFar: string;
+}
+
+export interface DailyUsage extends UsageTotals {
+  day: string;
+}
+
+/** `GET /mesh/account/usage`: recent `requests` (newest first; pass `nextBefore` as `before` for the next page,
+ * null on the last one), `daily` sums of the last `days`, and `totals` over the account's whole history. */
+export interface AccountUsage {
+  requests: RequestUsage[];
+  nextBefore: string | null;
+  daily: DailyUsage[];
+  totals: UsageTotals;
+}
+
+const far = (value: unknown): string => (value === undefined || value === null ? "0" : String(value));
+const farOrNull = (value: unknown): string | null => (value === undefined || value === null ? null : String(value));
+
+function toContribution(c: Json): Contribution {
+  return {
+    nodeId: c.node_id ?? null,
+    peerId: String(c.peer_id ?? ""),
+    walletAddress: c.wallet_address ?? null,
+    blocks: String(c.blocks ?? ""),
+    workUnits: Number(c.work_units ?? 0),
+    paymentFar: far(c.payment_far),
+  };
+}
+
+function toTotals(data: Json): UsageTotals {
+  return {
+    requests: Number(data.requests ?? 0),
+    promptTokens: Number(data.prompt_tokens ?? 0),
+    completionTokens: Number(data.completion_tokens ?? 0),
+    costFar: far(data.cost_far),
+  };
+}
+
+export function toBalance(data: Json): Balance {
+  const d = data.deposit as Json | null | undefined;
+  return {
+    accountId: String(data.account_id ?? ""),
+    name: String(data.name ?? ""),
+    balanceFar: far(data.balance_far),
+    reservedFar: far(data.reserved_far),
+    availableFar: far(data.available_far),
+    depositedFar: far(data.deposited_far),
+    grantedFar: far(data.granted_far),
+    chargedFar: far(data.charged_far),
+    deposit: d
+      ? {
+        network: String(d.network ?? ""),
+        chainId: Number(d.chain_id ?? 0),
+        contract: String(d.contract ?? ""),
+        token: String(d.token ?? ""),
+        accountRef: String(d.account_ref ?? ""),
+        confirmations: Number(d.confirmations ?? 0),
+        how: String(d.how ?? ""),
+      }
+      : null,
+  };
+}
+
+export function toAccountUsage(data: Json): AccountUsage {
+  return {
+    requests: ((data.requests ?? []) as Json[]).map((r) => ({
+      requestId: String(r.request_id ?? ""),
+      modelId: String(r.model_id ?? ""),
+      status: String(r.status ?? ""),
+      finishReason: (r.finish_reason ?? null) as string | null,
+      promptTokens: Number(r.prompt_tokens ?? 0),
+      completionTokens: Number(r.completion_tokens ?? 0),
+      costFar: farOrNull(r.cost_far),
+      reservedFar: farOrNull(r.reserved_far),
+      createdAt: String(r.created_at ?? ""),
+      finalizedAt: (r.finalized_at ?? null) as string | null,
+      nodes: ((r.nodes ?? []) as Json[]).map(toContribution),
+    })),
+    nextBefore: (data.next_before ?? null) as string | null,
+    daily: ((data.daily ?? []) as Json[]).map((d) => ({ day: String(d.day ?? ""), ...toTotals(d) })),
+    totals: toTotals((data.totals ?? {}) as Json),
   };
 }

@@ -4,6 +4,7 @@
 //   FARLABS_TEST_BROKE_KEY                        a key of an account with balance 0        (402)
 //   FARLABS_TEST_LIMITED_KEY                      a key limited to 1 request per minute     (429)
 //   FARLABS_TEST_NOT_READY_URL, _NOT_READY_KEY    a coordinator whose swarm lacks blocks 2-3 (503)
+//   FARLABS_TEST_ACCOUNT_KEY                      a key of a new account granted 5 FAR, used by nothing else
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
@@ -128,6 +129,74 @@ describe("live coordinator", live, () => {
       // a fixed one-minute window: the 2nd request is limited unless the window just rolled over
       for (let i = 0; i < 3; i++) await mesh.chat("hi", { maxTokens: 1 });
     }, (error) => error instanceof RateLimitError && error.status === 429 && error.retryAfter >= 1);
+  });
+
+  test("balance() and usage() follow what requests cost", needs("FARLABS_TEST_ACCOUNT_KEY"), async () => {
+    const mesh = client({ apiKey: env.FARLABS_TEST_ACCOUNT_KEY });
+    const before = await mesh.balance();
+    assert.equal(units(before.balanceFar), 5n * 10n ** 18n);
+    assert.equal(units(before.grantedFar), units(before.balanceFar) + units(before.chargedFar));
+    assert.equal(units(before.availableFar), units(before.balanceFar) - units(before.reservedFar));
+    assert.equal(units(before.reservedFar), 0n);
+    assert.equal(before.deposit, null); // the test coordinator has no deposit contract
+    assert.match(before.accountId, /^[0-9a-f-]{36}$/);
+    const empty = await mesh.usage();
+    assert.deepEqual([empty.requests, empty.daily, empty.totals.requests, units(empty.totals.costFar)], [[], [], 0, 0n]);
+
+    const first = await mesh.chat(PROMPT, { maxTokens: 4, temperature: 0 });
+    const second = await mesh.chat("Hello", { maxTokens: 6, temperature: 0 });
+    const spent = units(first.costFar) + units(second.costFar);
+    assert.ok(spent > 0n);
+    const after = await mesh.balance();
+    assert.equal(units(after.chargedFar), spent);
+    assert.equal(units(after.balanceFar), units(before.balanceFar) - spent);
+    assert.equal(units(after.availableFar), units(after.balanceFar));
+    assert.equal(after.accountId, before.accountId);
+
+    const usage = await mesh.usage({ limit: 10, days: 7 });
+    assert.deepEqual(usage.requests.map((r) => r.requestId), [second.requestId, first.requestId]); // newest first
+    assert.equal(usage.nextBefore, null);
+    for (const [row, reply] of [[usage.requests[0], second], [usage.requests[1], first]]) {
+      assert.equal(row.status, "completed");
+      assert.equal(row.modelId, "far-mesh/tiny-llama");
+      assert.equal(row.completionTokens, reply.usage.completionTokens);
+      assert.equal(row.promptTokens, reply.usage.promptTokens);
+      assert.equal(row.costFar, reply.costFar);
+      assert.ok(units(row.reservedFar) >= units(row.costFar));
+      assert.ok(row.finalizedAt);
+      assert.deepEqual(row.nodes.map((n) => [n.blocks, n.peerId, n.paymentFar]).sort(),
+        reply.contributions.map((c) => [c.blocks, c.peerId, c.paymentFar]).sort());
+    }
+    // one UTC day, or two if the requests straddled midnight
+    assert.ok(usage.daily.length >= 1 && usage.daily.length <= 2, JSON.stringify(usage.daily));
+    for (const day of usage.daily) assert.match(day.day, /^\d{4}-\d{2}-\d{2}$/);
+    assert.equal(usage.daily.reduce((n, day) => n + day.requests, 0), 2);
+    assert.equal(usage.daily.reduce((sum, day) => sum + units(day.costFar), 0n), spent);
+    assert.equal(usage.totals.requests, 2);
+    assert.equal(usage.totals.completionTokens, first.usage.completionTokens + second.usage.completionTokens);
+    assert.equal(units(usage.totals.costFar), spent);
+
+    // Paging: one request per page, `nextBefore` -> `before`.
+    const page1 = await mesh.usage({ limit: 1 });
+    assert.deepEqual(page1.requests.map((r) => r.requestId), [second.requestId]);
+    assert.ok(page1.nextBefore);
+    const page2 = await mesh.usage({ limit: 1, before: page1.nextBefore });
+    assert.deepEqual(page2.requests.map((r) => r.requestId), [first.requestId]);
+    const page3 = await mesh.usage({ limit: 1, before: new Date(page2.nextBefore) });
+    assert.deepEqual(page3.requests, []);
+    assert.equal(page3.totals.requests, 2); // totals are over the whole history, whatever the page
+  });
+
+  test("balance() of an empty account; 401 and 422 from the account API", needs("FARLABS_TEST_BROKE_KEY"), async () => {
+    const broke = await client({ apiKey: env.FARLABS_TEST_BROKE_KEY }).balance();
+    assert.equal(units(broke.availableFar), 0n);
+    assert.equal(units(broke.balanceFar), 0n);
+    await assert.rejects(client({ apiKey: "fl_wrong" }).balance(),
+      (error) => error instanceof AuthenticationError && error.status === 401);
+    await assert.rejects(client({ apiKey: "fl_wrong" }).usage(), AuthenticationError);
+    await assert.rejects(client().usage({ limit: 0 }), (error) => error instanceof InvalidRequestError && error.status === 422);
+    await assert.rejects(client().usage({ days: 400 }), InvalidRequestError);
+    await assert.rejects(client().usage({ before: "not a date" }), InvalidRequestError);
   });
 
   test("503 SwarmNotReadyError with missingBlocks", needs("FARLABS_TEST_NOT_READY_URL", "FARLABS_TEST_NOT_READY_KEY"),
