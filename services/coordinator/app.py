@@ -14,7 +14,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from services.common.config import ConfigError, Settings
+from services.common.config import ConfigError, CoordinatorSettings
 from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.coordinator.account_service import DepositInfo
@@ -42,7 +42,7 @@ def install_coordinator_handlers(app: FastAPI) -> None:
         return await call_next(request)
 
 
-def fallback_clients(settings: Settings, model_ids: list[str]) -> dict[str, FallbackClient]:
+def fallback_clients(settings: CoordinatorSettings, model_ids: list[str]) -> dict[str, FallbackClient]:
     """The FALLBACK_ENDPOINTS of the models served here; one naming another model is a configuration error (a typo
     would silently leave the fallback off)."""
     unknown = sorted(set(settings.FALLBACK_ENDPOINTS) - set(model_ids))
@@ -56,7 +56,7 @@ def fallback_clients(settings: Settings, model_ids: list[str]) -> dict[str, Fall
     return {model_id: FallbackClient(endpoint, model_id) for model_id, endpoint in settings.FALLBACK_ENDPOINTS.items()}
 
 
-def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
+def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
                port: int = 8100) -> FastAPI:
     check_jwt_secret(settings.JWT_SECRET)  # a weak secret would let anyone spend any account
     # Stable across restarts of the same coordinator, so a restart finalizes what the previous run left running.
@@ -115,7 +115,7 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
     return http_app(settings, lifespan=lifespan)
 
 
-def http_app(settings: Settings, *, lifespan=None) -> FastAPI:
+def http_app(settings: CoordinatorSettings, *, lifespan=None) -> FastAPI:
     """The HTTP side (handlers, middleware, routes); ``app.state.service`` is set by the lifespan (or a test)."""
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_coordinator_handlers(app)

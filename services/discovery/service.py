@@ -21,7 +21,7 @@ from typing import Optional
 
 import asyncpg
 
-from services.common.config import Settings
+from services.common.config import DiscoverySettings
 from services.common.coverage import RegisteredNode, compute_coverage
 from services.common.identity import public_key_problem, registration_message, verify_signature
 from services.common.logs import get_logger
@@ -57,7 +57,7 @@ def _far(value) -> str:
 
 
 class Discovery:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, hot: HotStore, models: dict[str, int]):
+    def __init__(self, settings: DiscoverySettings, pool: asyncpg.Pool, hot: HotStore, models: dict[str, int]):
         self.settings = settings
         self.store = NodeStore(pool)
         self.hot = hot
