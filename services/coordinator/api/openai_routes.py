@@ -133,13 +133,12 @@ async def chat_completions(raw: Request, service: InferenceService = Depends(get
 @router.get("/models")
 async def list_models(service: InferenceService = Depends(get_service), _: Principal = Depends(get_principal)):
     data = []
-    for model_id, model in service.models.items():
-        readiness = service.readiness.get(model_id)
-        coverage = await readiness.current() if readiness is not None else None
-        data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "far-mesh",
+    for info in await service.model_infos():
+        coverage = info.coverage
+        data.append({"id": info.model_id, "object": "model", "created": 0, "owned_by": "far-mesh",
                      "ready": bool(coverage and coverage.swarm_ready),
                      "missing_blocks": coverage.missing_blocks if coverage else [],
                      "loading_blocks": coverage.loading_blocks if coverage else [],
-                     "fallback": model_id in service.fallbacks,
-                     "context_length": model.context_length})
+                     "fallback": info.fallback,
+                     "context_length": info.context_length})
     return {"object": "list", "data": data}
