@@ -8,6 +8,8 @@ from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams
 from tests.fixtures.swarm import NUM_BLOCKS, local_greedy
 
+pytestmark = pytest.mark.swarm
+
 PROMPT = "def compute(a, b):"
 
 
