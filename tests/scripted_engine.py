@@ -40,6 +40,7 @@ class Script:
         "hivemind.p2p.P2PDaemonError: peer QmSecretPeer at /ip4/10.0.0.7/tcp/31337 refused")
     failover: Optional[FailoverEvent] = None  # reported to the failover listeners before the failure
     hang_at: Optional[int] = None
+    hold: Optional[threading.Event] = None  # the first step waits for this event (a slow start; bounded)
     route: tuple = DEFAULT_ROUTE  # ((peer_id, start_block, end_block), ...) computing every step
     eos: bool = True  # end with the tokenizer's EOS after the text (finish_reason "eos") when max_tokens allows
 
@@ -83,6 +84,8 @@ class ScriptedGeneration:
         """One step producing token ``number``: the servers' work is metered, the script's delay, hang or failure."""
         self.started.first_step.set()
         script = self.script
+        if number == 1 and script.hold is not None:
+            script.hold.wait(HANG_LIMIT_S)
         if script.hang_at == number:
             self.cancel.wait(HANG_LIMIT_S)  # a server that never answers: only a cancel ends the wait
             if self.cancel.is_set():
@@ -143,9 +146,11 @@ class ScriptedModel:
         self.failure_listeners: list = []
         self.failover_listeners: list = []
         self.started: list[Started] = []
+        self.encode_threads: list[str] = []  # the thread of every encode (the serving layer tokenizes off the loop)
         self.shut_down = False
 
     def encode(self, prompt: str) -> list[int]:
+        self.encode_threads.append(threading.current_thread().name)
         return list(self.tokenizer(prompt).input_ids)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,

@@ -119,7 +119,8 @@ class ModelInfo:
 
 class InferenceService:
     def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter],
-                 models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
+                 models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str,
+                 pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
                  max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
                  max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
