@@ -367,7 +367,7 @@ async def test_cancel_stops_the_upstream_and_bills_what_was_delivered(harness, d
             assert cancelled.json()["status"] == "cancelling"
     await asyncio.wait_for(upstream_closed.wait(), 10)  # the upstream stopped generating
     server.close()
-    final = events[-1]
+    final = events[-1].model_dump()  # typed events (protocol.StreamEvent); the routes send their model_dump()
     assert final["done"] and final["finish_reason"] == "cancelled" and final["served_by"] == "fallback"
     delivered = len(events) - 1
     assert 3 <= delivered < 100 and final["usage"]["completion_tokens"] == delivered

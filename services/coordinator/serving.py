@@ -33,8 +33,8 @@ from services.coordinator.accounts import AccountStore, AuthError, Principal, jw
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, TokenEvent,
-                                           Usage)
+from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, StreamEvent,
+                                           TokenEvent, Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
@@ -293,7 +293,7 @@ class InferenceService:
                            f"send a new request_id to try again", session_status=previous.status,
                            tokens_generated=previous.completion_tokens, cost_far=format_far(previous.cost_far))
 
-    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
+    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[StreamEvent]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
         prepared = await self.prepare(request)
@@ -330,8 +330,8 @@ class InferenceService:
                                retry_after_s=error.retry_after_s, running=gate.running, waiting=gate.waiting)
 
     # --------------------------------------------------------------------------------------- generation
-    async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[dict]:
-        """Token events (dicts) then the final event. Cancelling the consumer cancels the generation."""
+    async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[StreamEvent]:
+        """Token events then the final event. Cancelling the consumer cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         meter = WorkMeter()
@@ -377,7 +377,7 @@ class InferenceService:
                 last_token_at = now
                 active.tokens_generated = item.index
                 yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens))).model_dump()
+                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)))
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -466,7 +466,7 @@ class InferenceService:
 
     # ----------------------------------------------------------------------------------------- fallback
     async def start_fallback(self, prepared: PreparedRequest, request: GenerateRequest, active: ActiveGeneration,
-                             fallback: FallbackClient) -> AsyncIterator[dict]:
+                             fallback: FallbackClient) -> AsyncIterator[StreamEvent]:
         """Open the upstream request before answering, so an upstream that refuses or cannot be reached is an
         HTTP 502/504 (not charged) even for a streaming client; then the event stream of its answer."""
         try:
@@ -486,7 +486,7 @@ class InferenceService:
         return self._fallback_events(prepared, active, fallback, response)
 
     async def _fallback_events(self, prepared: PreparedRequest, active: ActiveGeneration, fallback: FallbackClient,
-                               response) -> AsyncIterator[dict]:
+                               response) -> AsyncIterator[StreamEvent]:
         """Token events of the upstream's answer, then the final event (``served_by: fallback``). Settled like a
         swarm session: once, in a task of its own, whatever way the stream ends."""
         chunks = fallback.chunks(response)
@@ -518,7 +518,7 @@ class InferenceService:
                     active.tokens_generated = delivered
                     yield TokenEvent(token=chunk.text, request_id=active.request_id, tokens_generated=delivered,
                                      cost_far=format_far(self.cost_of(delivered, active.prompt_tokens,
-                                                                      active.pricing))).model_dump()
+                                                                      active.pricing)))
                     now = time.monotonic()
                     if (delivered - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                             or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
@@ -600,7 +600,7 @@ class InferenceService:
             await asyncio.sleep(interval_s)
 
     @staticmethod
-    def done_event(final: FinalSession) -> dict:
+    def done_event(final: FinalSession) -> DoneEvent:
         return DoneEvent(
             request_id=final.request_id, finish_reason=final.finish_reason or "cancelled", text=final.output_text or "",
             usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
@@ -609,9 +609,9 @@ class InferenceService:
                                         blocks=c.blocks, work_units=c.work_units,
                                         payment_far=format_far(c.payment_far)) for c in final.contributions],
             replaced_servers=[ReplacedServer(**r) for r in final.replaced_servers], served_by=final.served_by,
-        ).model_dump()
+        )
 
-    async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
+    async def replay_events(self, replay: Replay) -> AsyncIterator[StreamEvent]:
         yield self.done_event(replay.final)
 
     def running(self, request_id: str, account_id: Optional[str]) -> Optional[ActiveGeneration]:

@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 from services.common.http import readiness_response
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.protocol import GenerateRequest
+from services.coordinator.protocol import DoneEvent, GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
@@ -21,7 +21,7 @@ router = APIRouter()
 async def _sse(events):
     try:
         async for event in events:
-            yield {"data": json.dumps(event)}
+            yield {"data": json.dumps(event.model_dump())}
     except ServingError as error:  # the stream already began: report in-band
         yield {"event": "error", "data": json.dumps(error.body())}
 
@@ -35,9 +35,9 @@ async def generate(request: Request, service: InferenceService = Depends(get_ser
         return EventSourceResponse(_sse(events), ping=15)
     final = None
     async for event in events:
-        if event.get("done"):
+        if isinstance(event, DoneEvent):
             final = event
-    return JSONResponse(final)
+    return JSONResponse(final.model_dump())
 
 
 @router.get("/mesh/inference/{request_id}")
