@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from services.common.coverage import compute_coverage
@@ -52,15 +52,14 @@ class Started:
     prompt_ids: list
     params: SamplingParams
     cancel: threading.Event
-    first_step: threading.Event = field(default_factory=threading.Event)  # set when its first step begins
     generation: Optional["ScriptedGeneration"] = None
 
 
 class ScriptedGeneration:
     def __init__(self, model: "ScriptedModel", script: Script, prompt_ids: list[int], params: SamplingParams,
-                 meter: WorkMeter, cancel: threading.Event, started: Started):
+                 meter: WorkMeter, cancel: threading.Event):
         self.model, self.script, self.params, self.meter, self.cancel = model, script, params, meter, cancel
-        self.prompt_ids, self.started = prompt_ids, started
+        self.prompt_ids = prompt_ids
         self.text = TextStream(model.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
@@ -82,7 +81,6 @@ class ScriptedGeneration:
 
     def _step(self, number: int) -> int:
         """One step producing token ``number``: the servers' work is metered, the script's delay, hang or failure."""
-        self.started.first_step.set()
         script = self.script
         if number == 1 and script.hold is not None:
             script.hold.wait(HANG_LIMIT_S)
@@ -156,7 +154,7 @@ class ScriptedModel:
     def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
               cancel: Optional[threading.Event] = None) -> ScriptedGeneration:
         started = Started(list(prompt_ids), params, cancel or threading.Event())
-        generation = ScriptedGeneration(self, self.script, prompt_ids, params, meter, started.cancel, started)
+        generation = ScriptedGeneration(self, self.script, prompt_ids, params, meter, started.cancel)
         started.generation = generation
         self.started.append(started)
         return generation
