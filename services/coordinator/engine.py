@@ -3,31 +3,24 @@
 ``SwarmModel`` holds one model's Petals client (tokenizer, local embeddings and LM head, remote blocks).
 ``SwarmModel.start(...)`` returns a ``Generation``: an iterator of ``TokenDelta`` that steps one inference
 session token by token, meters every server step into a ``WorkMeter`` and stops on max_tokens, EOS, a stop
-sequence or cancellation.
+sequence or cancellation. Both conform to services/coordinator/engine_protocol.py (the serving layer's seam).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from services.common import petals_compat  # noqa: F401  (must precede petals)
 from services.common.swarm import dht_prefix_for
+from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 
 
 class GenerationCancelled(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    index: int  # 1-based count of generated tokens
-    token_id: int
-    text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
 
 
 def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:

@@ -115,6 +115,10 @@ class DoneEvent(BaseModel):
     served_by: Literal["swarm", "fallback"] = "swarm"
 
 
+# What InferenceService.start yields: token events, then one final event (routes serialize them at the edge).
+StreamEvent = Union[TokenEvent, DoneEvent]
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -21,10 +21,7 @@ def get_account_service(request: Request) -> AccountService:
     state = request.app.state
     service = getattr(state, "account_service", None)
     if service is None:  # built from the inference service (the lifespan or a test sets that one)
-        inference = state.service
-        service = state.account_service = AccountService(
-            inference.accounts, inference.limiter, getattr(inference, "deposit_info", None),
-            max_keys=getattr(inference, "max_api_keys", 50))
+        service = state.account_service = state.service.account_service()
     return service
 
 
