@@ -69,6 +69,7 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
                                         max_retries=settings.PETALS_MAX_RETRIES,
                                         step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
                                         step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S)
+        checker = await start_spot_checks(settings, swarm, app.state.pool)
         readiness = SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S)
         readiness.start()
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
@@ -90,11 +91,44 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             sweeper.cancel()
             await readiness.stop()
             await app.state.service.aclose()
+            if checker is not None:
+                await asyncio.to_thread(checker.stop)
             swarm.shutdown()
             await app.state.redis.aclose()
             await app.state.pool.close()
 
     return http_app(settings, lifespan=lifespan)
+
+
+async def start_spot_checks(settings: Settings, swarm, pool):
+    """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
+    the database; None when SPOT_CHECK_RATE is 0."""
+    from services.coordinator import metrics
+    from services.coordinator.checks import CheckConsequences, CheckStore
+    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+
+    store = CheckStore(pool)
+    for peer_id in await store.quarantined():
+        await asyncio.to_thread(swarm.quarantine, peer_id)
+    metrics.QUARANTINED.set(len(swarm.quarantined))
+    if settings.SPOT_CHECK_RATE <= 0:
+        return None
+    policy = SamplingPolicy(settings.SPOT_CHECK_RATE, settings.SPOT_CHECK_NEW_NODE_RATE,
+                            settings.SPOT_CHECK_CLEAN_RECORD, passed=await store.passed_counts())
+
+    def on_quarantine(peer_id: str, reason: str) -> None:
+        log.error("peer quarantined", peer_id=peer_id, reason=reason)
+        swarm.quarantine(peer_id)
+        metrics.QUARANTINED.set(len(swarm.quarantined))
+
+    consequences = CheckConsequences(store, asyncio.get_running_loop(),
+                                     quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
+                                     on_quarantine=on_quarantine)
+    checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
+                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S)
+    checker.quarantined.update(swarm.quarantined)
+    swarm.spot_checker = checker
+    return checker.start()
 
 
 def http_app(settings: Settings, *, lifespan=None) -> FastAPI:

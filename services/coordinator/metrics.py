@@ -28,3 +28,9 @@ RUNNING = Gauge("farmesh_num_requests_running", "Generations running now", ["mod
 WAITING = Gauge("farmesh_num_requests_waiting", "Generations waiting for a running slot (admission queue)",
                 ["model_id"])
 SWARM_READY = Gauge("farmesh_swarm_ready", "1 if every block of the model has an ONLINE server", ["model_id"])
+SPOT_CHECKS = Counter("farmesh_spot_checks_total", "Spot checks of server steps by outcome (passed, failed, "
+                      "verifier_failed, inconclusive)", ["model_id", "outcome"])
+SPOT_CHECKS_DROPPED = Counter("farmesh_spot_checks_dropped_total", "Sampled steps not checked because the "
+                              "check queue was full (a check never slows a stream)", ["model_id"])
+SPOT_CHECKS_PENDING = Gauge("farmesh_spot_checks_pending", "Sampled steps waiting for or in a check", ["model_id"])
+QUARANTINED = Gauge("farmesh_quarantined_peers", "Peers quarantined after repeated failed spot checks")
