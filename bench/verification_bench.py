@@ -12,7 +12,8 @@
    counts the cheater's steps until its first failed check (no consequences applied, so it keeps serving).
 3. **Overhead and false positives**: on an honest swarm (two 0:4 servers), rounds alternate checks off / on at
    the default rate (servers with a clean record: 3 %) / on at rate 1 (every step), in one run; tokens/s per
-   setting (median of the rounds) and every check's outcome (any failed or inconclusive check of an honest server
+   setting (median of the rounds; "sampled only": the stream's own cost, the draw and the queueing, with the checks
+   never run) and every check's outcome (any failed or inconclusive check of an honest server
    is a false positive), with the largest honest disagreement seen against the float32 tolerance.
 """
 
@@ -57,12 +58,35 @@ def simulate(fraction: float, rate: float, new_rate: float, clean: int, trials: 
     return statistics.median(first), q(first, 0.9), statistics.median(second), q(second, 0.9)
 
 
-def make_checker(swarm_model, rate: float, new_rate: float, clean: int, results: list, seed: int):
+def offer_cost(rate: float, calls: int = 200_000) -> float:
+    """Microseconds the stream pays per server step for the sampling (draw + queue put when sampled)."""
+    import types
+
+    import torch
+
+    from services.coordinator.verification import SamplingPolicy, SpotChecker
+
+    class Peer:
+        def to_base58(self):
+            return "QmPeer"
+
+    span = types.SimpleNamespace(peer_id=Peer(), start=0, end=4, server_info=types.SimpleNamespace(torch_dtype="x"))
+    session = types.SimpleNamespace(span=span, history=torch.zeros(1, 100, 576))
+    outputs = torch.zeros(1, 1, 576)
+    checker = SpotChecker("m", None, SamplingPolicy(rate, rate, 0), lambda r: None, max_queue=10**7, seed=1)
+    started = time.perf_counter()
+    for _ in range(calls):
+        checker.offer(session, outputs, session_id=None, avoid=None)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def make_checker(swarm_model, rate: float, new_rate: float, clean: int, results: list, seed: int,
+                 run: bool = True):
     from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
 
     checker = SpotChecker(MODEL_ID, SwarmForward(swarm_model.sequence_manager),
-                          SamplingPolicy(rate, new_rate, clean), results.append, max_queue=10_000, seed=seed)
-    return checker.start()
+                          SamplingPolicy(rate, new_rate, clean), results.append, max_queue=100_000, seed=seed)
+    return checker.start() if run else checker  # not run: sampled steps are queued and never checked
 
 
 def generate(model, tokens: int, checker=None) -> tuple[int, float]:
@@ -87,8 +111,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=6, help="overhead: rounds per setting")
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--live-fractions", default="1,0.1", help="live detection: corrupted shares ('' = none)")
-    parser.add_argument("--live-max-steps", type=int, default=3000)
+    parser.add_argument("--live-fractions", default="1,0.1,0.01", help="live detection: corrupted shares ('' = none)")
+    parser.add_argument("--live-max-steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     from services.common.config import Settings
@@ -105,6 +129,10 @@ def main() -> int:
             m1, p1, m2, p2 = simulate(fraction, r, new_rate, clean, args.trials, args.seed)
             print(f"{fraction:>6.0%} | {r:.0%} | {m1:g} / {p1:g} | {m2:g} / {p2:g}")
 
+    print("\n## on the stream's path: SpotChecker.offer() per server step")
+    for r in (0.0, rate, 1.0):
+        print(f"rate {r:.0%}: {offer_cost(r):.2f} us")
+
     from services.common.tiny_model import build_tiny_model
     from services.coordinator.engine import SwarmModel
 
@@ -119,17 +147,19 @@ def main() -> int:
             model = SwarmModel(MODEL_ID, model_dir, swarm.initial_peers, request_timeout=30)
             try:
                 generate(model, 8)  # warm-up: routes, connections
-                settings = {"off": None, f"default ({rate:.0%})": (rate, 0.0, 0), "every step": (1.0, 1.0, 0)}
+                settings = {"off": None, f"default ({rate:.0%})": (rate, 0.0, 0), "every step": (1.0, 1.0, 0),
+                            "sampled only": (rate, 0.0, 0, False)}
                 speeds = {name: [] for name in settings}
                 results: list = []
-                checkers = {name: make_checker(model, *cfg, results, args.seed) for name, cfg in settings.items()
-                            if cfg is not None}
+                checkers = {name: make_checker(model, *cfg[:3], results, args.seed, run=cfg[3] if len(cfg) > 3
+                                               else True) for name, cfg in settings.items() if cfg is not None}
                 for _ in range(args.rounds):
                     for name in settings:
                         count, seconds = generate(model, args.tokens, checkers.get(name))
                         speeds[name].append(count / seconds)
-                    for checker in checkers.values():
-                        drain(checker)  # checks of one round never overlap the next round's timing
+                    for name, checker in checkers.items():
+                        if name != "sampled only":
+                            drain(checker)  # checks of one round never overlap the next round's timing
                 print(f"\n## overhead (honest swarm, 2 x 0:4 servers, {args.rounds} rounds x {args.tokens} tokens, "
                       "alternating)")
                 base = statistics.median(speeds["off"])
@@ -164,18 +194,20 @@ def main() -> int:
                 checker = make_checker(model, rate, new_rate, clean, results, args.seed + index)
                 steps = 0
                 caught = None
+                prompt_len = len(model.encode(PROMPT))
                 try:
                     while caught is None and steps < args.live_max_steps:
                         meter_steps = checker.counters["offered"]
                         generate(model, args.tokens, checker)
                         drain(checker)
                         failed = [r for r in results if r.verdict.outcome == "failed" and r.suspect_peer == peer]
-                        served = checker.counters["offered"] - meter_steps
-                        if failed:
+                        if failed:  # the step of this generation it was caught at: 1 = the prefill
                             caught = failed[0]
-                        steps += served
+                            steps += caught.job.history.shape[1] - prompt_len + 1
+                        else:
+                            steps += checker.counters["offered"] - meter_steps
                     others = [r for r in results if r.suspect_peer not in (None, peer)]
-                    print(f"corrupting {fraction:.0%}: caught after ~{steps} steps "
+                    print(f"corrupting {fraction:.0%}: caught at its step {steps} "
                           f"({checker.counters['sampled']} sampled, {len(results)} checks; honest flagged: "
                           f"{len(others)})" if caught else f"corrupting {fraction:.0%}: not caught in {steps} steps")
                 finally:
