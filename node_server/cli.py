@@ -323,6 +323,10 @@ def format_status(info: dict, *, peer_id: str) -> str:
             paid += f", tx {payout['tx_hash']})" if payout.get("tx_hash") else ")"
     else:
         paid = "none yet (payouts run weekly, Monday 00:00 UTC)"
+    checks = info.get("spot_checks") or {}
+    record = (f"{checks.get('checks_passed', 0)} passed, {checks.get('checks_failed', 0)} failed"
+              + (f", disputed {far('disputed_far')} withheld" if info.get("disputed_far") not in (None, "0") else "")
+              if checks else "-")
     lines = [
         f"node         {get('node_id')}  (peer {peer_id})",
         f"state        {state}",
@@ -336,7 +340,10 @@ def format_status(info: dict, *, peer_id: str) -> str:
         f"earned       {far('earned_far')}",
         f"paid         {far('paid_far')}   pending {far('pending_far')}",
         f"last payout  {paid}",
+        f"spot checks  {record}",
     ]
+    if info.get("quarantined"):
+        lines.append(f"QUARANTINED  {get('quarantine_reason')} (since {get('quarantined_at')})")
     return "\n".join(lines)
 
 

@@ -131,6 +131,16 @@ class CoordinatorSettings(ChainSettings):
                                              "on a replica (0 = only PETALS_REQUEST_TIMEOUT_S)")
     PETALS_STEP_BUDGET_FLOOR_S: float = Field(default=1.0, gt=0, description="coordinator: the step budget's floor")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
+                                   "re-run on another server to check them (0 = off; docs/verification.md)")
+    SPOT_CHECK_NEW_NODE_RATE: float = Field(default=0.25, ge=0, le=1, description="coordinator: the rate for a "
+                                            "server without a clean record (fewer than SPOT_CHECK_CLEAN_RECORD "
+                                            "passed checks since its last failure)")
+    SPOT_CHECK_CLEAN_RECORD: int = Field(default=20, ge=0)
+    SPOT_CHECK_QUEUE: int = Field(default=32, ge=1, description="coordinator: sampled steps waiting for a check; "
+                                  "beyond it they are dropped (a check never slows a stream)")
+    SPOT_CHECK_QUARANTINE_AFTER: int = Field(default=2, ge=1, description="coordinator: failed checks that "
+                                             "quarantine a peer")
     MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "
                                          "per model (docs/generation.md \"Concurrency\")")
     MAX_QUEUED_GENERATIONS: int = Field(default=32, ge=0, description="coordinator: generations waiting for a "

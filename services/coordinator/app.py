@@ -97,6 +97,8 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
         model = engine.model
         if engine.readiness is not None:
             engine.readiness.start()
+        # Spot checks re-run sampled steps on other servers (docs/verification.md): for an engine with a swarm.
+        checker = await start_spot_checks(settings, model, app.state.pool) if hasattr(model, "quarantine") else None
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
                           settings.PLATFORM_FEE_BPS)
         fallbacks = fallback_clients(settings, [model.model_id])
@@ -120,11 +122,44 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
             if engine.readiness is not None:
                 await engine.readiness.stop()
             await app.state.service.aclose()
+            if checker is not None:
+                await asyncio.to_thread(checker.stop)
             model.shutdown()
             await app.state.redis.aclose()
             await app.state.pool.close()
 
     return http_app(settings, lifespan=lifespan)
+
+
+async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
+    """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
+    the database; None when SPOT_CHECK_RATE is 0."""
+    from services.coordinator import metrics
+    from services.coordinator.checks import CheckConsequences, CheckStore
+    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+
+    store = CheckStore(pool)
+    for peer_id in await store.quarantined():
+        await asyncio.to_thread(swarm.quarantine, peer_id)
+    metrics.QUARANTINED.set(len(swarm.quarantined))
+    if settings.SPOT_CHECK_RATE <= 0:
+        return None
+    policy = SamplingPolicy(settings.SPOT_CHECK_RATE, settings.SPOT_CHECK_NEW_NODE_RATE,
+                            settings.SPOT_CHECK_CLEAN_RECORD, passed=await store.passed_counts())
+
+    def on_quarantine(peer_id: str, reason: str) -> None:
+        log.error("peer quarantined", peer_id=peer_id, reason=reason)
+        swarm.quarantine(peer_id)
+        metrics.QUARANTINED.set(len(swarm.quarantined))
+
+    consequences = CheckConsequences(store, asyncio.get_running_loop(),
+                                     quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
+                                     on_quarantine=on_quarantine)
+    checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
+                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S)
+    checker.quarantined.update(swarm.quarantined)
+    swarm.spot_checker = checker
+    return checker.start()
 
 
 def http_app(settings: CoordinatorSettings, *, lifespan=None) -> FastAPI:

@@ -35,6 +35,23 @@ def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
     return frozenset(ids)
 
 
+class AvoidPeers:
+    """The peers a stream avoids (``InferenceSession.avoid_peers``): its own suspects and the quarantined."""
+
+    def __init__(self, quarantined: set):
+        self.own: set[str] = set()
+        self.quarantined = quarantined
+
+    def add(self, peer_id: str) -> None:
+        self.own.add(peer_id)
+
+    def __contains__(self, peer_id) -> bool:
+        return peer_id in self.own or peer_id in self.quarantined
+
+    def __bool__(self) -> bool:
+        return bool(self.own or self.quarantined)
+
+
 class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
@@ -60,6 +77,8 @@ class SwarmModel:
         # called with every failover event of any generation (petals_compat: peer_id, blocks, cause, error,
         # replaced_by, stall_s), from the generation's thread
         self.failover_listeners: list = []
+        self.spot_checker = None  # services/coordinator/verification.SpotChecker, when spot checks are on
+        self.quarantined: set[str] = set()  # peers no generation routes through (failed spot checks)
         manager = self.sequence_manager
         petals_compat.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
         upstream_on_failure = manager.on_request_failure
@@ -70,6 +89,23 @@ class SwarmModel:
             upstream_on_failure(peer_id)
 
         manager.on_request_failure = on_request_failure
+
+    def quarantine(self, peer_id: str) -> None:
+        """Stop routing through ``peer_id``: Petals' ``blocked_servers`` keeps it out of every route refresh, and
+        a reported failure (a ban) drops it from the current routes at once; running streams leave it at their
+        next step (``avoid_peers``)."""
+        from hivemind import PeerID
+
+        self.quarantined.add(peer_id)
+        if self.spot_checker is not None:
+            self.spot_checker.quarantined.add(peer_id)
+        manager = self.sequence_manager
+        peer = PeerID.from_base58(peer_id)
+        with manager.lock_changes:
+            if manager.blocked_servers is None:
+                manager.blocked_servers = set()
+            manager.blocked_servers.add(peer)
+        manager.on_request_failure(peer)
 
     def _load_client(self, auto_class, initial_peers, request_timeout, max_retries, update_period, min_backoff):
         import torch
@@ -123,6 +159,8 @@ class Generation:
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
         self.failovers: list[dict] = []  # servers replaced during this generation (see petals_compat)
+        self.session_id: Optional[str] = None  # the session row (set by the serving layer), for spot checks
+        self.avoid = AvoidPeers(swarm.quarantined)  # suspects of failed spot checks: the stream leaves them
         self._session = None
 
     def _on_failover(self, event: dict) -> None:
@@ -158,6 +196,11 @@ class Generation:
             self._session = session
             session.step_observer = self.meter.observe_span
             session.failover_observer = self._on_failover
+            session.avoid_peers = self.avoid
+            checker = self.swarm.spot_checker
+            if checker is not None:
+                session.span_output_observer = lambda server_session, outputs: checker.offer(
+                    server_session, outputs, session_id=self.session_id, avoid=self.avoid)
             inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
             while True:
                 if self.cancel.is_set():

@@ -96,7 +96,7 @@ class ReplacedServer(BaseModel):
 
     peer_id: str
     blocks: str
-    cause: Literal["died", "hung", "refused"]
+    cause: Literal["died", "hung", "refused", "distrusted"]  # distrusted: it failed a spot check
     replaced_by: Optional[str]  # None: no live server could take the blocks (the session ended swarm_unavailable)
     stall_ms: Optional[float]
 

@@ -337,6 +337,7 @@ class InferenceService:
         meter = WorkMeter()
         generation = prepared.model.start(prepared.prompt_ids, prepared.params, meter, active.cancel)
         active.generation = generation
+        generation.session_id = active.session_id  # spot checks dispute contributions of this session
         model_id = active.model_id
         metrics.RUNNING.labels(model_id).inc()
         metrics.PROMPT_TOKENS.labels(model_id).inc(active.prompt_tokens)

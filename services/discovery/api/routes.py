@@ -97,6 +97,11 @@ async def provider_nodes(wallet: str, service: Discovery = Depends(get_discovery
     return await service.provider_nodes(wallet)
 
 
+@router.get("/provider/{wallet}/checks")
+async def provider_checks(wallet: str, service: Discovery = Depends(get_discovery)):
+    return await service.provider_checks(wallet)
+
+
 # --- operations ----------------------------------------------------------------------------------------------
 @router.get("/healthz")
 async def healthz():
