@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import asyncpg
 import pytest
 import torch
 
@@ -111,8 +112,10 @@ async def test_dispute_of_an_unseen_peer_before_its_first_checkpoint(clean_db):
         assert (await check_conservation(conn)).ok
 
 
-async def test_conservation_catches_money_made_or_lost_by_a_dispute(clean_db):
-    async with clean_db.acquire() as conn:
+async def test_conservation_catches_money_made_or_lost_by_a_dispute(make_database):
+    # A database of its own: the broken books it makes on purpose would fail every later audit of a shared one.
+    conn = await asyncpg.connect(make_database())
+    try:
         session = await seed_session(conn, [(wallet(105), 1), (wallet(106), 1)], completion_tokens=100)
         # the guard lets a finalized payment move to withheld, and nothing else
         with pytest.raises(Exception, match="only written by finalize_session"):
@@ -124,4 +127,6 @@ async def test_conservation_catches_money_made_or_lost_by_a_dispute(clean_db):
             await conn.execute("UPDATE far_session_contributions SET withheld_far = payment_far, disputed_at = now() "
                                "WHERE session_id = $1", session)
         check = await check_conservation(conn)
+    finally:
+        await conn.close()
     assert not check.ok and any("cost" in p for p in check.problems)
