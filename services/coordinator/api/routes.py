@@ -9,12 +9,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
-from services.common.http import readiness_response
+from services.common.http import (HEALTH_RESPONSES, METRICS_RESPONSES, READY_RESPONSES, error_responses, json_body,
+                                  readiness_response)
 from services.common.money import format_far
 from services.common.states import SessionStatus
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.protocol import GenerateRequest
+from services.coordinator.protocol import GENERATE_RESPONSES, CancelResult, GenerateRequest, InferenceStatus
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
@@ -28,7 +29,7 @@ async def _sse(events):
         yield {"event": "error", "data": json.dumps(error.body())}
 
 
-@router.post("/mesh/inference/generate")
+@router.post("/mesh/inference/generate", responses=GENERATE_RESPONSES, openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request, service: InferenceService = Depends(get_service),
                    principal: Principal = Depends(get_principal)):
     body = await read_body(request, GenerateRequest)  # after authentication
@@ -49,7 +50,8 @@ async def _owned_session(service: InferenceService, request_id: str, principal: 
     return final
 
 
-@router.get("/mesh/inference/{request_id}")
+@router.get("/mesh/inference/{request_id}", response_model=InferenceStatus,
+            responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     active = service.running(request_id, principal.account_id)
@@ -67,7 +69,8 @@ async def inference_status(request_id: str, service: InferenceService = Depends(
             "replaced_servers": final.replaced_servers}
 
 
-@router.delete("/mesh/inference/{request_id}")
+@router.delete("/mesh/inference/{request_id}", response_model=CancelResult,
+               responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     if service.cancel(request_id, principal.account_id):
@@ -76,12 +79,12 @@ async def cancel_inference(request_id: str, service: InferenceService = Depends(
     return {"request_id": request_id, "status": final.status}
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=HEALTH_RESPONSES)
 async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READY_RESPONSES)
 async def readyz(request: Request):
     state = request.app.state
     problems = []
@@ -99,6 +102,6 @@ async def readyz(request: Request):
     return readiness_response(problems)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=METRICS_RESPONSES)
 async def metrics():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
