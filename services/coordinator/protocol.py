@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ErrorBody/ErrorDetail: the wire's error shape, re-exported here with the other models of the protocol
 from services.common.http import (MAX_SAFE_INTEGER, NOT_BLANK, SSE_EVENT, ErrorBody, ErrorDetail,  # noqa: F401
@@ -14,6 +14,8 @@ from services.common.wallets import WALLET_PATTERN
 
 MAX_TOKENS_LIMIT = 4096
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+# Not a request_id: GET/DELETE /mesh/inference/{request_id} could not tell it from POST /mesh/inference/generate.
+RESERVED_REQUEST_IDS = ("generate",)
 MAX_STOP_SEQUENCES = 8
 MAX_PROMPT_CHARS = 200_000  # a cheap first bound; the model's context bounds it further (serving.py)
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters
@@ -71,9 +73,17 @@ class GenerateRequest(BaseModel):
                                                                          max_length=MAX_STOP_SEQUENCES)
     seed: Optional[json_int(ge=0, le=MAX_SAFE_INTEGER)] = None
     model_id: Optional[str] = Field(None, max_length=200)
-    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN)
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN,
+                                      json_schema_extra={"not": {"enum": list(RESERVED_REQUEST_IDS)}})
     user_wallet: Optional[str] = Field(None, pattern=WALLET_PATTERN)
     stream: bool = True
+
+    @field_validator("request_id")
+    @classmethod
+    def _not_reserved(cls, value: Optional[str]) -> Optional[str]:
+        if value in RESERVED_REQUEST_IDS:
+            raise ValueError(f"{value!r} is reserved (it names the route POST /mesh/inference/{value})")
+        return value
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "GenerateRequest":

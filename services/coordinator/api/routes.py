@@ -50,7 +50,7 @@ async def _owned_session(service: InferenceService, request_id: str, principal: 
     return final
 
 
-@router.get("/mesh/inference/{request_id}", response_model=InferenceStatus,
+@router.get("/mesh/inference/{request_id:request_id}", response_model=InferenceStatus,
             responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
@@ -69,7 +69,7 @@ async def inference_status(request_id: str, service: InferenceService = Depends(
             "replaced_servers": final.replaced_servers}
 
 
-@router.delete("/mesh/inference/{request_id}", response_model=CancelResult,
+@router.delete("/mesh/inference/{request_id:request_id}", response_model=CancelResult,
                responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
