@@ -10,11 +10,12 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.far-mesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-gpu demo test multihost lock clean-state bench help
+.PHONY: install install-gpu demo test test-quick multihost lock clean-state bench help
 
 help:
 	@echo "make demo     run a whole local mesh (installs first if needed)"
 	@echo "make test     run the test suite (installs first if needed)"
+	@echo "make test-quick  the quick tier: every test that starts no Petals swarm (pytest -m 'not swarm')"
 	@echo "make install  create .venv with the pinned, tested dependency set (idempotent)"
 	@echo "make install-gpu   the same with CUDA torch and nvidia-ml-py, for GPU providers (docs/provider.md)"
 	@echo "make lock     re-resolve requirements/base.in into requirements/lock.txt"
@@ -40,6 +41,10 @@ demo: install
 
 test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# The quick tier: no Petals swarm is started (tests that need one are marked swarm; tests/conftest.py checks it).
+test-quick: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not swarm" $(PYTEST_ARGS)
 
 # Every part on a host of its own (network namespaces, needs root and iproute2; skips with the reason otherwise).
 multihost: install

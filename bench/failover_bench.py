@@ -1,8 +1,9 @@
 """Failover stall when a server on the route dies (or freezes) at a random moment (issue 14).
 
-    .venv/bin/python bench/failover_bench.py [--kills 20] [--tokens 64] [--freeze] [--seed 1]
+    .venv/bin/python bench/failover_bench.py [--model tiny|smollm2] [--kills 20] [--tokens 64] [--freeze] [--seed 1]
 
-A local swarm on loopback (tiny model): one 0:2 server and two 2:4 replicas. Each round generates ``--tokens``
+A local swarm on loopback: for the tiny model one 0:2 server and two 2:4 replicas ("a", "b*"); for SmolLM2-135M
+(the default real model, 30 blocks) one 0:15 server and two 15:30 replicas. Each round generates ``--tokens``
 greedy tokens with the coordinator's engine (the Petals client with petals_compat, request timeout 30 s as the
 coordinator's default) and, after a random token, SIGKILLs the 2:4 server on the route (its whole process group,
 p2pd included) after a further random delay of 0-40 ms, so the kill lands at a random point of a step or between
@@ -33,11 +34,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from infra.swarm import LocalSwarm  # noqa: E402
 from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, local_greedy  # noqa: E402
 
-PROMPT = "def compute(a, b):"
+MODELS = {  # model -> (prompt, first span, replicated span)
+    "tiny": ("def compute(a, b):", "0:2", "2:4"),
+    "smollm2": ("The three most important inventions of the nineteenth century were", "0:15", "15:30"),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--freeze", action="store_true", help="SIGSTOP instead of SIGKILL")
@@ -45,7 +50,6 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    from services.common.tiny_model import build_tiny_model
     from services.coordinator.engine import SwarmModel
     from services.coordinator.metering import WorkMeter
     from services.coordinator.sampling import SamplingParams
@@ -53,24 +57,35 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="far-mesh-failover-") as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "model")
+        prompt, first_span, replicated = MODELS[args.model]
+        if args.model == "tiny":
+            from services.common.tiny_model import build_tiny_model
+
+            model_dir, model_id, num_blocks = build_tiny_model(tmp / "model"), MODEL_ID, NUM_BLOCKS
+        else:
+            from services.models.catalog import SMOLLM2, pull
+
+            model_dir, model_id, num_blocks = pull(SMOLLM2), SMOLLM2.model_id, SMOLLM2.num_blocks
         local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        with LocalSwarm(model_dir, MODEL_ID, tmp / "swarm", request_timeout=30) as swarm:
+        with LocalSwarm(model_dir, model_id, tmp / "swarm", request_timeout=30) as swarm:
             swarm.start_bootstrap()
-            swarm.start_node("a", "0:2")
-            replicas = [swarm.start_node("b0", "2:4"), swarm.start_node("b1", "2:4")]
-            swarm.wait_online(["a", "b0", "b1"], NUM_BLOCKS)
-            client = SwarmModel(MODEL_ID, model_dir, swarm.initial_peers, request_timeout=30, update_period=2)
+            swarm.start_node("a", first_span)
+            replicas = [swarm.start_node("b0", replicated), swarm.start_node("b1", replicated)]
+            swarm.wait_online(["a", "b0", "b1"], num_blocks, timeout=300)
+            client = SwarmModel(model_id, model_dir, swarm.initial_peers, request_timeout=30, update_period=2)
             if args.freeze:
                 client.sequence_manager.state.banned_peers.base_time = 2.0  # thawed servers return quickly
-            prompt_ids = client.encode(PROMPT)
+            prompt_ids = client.encode(prompt)
             expected = local_greedy(local, prompt_ids, args.tokens)
+            # The engine stops at an end-of-generation token; the local reference is cut there too.
+            cut = next((i + 1 for i, t in enumerate(expected) if t in client.eos_token_ids), len(expected))
+            expected = expected[:cut]
             stalls, gaps_seen, normal_gaps, causes = [], [], [], []
             spawned = 2
             for round_no in range(args.kills):
                 generation = client.start(prompt_ids, SamplingParams(max_tokens=args.tokens, temperature=0),
                                           WorkMeter())
-                kill_after = rng.randint(3, args.tokens - 8)
+                kill_after = rng.randint(3, len(expected) - 8)
                 delay = rng.uniform(0.0, 0.040)
                 stamps, tokens, hit = [], [], {}
 
@@ -86,7 +101,7 @@ def main() -> int:
                     tokens.append(delta.token_id)
                     if delta.index == kill_after:
                         route = {h["blocks"]: h["peer_id"] for h in generation.route()}
-                        victim = next(n for n in replicas if n.peer_id == route["2:4"])
+                        victim = next(n for n in replicas if n.peer_id == route[replicated])
                         threading.Timer(delay, strike, args=(victim,)).start()
                 assert tokens == expected, f"round {round_no}: output differs from the local model"
                 after = next(i for i, s in enumerate(stamps) if s > hit["at"])
@@ -106,15 +121,15 @@ def main() -> int:
                 else:
                     victim.process.kill()
                     replicas.remove(victim)
-                    fresh = swarm.start_node(f"b{spawned}", "2:4")
+                    fresh = swarm.start_node(f"b{spawned}", replicated)
                     spawned += 1
                     replicas.append(fresh)
-                    swarm.wait_online([fresh.name], NUM_BLOCKS)
+                    swarm.wait_online([fresh.name], num_blocks, timeout=300)
                     time.sleep(2.5)  # the client's routing refresh (update_period 2 s) sees the new replica
             client.shutdown()
 
-    print(f"\n{args.kills} {'freezes' if args.freeze else 'kills'} at random moments, {args.tokens} greedy tokens "
-          f"each, output identical every time")
+    print(f"\n{args.model}: {args.kills} {'freezes' if args.freeze else 'kills'} at random moments, "
+          f"{len(expected)} greedy tokens each, output identical to the local model every time")
     print(f"stall (kill -> next token): median {statistics.median(stalls):.3f} s, max {max(stalls):.3f} s")
     print(f"gap seen by the user:       median {statistics.median(gaps_seen):.3f} s, max {max(gaps_seen):.3f} s")
     print(f"gap between tokens without failure: median {statistics.median(normal_gaps) * 1000:.1f} ms")

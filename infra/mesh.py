@@ -356,9 +356,20 @@ class LocalMesh:
         response.raise_for_status()
         return {node["peer_id"] for node in response.json()["nodes"] if node.get("state") != "offline"}
 
+    def coordinator_serves_model(self) -> bool:
+        try:
+            response = httpx.get(f"{self.coordinator_url}/v1/models", timeout=5,
+                                 headers={"Authorization": f"Bearer {self.api_key}"})
+            return response.status_code == 200 and any(
+                model["id"] == self.model.model_id and model["ready"] for model in response.json()["data"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
     def wait_ready(self, *, progress: Optional[Callable[[dict], None]] = None, timeout: float = 300) -> None:
-        """Until discovery says the swarm is ready, every provider is registered and the coordinator is ready;
-        ``progress`` gets each change of {loaded, discovered, expected, registered, providers, coordinator}."""
+        """Until discovery says the swarm is ready, every provider is registered and the coordinator serves the
+        model (its own view of the swarm, refreshed every SWARM_READINESS_REFRESH_S, says ready too: discovery's
+        view alone can be a refresh ahead, and the first request would get 503 swarm_not_ready); ``progress`` gets
+        each change of {loaded, discovered, expected, registered, providers, coordinator}."""
         peers = {node.peer_id for node in self.swarm.nodes.values()}
         last: dict = {}
 
@@ -373,7 +384,7 @@ class LocalMesh:
                 registered = len(peers & self.registered_peers())
             except httpx.HTTPError:
                 return False
-            coordinator = http_ok(f"{self.coordinator_url}/readyz")
+            coordinator = http_ok(f"{self.coordinator_url}/readyz") and self.coordinator_serves_model()
             now = {"loaded": cov["loaded_blocks"], "discovered": cov["discovered_blocks"],
                    "expected": cov["expected_blocks"], "registered": registered, "providers": len(peers),
                    "coordinator": coordinator, "blocking": cov.get("blocking", [])}

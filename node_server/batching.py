@@ -464,13 +464,3 @@ def install(*, max_sessions: int = DEFAULT_MAX_SESSIONS, prefill_chunk_tokens: i
     merge_inference_pools_inplace._far_mesh_original = original
     server_module.merge_inference_pools_inplace = merge_inference_pools_inplace
     backend_module.merge_inference_pools_inplace = merge_inference_pools_inplace
-
-
-def uninstall() -> None:
-    import petals.server.backend as backend_module
-    import petals.server.server as server_module
-
-    original = _installed.get("original")
-    if original is not None:
-        server_module.merge_inference_pools_inplace = original
-        backend_module.merge_inference_pools_inplace = original

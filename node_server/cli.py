@@ -118,11 +118,11 @@ def run(
     from node_server.agent import AgentConfig, Supervisor, parse_server_command
     from node_server.config import default_state_dir
     from node_server.petals_server import ServerOptions
-    from services.common.config import get_settings
+    from services.common.config import NodeSettings, get_settings
     from services.common.logs import configure_logging
     from services.common.swarm import BlockSpan
 
-    settings = get_settings()
+    settings = get_settings(NodeSettings)
     configure_logging(settings.LOG_LEVEL)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is the status line's job
     if no_config and config is not None:
@@ -241,7 +241,7 @@ def status(
     from node_server.agent import load_registration
     from node_server.config import default_state_dir
     from node_server.discovery_client import DiscoveryClient, DiscoveryError
-    from services.common.config import get_settings
+    from services.common.config import NodeSettings, get_settings
 
     node, _path = _load_node_config(config)
     identity_path = Path(identity or node.identity_path or default_state_dir() / "identity.key").expanduser()
@@ -249,7 +249,7 @@ def status(
         _fail("--identity", f"{identity_path} does not exist: this node was never set up (run `far-node start`)", 1)
     peer_id = keys.load_identity(identity_path).peer_id
     record = load_registration(default_state_dir(), peer_id) or {}
-    url = discovery_url or record.get("discovery_url") or node.discovery_url or get_settings().DISCOVERY_URL
+    url = discovery_url or record.get("discovery_url") or node.discovery_url or get_settings(NodeSettings).DISCOVERY_URL
     client = DiscoveryClient(url)
     try:
         if record.get("node_id"):
@@ -323,6 +323,10 @@ def format_status(info: dict, *, peer_id: str) -> str:
             paid += f", tx {payout['tx_hash']})" if payout.get("tx_hash") else ")"
     else:
         paid = "none yet (payouts run weekly, Monday 00:00 UTC)"
+    checks = info.get("spot_checks") or {}
+    record = (f"{checks.get('checks_passed', 0)} passed, {checks.get('checks_failed', 0)} failed"
+              + (f", disputed {far('disputed_far')} withheld" if info.get("disputed_far") not in (None, "0") else "")
+              if checks else "-")
     lines = [
         f"node         {get('node_id')}  (peer {peer_id})",
         f"state        {state}",
@@ -336,7 +340,10 @@ def format_status(info: dict, *, peer_id: str) -> str:
         f"earned       {far('earned_far')}",
         f"paid         {far('paid_far')}   pending {far('pending_far')}",
         f"last payout  {paid}",
+        f"spot checks  {record}",
     ]
+    if info.get("quarantined"):
+        lines.append(f"QUARANTINED  {get('quarantine_reason')} (since {get('quarantined_at')})")
     return "\n".join(lines)
 
 

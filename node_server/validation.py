@@ -37,9 +37,6 @@ def parse_wallet(text: str) -> str:
     return checksum_address(text.strip())
 
 
-def is_checksummed(text: str) -> bool:
-    return wallet_problem(text) is None and checksum_address(text.strip()) == text.strip()
-
 
 def parse_port(value: str | int) -> int:
     try:

@@ -69,10 +69,10 @@ class Wizard:
     def __init__(self, inputs: WizardInputs, *, console=None):
         from rich.console import Console
 
-        from services.common.config import get_settings
+        from services.common.config import NodeSettings, get_settings
 
         self.inputs = inputs
-        self.settings = get_settings()
+        self.settings = get_settings(NodeSettings)
         self.console = console or Console(highlight=False)
         self.interactive = not inputs.yes
         self._discovery = None

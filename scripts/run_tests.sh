@@ -2,8 +2,7 @@
 # The test suite: Python tests (real Postgres/Redis/Petals swarm/EVM) and, when present, the TypeScript SDK's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/ensure_chromium.sh   # Debian's chromium for the dashboard's browser tests (never a browser download)
-bash scripts/ensure_deploy_tools.sh   # Debian's promtool and caddy: check the alert rules and the TLS proxy config (deploy/)
+bash scripts/ensure_debian_tools.sh   # chromium (dashboard browser tests), promtool and caddy (deploy/ checks)
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ -f sdk/typescript/package.json ]; then
   # npm ci again when package-lock.json changed after the last install (npm's record: node_modules/.package-lock.json)

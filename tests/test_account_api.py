@@ -1,5 +1,5 @@
-"""Self-service account API of the coordinator, in process (no swarm): the real HTTP app over a fake model, a fresh
-database, a local py-evm chain for deposits. Balance, statement, usage per request, keys (revocation across two
+"""Self-service account API of the coordinator, in process (no swarm): the real HTTP app over the scripted engine, a
+fresh database, a local py-evm chain for deposits. Balance, statement, usage per request, keys (revocation across two
 coordinator replicas), rate limits, the 402 that says how to top up, OpenAPI, and the audit's books after it all."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from services.coordinator.ratelimit import RateLimiter
 from services.deposits.watcher import DepositWatcher, account_ref, deposit
 from services.payouts.audit import run_audit
 from services.payouts.chain import new_local_chain
-from tests.test_coordinator_hardening import MODEL_ID, FakeModel, tokenizer  # noqa: F401  (fixture)
+from tests.test_coordinator_hardening import MODEL_ID, scripted_model, tokenizer  # noqa: F401  (fixture)
 
 FAR = 10**18
 
@@ -42,7 +42,8 @@ async def coordinators(make_database, tokenizer, chain):  # noqa: F811
     apps, services, clients = [], [], []
     for i in range(2):
         service = InferenceService(store=SessionStore(pool), accounts=AccountStore(pool), limiter=None,
-                                   models={MODEL_ID: FakeModel(tokenizer)}, readiness={}, default_model_id=MODEL_ID,
+                                   models={MODEL_ID: scripted_model(tokenizer)}, readiness={},
+                                   default_model_id=MODEL_ID,
                                    pricing=Pricing(Decimal("0.0001"), Decimal(0), 1000),
                                    coordinator_id=f"acct-{i}-{uuid.uuid4().hex[:6]}", jwt_secret="", max_workers=2,
                                    deposit_info=info, max_api_keys=3)

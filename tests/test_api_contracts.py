@@ -55,7 +55,8 @@ def validate(case, headers=None) -> None:
 
 
 class FakeGeneration:
-    """What engine.Generation offers the serving layer: up to 3 tokens of "x", then ``length`` or ``eos``."""
+    """An EngineGeneration (services/coordinator/engine_protocol.py): up to 3 tokens of "x", then ``length`` or
+    ``eos``."""
 
     def __init__(self, params, cancel: threading.Event):
         self.params, self.cancel = params, cancel
@@ -100,6 +101,9 @@ class FakeModel:
 
     def start(self, prompt_ids, params, meter, cancel=None):
         return FakeGeneration(params, cancel or threading.Event())
+
+    def shutdown(self) -> None:
+        pass
 
 
 def coordinator_app(postgres_url: str, redis_url: str):

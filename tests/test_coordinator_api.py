@@ -14,6 +14,8 @@ import pytest
 
 from tests.fixtures.swarm import MODEL_ID, create_api_key, local_greedy, sse_events
 
+pytestmark = pytest.mark.swarm
+
 PROMPT = "def compute(a, b):"
 
 

@@ -8,8 +8,11 @@ import time
 from decimal import Decimal
 
 import httpx
+import pytest
 
 from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, asse_events, create_api_key, local_greedy, start_coordinator
+
+pytestmark = pytest.mark.swarm
 
 PROMPT = "def compute(a, b):"
 PRICE = Decimal("0.0001")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from decimal import Decimal
 
 import httpx
+import pytest
 
 from services.common.money import split_session
 from tests.fixtures.swarm import local_greedy
 
+pytestmark = pytest.mark.swarm
 
 
 def _register(db_url_pool, peer_id: str, wallet: str, span):

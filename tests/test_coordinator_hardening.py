@@ -1,4 +1,4 @@
-"""Hardening of the coordinator (issue 12), without a swarm: the API runs in process over a fake model whose
+"""Hardening of the coordinator (issue 12), without a swarm: the API runs in process over the scripted engine whose
 tokenizer is the tiny model's, against the test PostgreSQL."""
 
 from __future__ import annotations
@@ -15,82 +15,19 @@ import pytest_asyncio
 
 from services.common.config import ConfigError, Settings
 from services.coordinator.accounts import AccountStore, AuthError, check_jwt_secret, issue_jwt
-from services.coordinator.engine import TokenDelta
-from services.coordinator.sampling import TextStream
+from tests.scripted_engine import Script, ScriptedModel
 
 STRONG_SECRET = "s" * 32
 MODEL_ID = "test/fake"
 BODY_LIMIT = 1024 * 1024
+CONTEXT_LENGTH = 256
 
 
 # ------------------------------------------------------------------------------------- in-process harness
-class FakeGeneration:
-    """What engine.Generation offers the serving layer, producing ``model.output`` token by token."""
-
-    def __init__(self, model, prompt_ids, params, meter, cancel):
-        self.model, self.params, self.cancel = model, params, cancel
-        self.text = TextStream(model.tokenizer, params.stop)
-        self.meter = meter
-        self.token_ids: list[int] = []
-        self.finish_reason = None
-        self.failovers: list[dict] = []
-
-    def replaced_servers(self) -> list:
-        return [{k: e[k] for k in ("peer_id", "blocks", "cause", "replaced_by")} | {"stall_ms": e["stall_s"]}
-                for e in self.failovers]
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def route(self) -> list:
-        return []
-
-    def __iter__(self):
-        if self.model.hold is not None:
-            self.model.hold.wait(30)
-        for token_id in self.model.output[:self.params.max_tokens]:
-            if self.cancel.is_set():
-                self.finish_reason = "cancelled"
-                return
-            if self.model.fail_after is not None and len(self.token_ids) >= self.model.fail_after:
-                if self.model.fail_with is not None:
-                    self.failovers.append(self.model.fail_event)
-                    raise self.model.fail_with
-                raise RuntimeError("hivemind.p2p.P2PDaemonError: peer QmSecretPeer at /ip4/10.0.0.7/tcp/31337 "
-                                   "refused: Traceback (most recent call last) ...")
-            for peer_id, start, end in self.model.route:  # the work of each server's step is metered
-                self.meter.record(peer_id, start, end, 1)
-            self.token_ids.append(token_id)
-            yield TokenDelta(len(self.token_ids), token_id, self.text.push(token_id))
-        self.finish_reason = "length"
-        tail = self.text.flush()
-        if tail:
-            yield TokenDelta(len(self.token_ids), self.token_ids[-1], tail)
-
-
-class FakeModel:
-    model_id = MODEL_ID
-    context_length = 256
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.failure_listeners: list = []
-        self.failover_listeners: list = []
-        self.route: list = []  # [(peer_id, start, end)] metered per token
-        self.fail_with = self.fail_event = None
-        self.encode_threads: list[str] = []
-        self.output = tokenizer("hello world, hello mesh", add_special_tokens=False).input_ids
-        self.fail_after = None
-        self.hold = None  # a threading.Event the generation waits for before its first token
-
-
-    def encode(self, prompt: str) -> list[int]:
-        self.encode_threads.append(threading.current_thread().name)
-        return list(self.tokenizer(prompt).input_ids)
-
-    def start(self, prompt_ids, params, meter, cancel=None):
-        return FakeGeneration(self, prompt_ids, params, meter, cancel or threading.Event())
+def scripted_model(tokenizer) -> ScriptedModel:
+    """The scripted engine (tests/scripted_engine.py) as these tests use it: "hello world, hello mesh" then EOS (cut at
+    max_tokens), no servers metered unless a test sets a route."""
+    return ScriptedModel(MODEL_ID, tokenizer, context_length=CONTEXT_LENGTH, script=Script(route=()))
 
 
 @pytest.fixture(scope="session")
@@ -113,12 +50,12 @@ class Harness:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def harness(db_pool, tokenizer):
-    """The coordinator's real HTTP app (app.http_app) and InferenceService over a fake model, in process."""
+    """The coordinator's real HTTP app (app.http_app) and InferenceService over the scripted engine, in process."""
     from services.coordinator.app import http_app
     from services.coordinator.serving import InferenceService
     from services.coordinator.store import Pricing, SessionStore
 
-    model = FakeModel(tokenizer)
+    model = scripted_model(tokenizer)
     service = InferenceService(store=SessionStore(db_pool), accounts=AccountStore(db_pool), limiter=None,
                                models={MODEL_ID: model}, readiness={}, default_model_id=MODEL_ID,
                                pricing=Pricing(Decimal("0.0001"), Decimal(0), 1000),
@@ -192,7 +129,7 @@ async def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_token
     from services.coordinator.serving import MAX_CHARS_PER_TOKEN
 
     _, headers = await harness.account(balance="0")
-    limit = FakeModel.context_length * MAX_CHARS_PER_TOKEN
+    limit = CONTEXT_LENGTH * MAX_CHARS_PER_TOKEN
     messages = [{"role": "user", "content": "x" * 1000}] * (limit // 1000 + 1)
     for payload in ({"prompt": "y" * (limit + 1)}, {"messages": messages}):
         response = await harness.client.post("/mesh/inference/generate", json=payload, headers=headers)
@@ -281,7 +218,8 @@ async def test_request_ids_are_idempotency_keys_per_account(harness):
 async def test_another_account_cannot_see_or_cancel_a_running_request(harness):
     _, a = await harness.account()
     _, b = await harness.account()
-    harness.model.hold = threading.Event()
+    hold = threading.Event()
+    harness.model.script = Script(route=(), hold=hold)
     request_id = f"running_{uuid.uuid4().hex[:8]}"
     task = asyncio.create_task(harness.client.post(
         "/mesh/inference/generate", headers=a,
@@ -296,7 +234,7 @@ async def test_another_account_cannot_see_or_cancel_a_running_request(harness):
             response = await harness.client.request(method, f"/mesh/inference/{request_id}", headers=b)
             assert response.status_code == 404
     finally:
-        harness.model.hold.set()
+        hold.set()
     done = await task
     assert done.status_code == 200 and done.json()["finish_reason"] == "length"  # not cancelled by B
 
@@ -320,7 +258,7 @@ async def test_the_database_keeps_request_ids_unique_per_account(db_pool):
 # --------------------------------------------------------------------------- failure messages (7)
 async def test_a_swarm_failure_reaches_the_client_as_a_stable_code_without_the_raw_error(harness):
     _, headers = await harness.account()
-    harness.model.fail_after = 1
+    harness.model.script = Script(route=(), fail_at=2)
     streamed = await harness.client.post("/mesh/inference/generate", headers=headers,
                                          json={"prompt": "hello", "max_tokens": 4})
     whole = await harness.client.post("/mesh/inference/generate", headers=headers,
@@ -346,16 +284,13 @@ async def test_no_live_server_ends_the_stream_swarm_unavailable_billing_what_was
     from services.common.petals_compat import SwarmUnavailable
 
     account_id, headers = await harness.account("10")
-    model = harness.model
-    model.route = [("QmFirstHalf", 0, 2), ("QmDeadServer", 2, 4)]
-    model.fail_after, model.fail_with = 3, SwarmUnavailable(2, 4)
-    model.fail_event = {"peer_id": "QmDeadServer", "blocks": "2:4", "cause": "died", "replaced_by": None,
-                        "stall_s": None, "error": "ServerStreamClosed()"}
-    try:
-        streamed = await harness.client.post("/mesh/inference/generate", headers=headers,
-                                             json={"prompt": "hello", "max_tokens": 5, "request_id": "dead_2_4"})
-    finally:
-        model.route, model.fail_after, model.fail_with, model.fail_event = [], None, None, None
+    harness.model.script = Script(
+        route=(("QmFirstHalf", 0, 2), ("QmDeadServer", 2, 4)), fail_at=4,
+        error=lambda: SwarmUnavailable(2, 4),
+        failover={"peer_id": "QmDeadServer", "blocks": "2:4", "cause": "died", "replaced_by": None, "stall_s": None,
+                  "error": "ServerStreamClosed()"})
+    streamed = await harness.client.post("/mesh/inference/generate", headers=headers,
+                                         json={"prompt": "hello", "max_tokens": 5, "request_id": "dead_2_4"})
     events, name = [], None
     for line in streamed.text.splitlines():
         if line.startswith("event:"):
@@ -376,8 +311,9 @@ async def test_no_live_server_ends_the_stream_swarm_unavailable_billing_what_was
     assert session["cost_far"] == Decimal("0.0003")
     paid = {r["peer_id"]: r for r in await db_pool.fetch(
         "SELECT * FROM far_session_contributions WHERE session_id = $1", session["session_id"])}
-    assert {p: (r["steps"], r["work_units"]) for p, r in paid.items()} == {"QmFirstHalf": (3, 6),
-                                                                          "QmDeadServer": (3, 6)}
+    units = 2 * (session["prompt_tokens"] + 2)  # 2 blocks × (the prompt's positions, then one per step)
+    assert {p: (r["steps"], r["work_units"]) for p, r in paid.items()} == {"QmFirstHalf": (3, units),
+                                                                          "QmDeadServer": (3, units)}
     assert session["fee_far"] + sum(r["payment_far"] for r in paid.values()) == session["cost_far"]
     account = await _account_row(db_pool, account_id)
     assert account["balance_far"] == Decimal("10") - Decimal("0.0003") and account["reserved_far"] == 0

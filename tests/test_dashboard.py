@@ -48,13 +48,13 @@ PHONE = {"width": 390, "height": 844}
 # --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium, installed by scripts/ensure_chromium.sh when missing. Never a Playwright download."""
+    """Debian's chromium, installed by scripts/ensure_debian_tools.sh when missing. Never a Playwright download."""
     if not os.access(CHROMIUM, os.X_OK):
-        result = subprocess.run(["bash", str(ROOT / "scripts" / "ensure_chromium.sh")], capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "ensure_debian_tools.sh"), f"{CHROMIUM}=chromium"],
+                                capture_output=True, text=True, timeout=900)
         if result.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
             pytest.fail(f"the dashboard browser tests need {CHROMIUM} (Debian package 'chromium') and "
-                        f"scripts/ensure_chromium.sh could not install it (exit {result.returncode}):\n"
+                        f"scripts/ensure_debian_tools.sh could not install it (exit {result.returncode}):\n"
                         f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
     return CHROMIUM
 

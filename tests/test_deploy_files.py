@@ -304,7 +304,7 @@ def test_caddyfile_is_valid_and_proxies_to_the_compose_ports(tmp_path):
         assert option(SERVICES[host]["command"], "--port") == port
     caddy = shutil.which("caddy")
     if caddy is None:
-        pytest.skip("caddy missing: run scripts/ensure_deploy_tools.sh (Debian package 'caddy'; `make test` does)")
+        pytest.skip("caddy missing: run scripts/ensure_debian_tools.sh (Debian package 'caddy'; `make test` does)")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
            "XDG_CONFIG_HOME": str(tmp_path / "config"), "FAR_MESH_API_DOMAIN": "api.mesh.example",
            "FAR_MESH_DISCOVERY_DOMAIN": "nodes.mesh.example", "ACME_EMAIL": "ops@mesh.example"}

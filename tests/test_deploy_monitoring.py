@@ -1,7 +1,7 @@
 """Monitoring files in deploy/ (issue 18, operations): Prometheus alert rules, their unit tests, the scrape config
 and the Grafana dashboard are valid, and every metric they name is one the services export.
 
-``promtool`` (Debian package ``prometheus``; scripts/ensure_deploy_tools.sh installs it for ``make test``) checks and
+``promtool`` (Debian package ``prometheus``; scripts/ensure_debian_tools.sh installs it for ``make test``) checks and
 unit-tests the rules. The exported names come from the services' own registries (not a copied list), so renaming a
 metric in services/ without updating the rules or the dashboard fails here.
 """
@@ -22,7 +22,7 @@ PROM = ROOT / "deploy" / "prometheus"
 RULES = PROM / "far-mesh-alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "far-mesh-dashboard.json"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run scripts/ensure_deploy_tools.sh "
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run scripts/ensure_debian_tools.sh "
                                                              "(Debian package 'prometheus'; `make test` does)")
 
 # Series Prometheus itself adds to every scrape.

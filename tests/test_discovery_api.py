@@ -217,7 +217,7 @@ async def test_bad_input_is_4xx_with_reason(api, identities):
     cases.append((r, 404, "model_not_found"))
     r = await api.get("/nodes/active", params={"model_id": "nope"})
     cases.append((r, 404, "model_not_found"))
-    for suffix in ("stats", "earnings", "payments", "nodes"):
+    for suffix in ("stats", "earnings", "payments", "nodes", "checks"):
         r = await api.get(f"/provider/0xZZ/{suffix}")
         cases.append((r, 422, "invalid_wallet"))
     r = await api.get("/nodes/not-a-uuid")  # only a UUID routes to a node (so GET /nodes/register is a 405)
@@ -586,3 +586,57 @@ async def test_failed_flush_loses_nothing(api, identities, db_pool):
     assert await discovery.hot.redis.hexists("fm:disc:hb", node_id)
     await discovery.flush()
     assert await db_pool.fetchval("SELECT tokens_served FROM far_nodes WHERE node_id = $1", node_id) == 77
+
+
+async def test_spot_check_record_disputes_and_quarantine_are_shown(api, identities, db_pool):
+    """Issue 17: a provider sees its checks passed / failed, what was withheld and why, and its quarantine, on
+    ``GET /provider/{wallet}/checks``, the node view and ``far-node status``."""
+    import uuid
+
+    import torch
+
+    from node_server.cli import format_status
+    from services.coordinator.checks import CheckStore, reason_of
+    from services.coordinator.verification import (CheckJob, CheckResult, Verdict)
+
+    honest, cheater = identities[1], identities[2]
+    wallet = "0x" + "cd" * 20
+    ids = {}
+    for ident, name in ((honest, "honest"), (cheater, "cheater")):
+        r, _ = await register(api, ident, wallet=wallet, name=name)
+        ids[ident.peer_id] = r.json()["node_id"]
+    session = await _add_session(db_pool, uuid.UUID(ids[cheater.peer_id]), cheater.peer_id, wallet, units=20,
+                                 blocks="0:2", completion_tokens=10)
+    store = CheckStore(db_pool)
+
+    def result(peer, outcome, suspect):
+        job = CheckJob(MODEL_ID, str(session), peer, 0, 2, torch.zeros(1, 5, 8), torch.zeros(1, 1, 8), "float32")
+        verdict = Verdict(outcome, suspect, 0.3 if suspect else 1e-7, 0.3 if suspect else None,
+                          1e-7 if suspect else None)
+        return CheckResult(job, verdict, honest.peer_id, honest.peer_id if suspect else None, 1e-4, "float32")
+
+    for _ in range(3):
+        await store.record(result(honest.peer_id, "passed", None))
+    failed = result(cheater.peer_id, "failed", "checked")
+    await store.record(failed)
+    await store.dispute(str(session), cheater.peer_id, "0:2", reason_of(failed))
+    await store.quarantine(cheater.peer_id, "1 failed spot checks; last: " + reason_of(failed), 1)
+
+    body = (await api.get(f"/provider/{wallet}/checks")).json()
+    nodes = {n["peer_id"]: n for n in body["nodes"]}
+    assert (nodes[honest.peer_id]["checks_passed"], nodes[honest.peer_id]["checks_failed"]) == (3, 0)
+    assert not nodes[honest.peer_id]["quarantined"] and nodes[honest.peer_id]["disputed_far"] == "0"
+    bad = nodes[cheater.peer_id]
+    assert (bad["checks_passed"], bad["checks_failed"], bad["disputed_sessions"]) == (0, 1, 1)
+    assert bad["disputed_far"] == "0.0009" == body["disputed_far"]  # 10 tokens x 0.0001, 90 % to providers
+    assert bad["quarantined"] and "failed spot check" in bad["quarantine_reason"]
+    assert body["recent_disputes"][0]["session_id"] == str(session)
+    assert "spot check of blocks 0:2" in body["recent_disputes"][0]["reason"]
+    stats = (await api.get(f"/provider/{wallet}/stats")).json()
+    assert stats["earned_far"] == "0"  # the withheld payment is not earnings
+    view = (await api.get(f"/nodes/{ids[cheater.peer_id]}")).json()
+    assert view["quarantined"] and view["spot_checks"]["checks_failed"] == 1 and view["disputed_far"] == "0.0009"
+    text = format_status(view, peer_id=cheater.peer_id)
+    assert "0 passed, 1 failed" in text and "QUARANTINED" in text and "withheld" in text
+    listed = (await api.get(f"/models/{MODEL_ID}/nodes")).json()["nodes"]
+    assert {n["peer_id"]: n["quarantined"] for n in listed}[cheater.peer_id] is True

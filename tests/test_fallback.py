@@ -210,17 +210,17 @@ class NotReady:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def harness(db_pool, tiny_model_dir):
-    """The coordinator's HTTP app and InferenceService in process over a fake model (the tiny tokenizer) whose swarm
-    has no block; each test points its fallback (``_use``) at a real upstream."""
+    """The coordinator's HTTP app and InferenceService in process over the scripted engine (the tiny tokenizer), its
+    swarm has no block; each test points its fallback (``_use``) at a real upstream."""
     from transformers import AutoTokenizer
 
     from services.coordinator.accounts import AccountStore
     from services.coordinator.app import http_app
     from services.coordinator.serving import InferenceService
     from services.coordinator.store import Pricing, SessionStore
-    from tests.test_coordinator_hardening import FakeModel
+    from tests.test_coordinator_hardening import scripted_model
 
-    model = FakeModel(AutoTokenizer.from_pretrained(tiny_model_dir))
+    model = scripted_model(AutoTokenizer.from_pretrained(tiny_model_dir))
     service = InferenceService(store=SessionStore(db_pool), accounts=AccountStore(db_pool), limiter=None,
                                models={model.model_id: model}, readiness={model.model_id: NotReady()},
                                default_model_id=model.model_id, pricing=Pricing(Decimal("0.0001"), Decimal(0), 1000),
@@ -367,7 +367,7 @@ async def test_cancel_stops_the_upstream_and_bills_what_was_delivered(harness, d
             assert cancelled.json()["status"] == "cancelling"
     await asyncio.wait_for(upstream_closed.wait(), 10)  # the upstream stopped generating
     server.close()
-    final = events[-1]
+    final = events[-1].model_dump()  # typed events (protocol.StreamEvent); the routes send their model_dump()
     assert final["done"] and final["finish_reason"] == "cancelled" and final["served_by"] == "fallback"
     delivered = len(events) - 1
     assert 3 <= delivered < 100 and final["usage"]["completion_tokens"] == delivered

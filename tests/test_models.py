@@ -76,10 +76,15 @@ def test_build_is_deterministic_and_config_follows_the_gguf(smollm2_dir, tmp_pat
                           "tokenizer.json", "tokenizer_config.json"}
 
 
-def test_pull_reuses_a_verified_build_and_rebuilds_a_broken_one(tmp_path):
+def test_pull_reuses_a_verified_build_and_rebuilds_a_broken_one(tmp_path, monkeypatch):
     lines = []
     target = pull(TINY, tmp_path / "tiny", progress=False, log=lines.append)
     assert verify(target) is None and any("building" in line for line in lines)
+    import services.models.catalog as catalog
+
+    hashed, real_sha256 = [], catalog._sha256
+    monkeypatch.setattr(catalog, "_sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    assert verify(target) is None and hashed == []  # unchanged since the last check: not hashed again
     stamp = (target / "model.safetensors").stat().st_mtime_ns
     lines.clear()
     assert pull(TINY, tmp_path / "tiny", progress=False, log=lines.append) == target

@@ -20,6 +20,9 @@ import pytest
 from services.common import petals_compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each test runs fresh interpreters that import petals and most start hivemind p2p daemons (10-20 s each):
+# the swarm tier, not the quick one.
+pytestmark = pytest.mark.swarm
 
 
 def run_py(code: str, *, disable: str | None = None, timeout: float = 60, env_extra: dict | None = None):

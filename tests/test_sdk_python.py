@@ -187,6 +187,7 @@ def client(coordinator):
         yield mesh
 
 
+@pytest.mark.swarm
 def test_live_stream_equals_non_stream_for_greedy(client):
     full = client.chat(PROMPT, max_tokens=24, temperature=0)
     with client.chat_stream(PROMPT, max_tokens=24, temperature=0) as stream:
@@ -210,6 +211,7 @@ def test_live_stream_equals_non_stream_for_greedy(client):
     assert "".join(replay) == full.text and replay.response.request_id == stream.request_id
 
 
+@pytest.mark.swarm
 async def test_live_async_client(coordinator):
     async with AsyncFarMesh(api_key=coordinator.api_key, base_url=coordinator.url, max_retries=0) as mesh:
         full = await mesh.chat(PROMPT, max_tokens=16, temperature=0)
@@ -232,6 +234,7 @@ async def test_live_async_client(coordinator):
             await AsyncFarMesh(api_key="fl_wrong", base_url=coordinator.url).chat("hi", max_tokens=1)
 
 
+@pytest.mark.swarm
 async def test_live_chat_stream_async_of_the_sync_client(client):
     """FarMesh.chat_stream_async (the action plan's ``mesh.chat_stream_async``): the async stream of a sync client,
     with a client of its own that is closed when the stream ends, fails or is left."""
@@ -257,12 +260,14 @@ async def test_live_chat_stream_async_of_the_sync_client(client):
     wrong.close()
 
 
+@pytest.mark.swarm
 def test_live_models(client):
     models = client.models()
     assert models[0].id == "far-mesh/tiny-llama" and models[0].ready and models[0].missing_blocks == []
     assert models[0].context_length and models[0].context_length > 100
 
 
+@pytest.mark.swarm
 def test_live_cancel_stops_the_stream(client):
     stream = client.chat_stream(PROMPT, max_tokens=200, temperature=0)
     tokens = []
@@ -287,6 +292,7 @@ def test_live_cancel_stops_the_stream(client):
     assert final.status == "cancelled" and final.tokens_generated < 200
 
 
+@pytest.mark.swarm
 def test_live_error_classes(coordinator, postgres_url):
     from tests.fixtures.swarm import create_api_key
 
@@ -315,6 +321,7 @@ def test_live_error_classes(coordinator, postgres_url):
         mesh.cancel("req_does_not_exist")
 
 
+@pytest.mark.swarm
 def test_live_swarm_not_ready(not_ready_coordinator):
     key, url = not_ready_coordinator.api_key, not_ready_coordinator.url
     with pytest.raises(SwarmNotReadyError) as raised:
@@ -332,6 +339,7 @@ def test_live_swarm_not_ready(not_ready_coordinator):
 
 
 # ------------------------------------------------------------------------------------------ clean install
+@pytest.mark.swarm
 def test_installs_into_a_clean_venv_without_torch(tmp_path, coordinator):
     """``pip install sdk/python`` into a fresh venv (httpx + httpx-sse from PyPI), import without torch, and talk
     to the live coordinator from there."""

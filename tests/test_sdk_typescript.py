@@ -20,8 +20,9 @@ from tests.fixtures.swarm import create_api_key
 
 SDK_DIR = Path(__file__).resolve().parents[1] / "sdk" / "typescript"
 
-pytestmark = pytest.mark.skipif(shutil.which("npm") is None or shutil.which("node") is None,
-                                reason="Node.js/npm not installed")
+pytestmark = [pytest.mark.swarm,
+              pytest.mark.skipif(shutil.which("npm") is None or shutil.which("node") is None,
+                                 reason="Node.js/npm not installed")]
 
 
 def _npm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from services.coordinator.engine_protocol import EngineGeneration, EngineModel
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams
 from tests.fixtures.swarm import NUM_BLOCKS, local_greedy
+
+pytestmark = pytest.mark.swarm
 
 PROMPT = "def compute(a, b):"
 
@@ -15,6 +18,7 @@ def test_greedy_through_two_servers_equals_local_model(swarm_client, local_model
     prompt_ids = swarm_client.encode(PROMPT)
     meter = WorkMeter()
     generation = swarm_client.start(prompt_ids, SamplingParams(max_tokens=40, temperature=0), meter)
+    assert isinstance(swarm_client, EngineModel) and isinstance(generation, EngineGeneration)  # the serving seam
     tokens = [delta.token_id for delta in generation]
 
     assert tokens == local_greedy(local_model, prompt_ids, 40)

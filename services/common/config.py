@@ -12,7 +12,7 @@ import os
 import sys
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -52,7 +52,11 @@ class FallbackEndpoint(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class CommonSettings(BaseSettings):
+    """What every part reads: where the swarm, the databases and the model are, and the prices (one money rule for
+    the coordinator that charges and the tracker's audit that checks). Each service has its own class on this base,
+    so a bad value of another service's variable never stops it; ``Settings`` is all of them (CLIs, the dev mesh)."""
+
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=True, extra="ignore", frozen=True)
 
     FAR_MESH_DHT_BOOTSTRAP: str = Field(default="", description="comma-separated multiaddrs of DHT bootstrap peers")
@@ -62,33 +66,61 @@ class Settings(BaseSettings):
     PRICE_PER_TOKEN_FAR: Decimal = Decimal("0.0001")
     PRICE_PER_PROMPT_TOKEN_FAR: Decimal = Decimal("0")
     PLATFORM_FEE_BPS: int = Field(default=1000, ge=0, le=10000)
-    MIN_PAYOUT_FAR: Decimal = Decimal("10")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    DISCOVERY_URL: str = "http://127.0.0.1:8200"
-    # HS256 secret of user JWTs; empty = JWT authentication off (API keys only). The coordinator refuses to start
-    # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
-    JWT_SECRET: str = ""
-    BSC_NETWORK: Literal["local", "testnet", "mainnet"] = "local"
-    BSC_RPC_URL: str = ""
-    FAR_TOKEN_ADDRESS: str = ""
-    PAYOUT_CONTRACT_ADDRESS: str = ""
-    PAYOUT_KEYSTORE: str = ""
-    PAYOUT_KEYSTORE_PASSWORD_FILE: str = ""
-    PAYOUT_PRIVATE_KEY: str = ""
-    PAYOUT_CONFIRMATIONS: int = Field(default=3, ge=0)
-    # Payouts tuning (not in SPEC's list, documented in docs/payouts.md).
-    MAX_RECIPIENTS_PER_TX: int = Field(default=200, ge=1, le=1000, description="recipients per payBatch transaction")
-    PAYOUT_MAX_GAS: int = Field(default=10_000_000, ge=100_000, description="gas limit cap of one payBatch transaction")
-    # Deposits (docs/accounts.md): the FarDeposit contract users call, where its watcher starts, how often it polls.
-    DEPOSIT_CONTRACT_ADDRESS: str = Field(default="", description="FarDeposit contract (deposit(accountRef, amount))")
-    DEPOSIT_START_BLOCK: int = Field(default=0, ge=0, description="first block the deposit watcher scans (deployment)")
-    DEPOSIT_POLL_INTERVAL_S: float = Field(default=15.0, gt=0, description="seconds between deposit watcher scans")
-    ACCOUNT_MAX_API_KEYS: int = Field(default=50, ge=1, description="active API keys an account may hold")
-
     # Not in SPEC's list, documented in docs/configuration.md.
     FAR_MESH_STATE_DIR: Path = Field(default_factory=default_state_dir)
     FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (default: built "
                                      "from the catalog, or downloaded from the hub)")
+
+    _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR")(_finite_non_negative)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [peer.strip() for peer in self.FAR_MESH_DHT_BOOTSTRAP.split(",") if peer.strip()]
+
+
+class NodeSettings(CommonSettings):
+    """far-node (flags and its config file override these)."""
+
+    DISCOVERY_URL: str = "http://127.0.0.1:8200"
+
+
+class ChainSettings(CommonSettings):
+    """The chain and the FAR contracts: the payment tracker pays through them, the deposit watcher reads them and
+    the coordinator tells users where to deposit."""
+
+    BSC_NETWORK: Literal["local", "testnet", "mainnet"] = "local"
+    BSC_RPC_URL: str = ""
+    FAR_TOKEN_ADDRESS: str = ""
+    PAYOUT_CONTRACT_ADDRESS: str = ""
+    # Deposits (docs/accounts.md): the FarDeposit contract users call, where its watcher starts, how often it polls.
+    DEPOSIT_CONTRACT_ADDRESS: str = Field(default="", description="FarDeposit contract (deposit(accountRef, amount))")
+    DEPOSIT_START_BLOCK: int = Field(default=0, ge=0, description="first block the deposit watcher scans (deployment)")
+    DEPOSIT_POLL_INTERVAL_S: float = Field(default=15.0, gt=0, description="seconds between deposit watcher scans")
+    PAYOUT_CONFIRMATIONS: int = Field(default=3, ge=0)
+
+
+class PayoutSettings(ChainSettings):
+    """The payment tracker (`far-mesh payouts`, `far-mesh audit`, `far-mesh deposits`)."""
+
+    MIN_PAYOUT_FAR: Decimal = Decimal("10")
+    PAYOUT_KEYSTORE: str = ""
+    PAYOUT_KEYSTORE_PASSWORD_FILE: str = ""
+    PAYOUT_PRIVATE_KEY: str = ""
+    # Payouts tuning (not in SPEC's list, documented in docs/payouts.md).
+    MAX_RECIPIENTS_PER_TX: int = Field(default=200, ge=1, le=1000, description="recipients per payBatch transaction")
+    PAYOUT_MAX_GAS: int = Field(default=10_000_000, ge=100_000, description="gas limit cap of one payBatch transaction")
+
+    _non_negative_minimum = field_validator("MIN_PAYOUT_FAR")(_finite_non_negative)
+
+
+class CoordinatorSettings(ChainSettings):
+    """The mesh coordinator."""
+
+    # HS256 secret of user JWTs; empty = JWT authentication off (API keys only). The coordinator refuses to start
+    # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
+    JWT_SECRET: str = ""
+    ACCOUNT_MAX_API_KEYS: int = Field(default=50, ge=1, description="active API keys an account may hold")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
     FAR_MESH_CORS_ORIGINS: str = Field(default="*", description="origins allowed to call the coordinator from a "
                                        "browser (comma-separated; '' = none)")
@@ -99,6 +131,16 @@ class Settings(BaseSettings):
                                              "on a replica (0 = only PETALS_REQUEST_TIMEOUT_S)")
     PETALS_STEP_BUDGET_FLOOR_S: float = Field(default=1.0, gt=0, description="coordinator: the step budget's floor")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
+                                   "re-run on another server to check them (0 = off; docs/verification.md)")
+    SPOT_CHECK_NEW_NODE_RATE: float = Field(default=0.25, ge=0, le=1, description="coordinator: the rate for a "
+                                            "server without a clean record (fewer than SPOT_CHECK_CLEAN_RECORD "
+                                            "passed checks since its last failure)")
+    SPOT_CHECK_CLEAN_RECORD: int = Field(default=20, ge=0)
+    SPOT_CHECK_QUEUE: int = Field(default=32, ge=1, description="coordinator: sampled steps waiting for a check; "
+                                  "beyond it they are dropped (a check never slows a stream)")
+    SPOT_CHECK_QUARANTINE_AFTER: int = Field(default=2, ge=1, description="coordinator: failed checks that "
+                                             "quarantine a peer")
     MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "
                                          "per model (docs/generation.md \"Concurrency\")")
     MAX_QUEUED_GENERATIONS: int = Field(default=32, ge=0, description="coordinator: generations waiting for a "
@@ -114,19 +156,6 @@ class Settings(BaseSettings):
     # Fallback to centralized inference (docs/fallback.md): {"<model_id>": {"url", "api_key", "model",
     # "price_per_token_far", "price_per_prompt_token_far", "timeout_s"}}; empty = off.
     FALLBACK_ENDPOINTS: Annotated[dict[str, FallbackEndpoint], NoDecode] = Field(default_factory=dict)
-    # Discovery service tuning (documented in docs/discovery.md).
-    NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
-    DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")
-    DISCOVERY_REACHABILITY_INTERVAL_S: float = Field(
-        default=60.0, ge=0, description="seconds between discovery's dials of each announced server (0 = off)")
-    DISCOVERY_FLUSH_INTERVAL_S: float = Field(default=5.0, gt=0, description="heartbeat write-behind to Postgres")
-    JOINING_TOO_LONG_S: float = Field(default=300.0, gt=0, description="a server JOINING longer than this is reported")
-    DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
-    DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
-                                                 description="GET /nodes/challenge per client address per minute")
-
-    _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR",
-                                    "MIN_PAYOUT_FAR")(_finite_non_negative)
 
     @field_validator("FALLBACK_ENDPOINTS", mode="before")
     @classmethod
@@ -149,9 +178,26 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         return [origin.strip() for origin in self.FAR_MESH_CORS_ORIGINS.split(",") if origin.strip()]
 
-    @property
-    def initial_peers(self) -> list[str]:
-        return [peer.strip() for peer in self.FAR_MESH_DHT_BOOTSTRAP.split(",") if peer.strip()]
+
+class DiscoverySettings(CommonSettings):
+    """The discovery service (tuning documented in docs/discovery.md)."""
+
+    NODE_HEARTBEAT_TTL_S: float = Field(default=90.0, gt=0, description="a node without a heartbeat this long is not active")
+    DISCOVERY_DHT_REFRESH_S: float = Field(default=10.0, gt=0, description="seconds between DHT swarm-state reads")
+    DISCOVERY_REACHABILITY_INTERVAL_S: float = Field(
+        default=60.0, ge=0, description="seconds between discovery's dials of each announced server (0 = off)")
+    DISCOVERY_FLUSH_INTERVAL_S: float = Field(default=5.0, gt=0, description="heartbeat write-behind to Postgres")
+    JOINING_TOO_LONG_S: float = Field(default=300.0, gt=0, description="a server JOINING longer than this is reported")
+    DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
+    DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
+                                                 description="GET /nodes/challenge per client address per minute")
+
+
+class Settings(CoordinatorSettings, PayoutSettings, DiscoverySettings, NodeSettings):
+    """Every setting: for the CLIs that drive several parts, the local mesh and the tests."""
+
+
+S = TypeVar("S", bound=CommonSettings)
 
 
 class ConfigError(SystemExit):
@@ -167,16 +213,18 @@ def _explain(error: ValidationError) -> str:
     return f"far-mesh: configuration error: {name}: {first['msg']}{shown}"
 
 
-def load_settings(**overrides) -> Settings:
-    """Build settings from the environment; on a bad value exit with one line naming the variable."""
+def load_settings(kind: type[S] | None = None, **overrides) -> S:
+    """Build ``kind`` (default: all of ``Settings``) from the environment; on a bad value exit with one line naming
+    the variable."""
     try:
-        return Settings(**overrides)
+        return (kind or Settings)(**overrides)
     except ValidationError as error:
         line = _explain(error)
         print(line, file=sys.stderr)
         raise ConfigError(2) from None
 
 
-@functools.lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()
+@functools.lru_cache(maxsize=None)
+def get_settings(kind: type[S] | None = None) -> S:
+    """The process's settings of ``kind`` (default ``Settings``), read once."""
+    return load_settings(kind)

@@ -77,6 +77,14 @@ It also adds hooks (not fixes) to the session step of ``failover_replay``:
   ``peer_id``, ``blocks`` ("2:4"), ``cause`` (``failure_cause``: died, hung or refused), ``error``,
   ``replaced_by`` (the peer that then served those blocks, or None) and ``stall_s`` (from the start of the
   failed attempt to the end of the step that replaced it).
+- ``InferenceSession.span_output_observer``, called as ``observer(server_session, outputs)`` after every
+  successful server step: ``server_session.history`` holds that span's inputs for every position so far (the
+  current ones last) and ``outputs`` what the server returned for the positions it was sent. The coordinator's
+  spot checks (services/coordinator/verification.py) sample it. It must be cheap: it runs on the stream's path.
+- ``InferenceSession.avoid_peers``, a set of peer IDs (base58): a server session on one of them is dropped before
+  its next step, like a failed server (cause ``distrusted``): it is banned and its blocks are replayed on another
+  server, when another live server holds them (otherwise the session keeps it). A failed spot check adds the
+  suspect here, so the rest of that stream avoids it.
 - ``SwarmUnavailable``: when a server died or hung and no other live server holds its blocks (none routable
   and none ONLINE in a fresh DHT read, banned peers excluded), the step raises it at once
   ("blocks 2:4: no live server") instead of retrying the dead server with backoff. A server that *refused*
@@ -294,11 +302,18 @@ class SwarmUnavailable(RuntimeError):
         self.start, self.end = start, end
 
 
+class PeerDistrusted(RuntimeError):
+    """The session drops a server that failed a spot check (``InferenceSession.avoid_peers``)."""
+
+
 def failure_cause(error: BaseException) -> str:
     """died (the connection or stream broke, the peer cannot be dialed), hung (no answer in time: the step
-    budget or request_timeout), refused (the server answered with an error, or would not open a session)."""
+    budget or request_timeout), refused (the server answered with an error, or would not open a session),
+    distrusted (it failed a spot check: the session drops it)."""
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
+    if isinstance(error, PeerDistrusted):
+        return "distrusted"
     if isinstance(error, TimeoutError):  # StepDeadlineExceeded, asyncio.TimeoutError (3.11+)
         return "hung"
     if isinstance(error, P2PHandlerError):
@@ -382,6 +397,8 @@ def _fix_failover_replay() -> None:
         observer: Callable | None = getattr(self, "step_observer", None)
 
         failover_observer: Callable | None = getattr(self, "failover_observer", None)
+        output_observer: Callable | None = getattr(self, "span_output_observer", None)
+        avoid: set | None = getattr(self, "avoid_peers", None)
         failed: list = []  # (peer_id, blocks, cause, error, attempt start) of this block's failed attempts
 
         hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
@@ -394,6 +411,9 @@ def _fix_failover_replay() -> None:
                     if not self._server_sessions or attempt_no >= 1:
                         self._update_sequence(server_idx, block_idx, attempt_no)
                     server_session = self._server_sessions[server_idx]
+                    if (avoid and server_session.span.peer_id.to_base58() in avoid
+                            and has_alternative(self._sequence_manager, server_session.span)):
+                        raise PeerDistrusted(f"server {server_session.span.peer_id} failed a spot check")
                     current = hidden[:, -n_input_tokens:]
                     if server_session.stepped or prefix_len == 0:
                         to_send = current  # the server holds the cache for [0, prefix_len)
@@ -408,6 +428,8 @@ def _fix_failover_replay() -> None:
                     outputs = server_session.step(to_send, prompts[span.start : span.end], hypo_ids, step_id=step_id)
                     if observer is not None:
                         observer(span, to_send.shape[1])
+                    if output_observer is not None:
+                        output_observer(server_session, outputs)
                     hidden = outputs
                     server_idx += 1
                     block_idx = span.end

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import sysconfig
 import tempfile
@@ -110,6 +109,3 @@ def model_digest(directory: str | Path) -> str:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
-
-def describe(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())

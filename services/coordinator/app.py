@@ -14,7 +14,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from services.common.config import ConfigError, Settings
+from services.common.config import ConfigError, CoordinatorSettings
 from services.common.http import BodyLimitMiddleware, install_error_handlers
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.coordinator.account_service import DepositInfo
@@ -22,6 +22,7 @@ from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.account_routes import router as account_router
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
+from services.coordinator.engine_protocol import Engine, EngineFactory
 from services.coordinator.fallback import FallbackClient
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
@@ -42,7 +43,7 @@ def install_coordinator_handlers(app: FastAPI) -> None:
         return await call_next(request)
 
 
-def fallback_clients(settings: Settings, model_ids: list[str]) -> dict[str, FallbackClient]:
+def fallback_clients(settings: CoordinatorSettings, model_ids: list[str]) -> dict[str, FallbackClient]:
     """The FALLBACK_ENDPOINTS of the models served here; one naming another model is a configuration error (a typo
     would silently leave the fallback off)."""
     unknown = sorted(set(settings.FALLBACK_ENDPOINTS) - set(model_ids))
@@ -56,8 +57,28 @@ def fallback_clients(settings: Settings, model_ids: list[str]) -> dict[str, Fall
     return {model_id: FallbackClient(endpoint, model_id) for model_id, endpoint in settings.FALLBACK_ENDPOINTS.items()}
 
 
-def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordinator_id: Optional[str] = None,
-               port: int = 8100) -> FastAPI:
+async def swarm_engine(settings: CoordinatorSettings, model_path: Optional[Path]) -> Engine:
+    """The production engine: the Petals client of DEFAULT_MODEL_ID on the swarm, gated by its DHT coverage."""
+    from services.coordinator.engine import SwarmModel
+    from services.models.catalog import resolve_model
+
+    # a local directory (explicit, or a catalog model built once in the state folder) or a hub name
+    path = await asyncio.to_thread(resolve_model, settings.DEFAULT_MODEL_ID,
+                                   model_path or settings.FAR_MESH_MODEL_PATH or None)
+    log.info("connecting to the swarm", model_id=settings.DEFAULT_MODEL_ID, initial_peers=settings.initial_peers)
+    swarm = await asyncio.to_thread(SwarmModel, settings.DEFAULT_MODEL_ID, path, settings.initial_peers,
+                                    request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,
+                                    max_retries=settings.PETALS_MAX_RETRIES,
+                                    step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
+                                    step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S)
+    return Engine(swarm, SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S))
+
+
+def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = None,
+               coordinator_id: Optional[str] = None,
+               port: int = 8100, engine_factory: EngineFactory = swarm_engine) -> FastAPI:
+    """The coordinator: its lifespan opens PostgreSQL and Redis, builds the engine with ``engine_factory``
+    (default: the Petals swarm; tests pass a scripted one, tests/scripted_engine.py) and the InferenceService."""
     check_jwt_secret(settings.JWT_SECRET)  # a weak secret would let anyone spend any account
     # Stable across restarts of the same coordinator, so a restart finalizes what the previous run left running.
     coordinator_id = coordinator_id or settings.FAR_MESH_COORDINATOR_ID or f"{socket.gethostname()}:{port}"
@@ -66,33 +87,25 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
     async def lifespan(app: FastAPI):
         import redis.asyncio as aioredis
 
-        from services.coordinator.engine import SwarmModel
-
         app.state.pool = await asyncpg.create_pool(settings.POSTGRES_URL, min_size=1, max_size=20)
         app.state.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
         store = SessionStore(app.state.pool)
         interrupted = await store.interrupt_orphans(coordinator_id)
         if interrupted:
             log.warning("finalized sessions interrupted by a previous run", count=interrupted)
-        from services.models.catalog import resolve_model
-
-        # a local directory (explicit, or a catalog model built once in the state folder) or a hub name
-        path = await asyncio.to_thread(resolve_model, settings.DEFAULT_MODEL_ID,
-                                       model_path or settings.FAR_MESH_MODEL_PATH or None)
-        log.info("connecting to the swarm", model_id=settings.DEFAULT_MODEL_ID, initial_peers=settings.initial_peers)
-        swarm = await asyncio.to_thread(SwarmModel, settings.DEFAULT_MODEL_ID, path, settings.initial_peers,
-                                        request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,
-                                        max_retries=settings.PETALS_MAX_RETRIES,
-                                        step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
-                                        step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S)
-        readiness = SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S)
-        readiness.start()
+        engine = await engine_factory(settings, model_path)
+        model = engine.model
+        if engine.readiness is not None:
+            engine.readiness.start()
+        # Spot checks re-run sampled steps on other servers (docs/verification.md): for an engine with a swarm.
+        checker = await start_spot_checks(settings, model, app.state.pool) if hasattr(model, "quarantine") else None
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
                           settings.PLATFORM_FEE_BPS)
-        fallbacks = fallback_clients(settings, [swarm.model_id])
+        fallbacks = fallback_clients(settings, [model.model_id])
         app.state.service = InferenceService(
             store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(app.state.redis),
-            models={swarm.model_id: swarm}, readiness={swarm.model_id: readiness},
+            models={model.model_id: model},
+            readiness={model.model_id: engine.readiness} if engine.readiness is not None else {},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S,
             deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS,
@@ -106,16 +119,50 @@ def create_app(settings: Settings, *, model_path: Optional[Path] = None, coordin
             yield
         finally:
             sweeper.cancel()
-            await readiness.stop()
+            if engine.readiness is not None:
+                await engine.readiness.stop()
             await app.state.service.aclose()
-            swarm.shutdown()
+            if checker is not None:
+                await asyncio.to_thread(checker.stop)
+            model.shutdown()
             await app.state.redis.aclose()
             await app.state.pool.close()
 
     return http_app(settings, lifespan=lifespan)
 
 
-def http_app(settings: Settings, *, lifespan=None) -> FastAPI:
+async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
+    """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
+    the database; None when SPOT_CHECK_RATE is 0."""
+    from services.coordinator import metrics
+    from services.coordinator.checks import CheckConsequences, CheckStore
+    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+
+    store = CheckStore(pool)
+    for peer_id in await store.quarantined():
+        await asyncio.to_thread(swarm.quarantine, peer_id)
+    metrics.QUARANTINED.set(len(swarm.quarantined))
+    if settings.SPOT_CHECK_RATE <= 0:
+        return None
+    policy = SamplingPolicy(settings.SPOT_CHECK_RATE, settings.SPOT_CHECK_NEW_NODE_RATE,
+                            settings.SPOT_CHECK_CLEAN_RECORD, passed=await store.passed_counts())
+
+    def on_quarantine(peer_id: str, reason: str) -> None:
+        log.error("peer quarantined", peer_id=peer_id, reason=reason)
+        swarm.quarantine(peer_id)
+        metrics.QUARANTINED.set(len(swarm.quarantined))
+
+    consequences = CheckConsequences(store, asyncio.get_running_loop(),
+                                     quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
+                                     on_quarantine=on_quarantine)
+    checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
+                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S)
+    checker.quarantined.update(swarm.quarantined)
+    swarm.spot_checker = checker
+    return checker.start()
+
+
+def http_app(settings: CoordinatorSettings, *, lifespan=None) -> FastAPI:
     """The HTTP side (handlers, middleware, routes); ``app.state.service`` is set by the lifespan (or a test)."""
     app = FastAPI(title="Far Mesh coordinator", version="0.1.0", lifespan=lifespan)
     install_coordinator_handlers(app)

@@ -3,31 +3,24 @@
 ``SwarmModel`` holds one model's Petals client (tokenizer, local embeddings and LM head, remote blocks).
 ``SwarmModel.start(...)`` returns a ``Generation``: an iterator of ``TokenDelta`` that steps one inference
 session token by token, meters every server step into a ``WorkMeter`` and stops on max_tokens, EOS, a stop
-sequence or cancellation.
+sequence or cancellation. Both conform to services/coordinator/engine_protocol.py (the serving layer's seam).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from services.common import petals_compat  # noqa: F401  (must precede petals)
 from services.common.swarm import dht_prefix_for
+from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 
 
 class GenerationCancelled(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    index: int  # 1-based count of generated tokens
-    token_id: int
-    text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
 
 
 def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
@@ -40,6 +33,23 @@ def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
     if configured is not None:
         ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
     return frozenset(ids)
+
+
+class AvoidPeers:
+    """The peers a stream avoids (``InferenceSession.avoid_peers``): its own suspects and the quarantined."""
+
+    def __init__(self, quarantined: set):
+        self.own: set[str] = set()
+        self.quarantined = quarantined
+
+    def add(self, peer_id: str) -> None:
+        self.own.add(peer_id)
+
+    def __contains__(self, peer_id) -> bool:
+        return peer_id in self.own or peer_id in self.quarantined
+
+    def __bool__(self) -> bool:
+        return bool(self.own or self.quarantined)
 
 
 class SwarmModel:
@@ -67,6 +77,8 @@ class SwarmModel:
         # called with every failover event of any generation (petals_compat: peer_id, blocks, cause, error,
         # replaced_by, stall_s), from the generation's thread
         self.failover_listeners: list = []
+        self.spot_checker = None  # services/coordinator/verification.SpotChecker, when spot checks are on
+        self.quarantined: set[str] = set()  # peers no generation routes through (failed spot checks)
         manager = self.sequence_manager
         petals_compat.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
         upstream_on_failure = manager.on_request_failure
@@ -77,6 +89,23 @@ class SwarmModel:
             upstream_on_failure(peer_id)
 
         manager.on_request_failure = on_request_failure
+
+    def quarantine(self, peer_id: str) -> None:
+        """Stop routing through ``peer_id``: Petals' ``blocked_servers`` keeps it out of every route refresh, and
+        a reported failure (a ban) drops it from the current routes at once; running streams leave it at their
+        next step (``avoid_peers``)."""
+        from hivemind import PeerID
+
+        self.quarantined.add(peer_id)
+        if self.spot_checker is not None:
+            self.spot_checker.quarantined.add(peer_id)
+        manager = self.sequence_manager
+        peer = PeerID.from_base58(peer_id)
+        with manager.lock_changes:
+            if manager.blocked_servers is None:
+                manager.blocked_servers = set()
+            manager.blocked_servers.add(peer)
+        manager.on_request_failure(peer)
 
     def _load_client(self, auto_class, initial_peers, request_timeout, max_retries, update_period, min_backoff):
         import torch
@@ -130,6 +159,8 @@ class Generation:
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
         self.failovers: list[dict] = []  # servers replaced during this generation (see petals_compat)
+        self.session_id: Optional[str] = None  # the session row (set by the serving layer), for spot checks
+        self.avoid = AvoidPeers(swarm.quarantined)  # suspects of failed spot checks: the stream leaves them
         self._session = None
 
     def _on_failover(self, event: dict) -> None:
@@ -165,6 +196,11 @@ class Generation:
             self._session = session
             session.step_observer = self.meter.observe_span
             session.failover_observer = self._on_failover
+            session.avoid_peers = self.avoid
+            checker = self.swarm.spot_checker
+            if checker is not None:
+                session.span_output_observer = lambda server_session, outputs: checker.offer(
+                    server_session, outputs, session_id=self.session_id, avoid=self.avoid)
             inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
             while True:
                 if self.cancel.is_set():

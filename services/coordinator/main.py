@@ -8,13 +8,13 @@ from typing import Optional
 
 import uvicorn
 
-from services.common.config import get_settings
+from services.common.config import CoordinatorSettings, get_settings
 from services.common.logs import configure_logging
 from services.coordinator.app import create_app
 
 
 def run(*, host: str, port: int, model_path: Optional[Path] = None) -> None:
-    settings = get_settings()
+    settings = get_settings(CoordinatorSettings)
     configure_logging(settings.LOG_LEVEL)
     from services.models.catalog import ModelUnavailable
     from services.models.hub import prepare_model

@@ -31,3 +31,9 @@ SWARM_READY = Gauge("farmesh_swarm_ready", "1 if every block of the model has an
 FALLBACK_REQUESTS = Counter("farmesh_fallback_requests_total", "Requests served by the fallback API while the swarm "
                             "was not ready, by outcome (completed, cancelled, fallback_error, fallback_timeout, "
                             "generation_timeout)", ["model_id", "outcome"])
+SPOT_CHECKS = Counter("farmesh_spot_checks_total", "Spot checks of server steps by outcome (passed, failed, "
+                      "verifier_failed, inconclusive)", ["model_id", "outcome"])
+SPOT_CHECKS_DROPPED = Counter("farmesh_spot_checks_dropped_total", "Sampled steps not checked because the "
+                              "check queue was full (a check never slows a stream)", ["model_id"])
+SPOT_CHECKS_PENDING = Gauge("farmesh_spot_checks_pending", "Sampled steps waiting for or in a check", ["model_id"])
+QUARANTINED = Gauge("farmesh_quarantined_peers", "Peers quarantined after repeated failed spot checks")

@@ -28,12 +28,13 @@ from services.common.petals_compat import SwarmUnavailable
 from services.common.states import ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.admission import AdmissionGate, Overloaded
+from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, TokenEvent,
-                                           Usage)
+from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, StreamEvent,
+                                           TokenEvent, Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
@@ -82,7 +83,7 @@ class ActiveGeneration:
     prompt_tokens: int
     account_id: Optional[str]
     cancel: threading.Event = field(default_factory=threading.Event)
-    generation: object = None
+    generation: Optional[EngineGeneration] = None
     tokens_generated: int = 0
     started_at: float = field(default_factory=time.monotonic)
     release_slot: object = None  # the admission slot's release (services/coordinator/admission.py)
@@ -94,7 +95,7 @@ class ActiveGeneration:
 class PreparedRequest:
     request_id: str
     request_id_given: bool
-    model: object  # SwarmModel
+    model: EngineModel
     prompt_ids: list
     params: SamplingParams
 
@@ -106,9 +107,20 @@ class Replay:
     final: FinalSession
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model as /v1/models lists it."""
+
+    model_id: str
+    context_length: int
+    coverage: object  # services.common.coverage.Coverage, or None (no readiness gate)
+    fallback: bool  # a fallback API is configured (FALLBACK_ENDPOINTS)
+
+
 class InferenceService:
-    def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter], models: dict,
-                 readiness: dict, default_model_id: str, pricing: Pricing, coordinator_id: str, jwt_secret: str,
+    def __init__(self, *, store: SessionStore, accounts: AccountStore, limiter: Optional[RateLimiter],
+                 models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str,
+                 pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
                  max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
                  max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
@@ -165,7 +177,7 @@ class InferenceService:
         return session_cost(completion_tokens, prompt_tokens, pricing.price_per_token_far,
                             pricing.price_per_prompt_token_far)
 
-    def model(self, model_id: Optional[str]):
+    def model(self, model_id: Optional[str]) -> EngineModel:
         model_id = model_id or self.default_model_id
         model = self.models.get(model_id)
         if model is None:
@@ -199,7 +211,7 @@ class InferenceService:
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
         return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
 
-    async def gate(self, model) -> None:
+    async def gate(self, model: EngineModel) -> None:
         readiness = self.readiness.get(model.model_id)
         if readiness is None:
             return
@@ -211,7 +223,7 @@ class InferenceService:
                 headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
                 loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
 
-    async def route(self, model) -> Optional[FallbackClient]:
+    async def route(self, model: EngineModel) -> Optional[FallbackClient]:
         """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate)."""
         try:
             await self.gate(model)
@@ -281,7 +293,7 @@ class InferenceService:
                            f"send a new request_id to try again", session_status=previous.status,
                            tokens_generated=previous.completion_tokens, cost_far=format_far(previous.cost_far))
 
-    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[dict]:
+    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[StreamEvent]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
         prepared = await self.prepare(request)
@@ -318,13 +330,14 @@ class InferenceService:
                                retry_after_s=error.retry_after_s, running=gate.running, waiting=gate.waiting)
 
     # --------------------------------------------------------------------------------------- generation
-    async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[dict]:
-        """Token events (dicts) then the final event. Cancelling the consumer cancels the generation."""
+    async def run(self, prepared: PreparedRequest, active: ActiveGeneration) -> AsyncIterator[StreamEvent]:
+        """Token events then the final event. Cancelling the consumer cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         meter = WorkMeter()
         generation = prepared.model.start(prepared.prompt_ids, prepared.params, meter, active.cancel)
         active.generation = generation
+        generation.session_id = active.session_id  # spot checks dispute contributions of this session
         model_id = active.model_id
         metrics.RUNNING.labels(model_id).inc()
         metrics.PROMPT_TOKENS.labels(model_id).inc(active.prompt_tokens)
@@ -365,7 +378,7 @@ class InferenceService:
                 last_token_at = now
                 active.tokens_generated = item.index
                 yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens))).model_dump()
+                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)))
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -454,7 +467,7 @@ class InferenceService:
 
     # ----------------------------------------------------------------------------------------- fallback
     async def start_fallback(self, prepared: PreparedRequest, request: GenerateRequest, active: ActiveGeneration,
-                             fallback: FallbackClient) -> AsyncIterator[dict]:
+                             fallback: FallbackClient) -> AsyncIterator[StreamEvent]:
         """Open the upstream request before answering, so an upstream that refuses or cannot be reached is an
         HTTP 502/504 (not charged) even for a streaming client; then the event stream of its answer."""
         try:
@@ -474,7 +487,7 @@ class InferenceService:
         return self._fallback_events(prepared, active, fallback, response)
 
     async def _fallback_events(self, prepared: PreparedRequest, active: ActiveGeneration, fallback: FallbackClient,
-                               response) -> AsyncIterator[dict]:
+                               response) -> AsyncIterator[StreamEvent]:
         """Token events of the upstream's answer, then the final event (``served_by: fallback``). Settled like a
         swarm session: once, in a task of its own, whatever way the stream ends."""
         chunks = fallback.chunks(response)
@@ -506,7 +519,7 @@ class InferenceService:
                     active.tokens_generated = delivered
                     yield TokenEvent(token=chunk.text, request_id=active.request_id, tokens_generated=delivered,
                                      cost_far=format_far(self.cost_of(delivered, active.prompt_tokens,
-                                                                      active.pricing))).model_dump()
+                                                                      active.pricing)))
                     now = time.monotonic()
                     if (delivered - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                             or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
@@ -588,7 +601,7 @@ class InferenceService:
             await asyncio.sleep(interval_s)
 
     @staticmethod
-    def done_event(final: FinalSession) -> dict:
+    def done_event(final: FinalSession) -> DoneEvent:
         return DoneEvent(
             request_id=final.request_id, finish_reason=final.finish_reason or "cancelled", text=final.output_text or "",
             usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
@@ -597,9 +610,9 @@ class InferenceService:
                                         blocks=c.blocks, work_units=c.work_units,
                                         payment_far=format_far(c.payment_far)) for c in final.contributions],
             replaced_servers=[ReplacedServer(**r) for r in final.replaced_servers], served_by=final.served_by,
-        ).model_dump()
+        )
 
-    async def replay_events(self, replay: Replay) -> AsyncIterator[dict]:
+    async def replay_events(self, replay: Replay) -> AsyncIterator[StreamEvent]:
         yield self.done_event(replay.final)
 
     def running(self, request_id: str, account_id: Optional[str]) -> Optional[ActiveGeneration]:
@@ -612,6 +625,51 @@ class InferenceService:
             return False
         active.cancel.set()
         return True
+
+    # ------------------------------------------------------------------------------ what the routes read
+    async def owned_session(self, request_id: str, account_id: Optional[str]) -> FinalSession:
+        """The stored session of this account's request_id; 404 when there is none (another account's is none)."""
+        final = await self.store.read_by_request_id(request_id, account_id)
+        if final is None:
+            raise ServingError(404, "request_not_found", f"no request {request_id!r} for this account")
+        return final
+
+    async def request_status(self, request_id: str, account_id: Optional[str]) -> dict:
+        """GET /mesh/inference/{request_id}: the running generation's progress and route, else the stored outcome."""
+        active = self.running(request_id, account_id)
+        if active is not None:
+            generation = active.generation
+            return {"request_id": request_id, "status": SessionStatus.RUNNING,
+                    "tokens_generated": active.tokens_generated,
+                    "cost_far": format_far(self.cost_of(active.tokens_generated, active.prompt_tokens,
+                                                        active.pricing)),
+                    "served_by": active.served_by,
+                    "route": generation.route() if generation is not None else [],
+                    "replaced_servers": generation.replaced_servers() if generation is not None else []}
+        final = await self.owned_session(request_id, account_id)
+        return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
+                "finish_reason": final.finish_reason,
+                "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
+                "served_by": final.served_by,
+                "replaced_servers": final.replaced_servers}
+
+    async def model_infos(self) -> list[ModelInfo]:
+        infos = []
+        for model_id, model in self.models.items():
+            readiness = self.readiness.get(model_id)
+            coverage = await readiness.current() if readiness is not None else None
+            infos.append(ModelInfo(model_id, model.context_length, coverage, model_id in self.fallbacks))
+        return infos
+
+    @property
+    def has_models(self) -> bool:
+        return bool(self.models)
+
+    def account_service(self):
+        """The self-service account API's logic over this service's stores (api/account_routes.py)."""
+        from services.coordinator.account_service import AccountService  # it imports ServingError from here
+
+        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
 
     async def aclose(self) -> None:
         """Cancel running generations and wait until each is finalized."""

@@ -8,9 +8,11 @@
 
    and ``reserved_far`` = Σ ``reserved_far`` of its running sessions, and no finalized session was charged more than
    it reserved. Totals: Σ deposits + Σ grants + Σ opening = Σ available + Σ reserved + Σ charged, and
-   Σ charged = Σ contributions + Σ platform fee + Σ withheld, where the platform fee of a session is
+   Σ charged = Σ contributions + Σ platform fee + Σ withheld + Σ disputed, where the platform fee of a session is
    ``cost × bps / 10000`` rounded down to 1e-18 FAR and *withheld* is the rest of ``fee_far`` (shares of
-   never-registered peers and rounding dust, which finalize_session() keeps out of the providers' pool).
+   never-registered peers and rounding dust, which finalize_session() keeps out of the providers' pool) and
+   Σ disputed is the payments withheld from contributions that failed a spot check (``withheld_far``, also kept by
+   the platform; docs/verification.md).
    Every credited deposit has exactly one ledger entry of its amount for its account.
 6. **deposits vs chain** — every ``far_deposits`` row: its transaction's receipt succeeded in the recorded block (same
    hash: not reorganised away), and the log at ``log_index`` is the deposit contract's ``Deposit`` with the same
@@ -76,14 +78,17 @@ async def check_accounts(conn) -> Check:
                coalesce(sum(s.fee_far - s.platform_fee), 0) AS withheld,
                coalesce((SELECT sum(c.payment_far) FROM far_session_contributions c JOIN s USING (session_id)), 0)
                    AS contributions,
+               coalesce((SELECT sum(c.withheld_far) FROM far_session_contributions c JOIN s USING (session_id)), 0)
+                   AS disputed,
                count(*) FILTER (WHERE s.fee_far < s.platform_fee) AS under
           FROM s""")
-    if split["charged"] != split["contributions"] + split["platform_fee"] + split["withheld"] or split["under"]:
+    if (split["charged"] != split["contributions"] + split["platform_fee"] + split["withheld"] + split["disputed"]
+            or split["under"]):
         _problem(check, f"Σ charged {split['charged']} != Σ contributions {split['contributions']} + Σ platform fee "
-                        f"{split['platform_fee']} + Σ withheld {split['withheld']} ({split['under']} sessions with a "
-                        f"fee below the platform fee)")
+                        f"{split['platform_fee']} + Σ withheld {split['withheld']} + Σ disputed {split['disputed']} "
+                        f"({split['under']} sessions with a fee below the platform fee)")
     check.notes.append(f"Σ charged {split['charged']} = Σ contributions {split['contributions']} + Σ platform fee "
-                       f"{split['platform_fee']} + Σ withheld {split['withheld']}")
+                       f"{split['platform_fee']} + Σ withheld {split['withheld']} + Σ disputed {split['disputed']}")
     bad_ledger = await conn.fetch("""
         SELECT d.deposit_id, d.tx_hash, d.log_index, d.amount_far, d.account_id, count(l.entry_id) AS entries,
                min(l.amount_far) AS ledger_amount, bool_and(l.account_id = d.account_id) AS same_account

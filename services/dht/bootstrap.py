@@ -12,14 +12,14 @@ import threading
 from pathlib import Path
 
 from services.common import petals_compat  # noqa: F401  (hivemind fixes: no UPnP probing)
-from services.common.config import get_settings
+from services.common.config import CommonSettings, get_settings
 from services.common.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
 
 
 def default_identity_path() -> Path:
-    return get_settings().FAR_MESH_STATE_DIR / "dht" / "bootstrap.key"
+    return get_settings(CommonSettings).FAR_MESH_STATE_DIR / "dht" / "bootstrap.key"
 
 
 def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[str],
@@ -79,7 +79,7 @@ def parse_announce_maddrs(text: str, port: int) -> list[str]:
 
 def run_bootstrap(*, host: str, port: int, identity_path: Path | None, maddrs_file: Path | None,
                   initial_peers: list[str], announce_maddrs: list[str] | None = None) -> None:
-    settings = get_settings()
+    settings = get_settings(CommonSettings)
     configure_logging(settings.LOG_LEVEL)
     identity_path = identity_path or default_identity_path()
     maddrs_file = maddrs_file or settings.FAR_MESH_STATE_DIR / "dht" / "maddrs.txt"

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from services.common.config import Settings
+from services.common.config import DiscoverySettings
 from services.common.http import BodyLimitMiddleware, install_error_handlers, validation_message
 from services.common.logs import bind_request_id, clear_context, get_logger
 from services.discovery.api.routes import router
@@ -112,7 +112,7 @@ class RequestContextMiddleware:
 
 
 
-def create_app(settings: Settings, *, models: Optional[dict[str, int]] = None) -> FastAPI:
+def create_app(settings: DiscoverySettings, *, models: Optional[dict[str, int]] = None) -> FastAPI:
     models = dict(models) if models is not None else known_models(settings)
 
     @asynccontextmanager

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uvicorn
 
-from services.common.config import get_settings
+from services.common.config import DiscoverySettings, get_settings
 from services.common.logs import configure_logging, get_logger
 from services.discovery.app import create_app
 from services.discovery.models import ModelConfigError, known_models
 
 
 def run(*, host: str, port: int) -> None:
-    settings = get_settings()
+    settings = get_settings(DiscoverySettings)
     configure_logging(settings.LOG_LEVEL)
     try:
         models = known_models(settings)

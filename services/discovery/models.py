@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from services.common.config import Settings
+from services.common.config import DiscoverySettings
 
 
 class ModelConfigError(ValueError):
@@ -38,7 +38,7 @@ def parse_models_setting(text: str) -> dict[str, int]:
     return models
 
 
-def known_models(settings: Settings) -> dict[str, int]:
+def known_models(settings: DiscoverySettings) -> dict[str, int]:
     """DEFAULT_MODEL_ID (block count from FAR_MESH_MODEL_PATH/config.json, else from the model catalog) plus
     DISCOVERY_MODELS (which also names hub models: discovery never downloads a model)."""
     from services.models.catalog import find_catalog_model

@@ -20,7 +20,7 @@ from typing import Optional
 
 import asyncpg
 
-from services.common.config import Settings
+from services.common.config import DiscoverySettings
 from services.common.coverage import RegisteredNode, compute_coverage
 from services.common.identity import public_key_problem, registration_message, verify_signature
 from services.common.logs import get_logger
@@ -57,7 +57,7 @@ def _far(value) -> str:
 
 
 class Discovery:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, hot: HotStore, models: dict[str, int]):
+    def __init__(self, settings: DiscoverySettings, pool: asyncpg.Pool, hot: HotStore, models: dict[str, int]):
         self.settings = settings
         self.store = NodeStore(pool)
         self.hot = hot
@@ -259,7 +259,13 @@ class Discovery:
                 ledger = (await self.store.ledgers([node_id]))[node_id]
             item["tokens_served"] = ledger["tokens_served"]
             item["earned_far"] = _far(ledger["earned_far"])
+            item["quarantined"] = r["quarantine_reason"] is not None
+            item["quarantine_reason"] = r["quarantine_reason"]
+            item["quarantined_at"] = _iso(r["quarantined_at"])
             if with_money:
+                record = (await self.store.check_records([r["peer_id"]]))[r["peer_id"]]
+                item["spot_checks"] = _check_counts(record)
+                item["disputed_far"] = _far(record["disputed_far"])
                 money = await self.store.node_money(node_id)
                 item.update(paid_far=_far(money["paid_far"]), pending_far=_far(money["pending_far"]),
                             last_payout=money["last_payout"] and {**money["last_payout"],
@@ -463,6 +469,26 @@ class Discovery:
         nodes = await self.describe_nodes(await self.store.nodes(wallet=wallet))
         return {"wallet_address": wallet.lower(), "nodes": nodes, "count": len(nodes)}
 
+    async def provider_checks(self, wallet: str) -> dict:
+        """Spot checks per node of this wallet: passed / failed, disputed (withheld) FAR, quarantine, and the most
+        recent disputes with their reasons (docs/verification.md)."""
+        check_wallet(wallet)
+        rows = await self.store.nodes(wallet=wallet, include_unregistered=True)
+        peers = [r["peer_id"] for r in rows]
+        records = await self.store.check_records(peers)
+        nodes = [{"node_id": r["node_id"], "peer_id": r["peer_id"], "public_name": r["public_name"],
+                  "blocks": f"{r['start_block']}:{r['end_block']}", **_check_counts(records[r["peer_id"]]),
+                  "disputed_far": _far(records[r["peer_id"]]["disputed_far"]),
+                  "disputed_sessions": records[r["peer_id"]]["disputed_sessions"],
+                  "quarantined": r["quarantine_reason"] is not None, "quarantine_reason": r["quarantine_reason"],
+                  "quarantined_at": _iso(r["quarantined_at"])} for r in rows]
+        disputes = [{"session_id": d["session_id"], "peer_id": d["peer_id"], "blocks": d["blocks"],
+                     "withheld_far": _far(d["withheld_far"]), "disputed_at": _iso(d["disputed_at"]),
+                     "reason": d["dispute_reason"]} for d in await self.store.disputes(peers)]
+        total = sum((records[p]["disputed_far"] for p in peers), Decimal(0))
+        return {"wallet_address": wallet.lower(), "nodes": nodes, "disputed_far": _far(total),
+                "recent_disputes": disputes}
+
     # --- operations ----------------------------------------------------------------------------------------
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -479,6 +505,11 @@ class Discovery:
         if self.watcher.enabled and not self.watcher.ready:
             problems.append(f"DHT: {self.watcher.connect_error or 'not read yet'}")
         return problems
+
+
+def _check_counts(record: dict) -> dict:
+    return {"checks_passed": int(record["passed"]), "checks_failed": int(record["failed"]),
+            "checks_inconclusive": int(record["inconclusive"])}
 
 
 def _num(value):

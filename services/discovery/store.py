@@ -11,7 +11,8 @@ import asyncpg
 
 NODE_COLUMNS = """n.node_id::text AS node_id, n.peer_id, n.wallet_address, n.model_id, n.start_block, n.end_block,
     n.public_name, n.hardware::text AS hardware, n.state, n.tokens_served AS reported_tokens_served,
-    n.vram_used_gb, n.gpu_temp_c, n.registered_at, n.last_seen"""
+    n.vram_used_gb, n.gpu_temp_c, n.registered_at, n.last_seen,
+    q.reason AS quarantine_reason, q.quarantined_at"""
 
 # Tokens a node served = Σ over its contribution rows of work_units / (number of blocks of the row).
 _ROW_BLOCKS = """(SELECT coalesce(sum(split_part(x, ':', 2)::int - split_part(x, ':', 1)::int), 0)
@@ -119,7 +120,7 @@ class NodeStore:
         if not include_unregistered:
             clauses.append("n.state <> 'unregistered'")
         where = " AND ".join(clauses) or "true"
-        return await self.pool.fetch(f"SELECT {NODE_COLUMNS} FROM far_nodes n WHERE {where} ORDER BY n.model_id, "
+        return await self.pool.fetch(f"SELECT {NODE_COLUMNS} FROM far_nodes n LEFT JOIN far_quarantine q ON q.peer_id = n.peer_id WHERE {where} ORDER BY n.model_id, "
                                      "n.start_block, n.peer_id", *args)
 
     async def node_money(self, node_id: str) -> dict:
@@ -188,6 +189,29 @@ class NodeStore:
                  FROM far_payment_batch_items i JOIN far_payment_batches b ON b.batch_id = i.batch_id
                 WHERE lower(i.wallet_address) = $1
                 ORDER BY b.created_at DESC LIMIT $2""", wallet.lower(), limit)
+
+    async def check_records(self, peer_ids: Sequence[str]) -> dict[str, dict]:
+        """Spot-check record per peer: checks by outcome as the checked server, failures as a verifier, and the
+        disputed (withheld) amount of its contributions (docs/verification.md)."""
+        rows = await self.pool.fetch(
+            """SELECT p.peer_id,
+                      (SELECT count(*) FROM far_spot_checks c WHERE c.checked_peer_id = p.peer_id
+                          AND c.outcome = 'passed') AS passed,
+                      (SELECT count(*) FROM far_spot_checks c WHERE c.suspect_peer_id = p.peer_id) AS failed,
+                      (SELECT count(*) FROM far_spot_checks c WHERE c.checked_peer_id = p.peer_id
+                          AND c.outcome = 'inconclusive') AS inconclusive,
+                      (SELECT coalesce(sum(withheld_far), 0) FROM far_session_contributions s
+                        WHERE s.peer_id = p.peer_id) AS disputed_far,
+                      (SELECT count(*) FROM far_session_contributions s WHERE s.peer_id = p.peer_id
+                          AND s.disputed_at IS NOT NULL) AS disputed_sessions
+                 FROM unnest($1::text[]) AS p(peer_id)""", list(peer_ids))
+        return {r["peer_id"]: dict(r) for r in rows}
+
+    async def disputes(self, peer_ids: Sequence[str], limit: int = 50) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT session_id::text, peer_id, blocks, withheld_far, payment_far, disputed_at, dispute_reason
+                 FROM far_session_contributions WHERE peer_id = ANY($1::text[]) AND disputed_at IS NOT NULL
+                ORDER BY disputed_at DESC LIMIT $2""", list(peer_ids), limit)
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 MANIFEST = "far-mesh-model.json"
 MANIFEST_VERSION = 1
+VERIFIED = ".far-mesh-verified.json"  # the stat of each file when its checksum last matched
 
 
 class ModelUnavailable(RuntimeError):
@@ -125,9 +126,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _stat_key(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
 def verify(model_dir: Path) -> Optional[str]:
     """None when ``model_dir`` holds a complete build (every file of its manifest, same size and sha256),
-    else what is wrong."""
+    else what is wrong.
+
+    Hashing the SmolLM2 build (516 MB) takes about a second, so a successful check records each file's size,
+    mtime and inode in ``VERIFIED``; while those are unchanged the next check (every service start) skips the
+    hashing. Any write to a file changes its mtime, so a modified or replaced file is hashed again."""
     manifest_path = Path(model_dir) / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -140,8 +150,20 @@ def verify(model_dir: Path) -> Optional[str]:
         path = Path(model_dir) / name
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return f"{name} is missing or has the wrong size"
-        if _sha256(path) != entry["sha256"]:
+    seen_path = Path(model_dir) / VERIFIED
+    current = {name: _stat_key(Path(model_dir) / name) for name in files}
+    try:
+        if json.loads(seen_path.read_text()) == current:
+            return None
+    except (OSError, ValueError):
+        pass
+    for name, entry in files.items():
+        if _sha256(Path(model_dir) / name) != entry["sha256"]:
             return f"{name} does not match its checksum"
+    try:
+        seen_path.write_text(json.dumps(current))
+    except OSError:  # a read-only model folder: verified, just not remembered
+        pass
     return None
 
 

@@ -2,8 +2,11 @@
 
 Checks (each reported as ok / problem with details):
 
-1. **conservation** — every finalized session: ``cost_far = fee_far + Σ payment_far`` of its contributions. A session
-   served by the fallback API (``served_by = 'fallback'``, docs/fallback.md) has no contributions and
+1. **conservation** — every finalized session: ``cost_far = fee_far + Σ payment_far + Σ withheld_far`` of its
+   contributions (``withheld_far``: the payment of a contribution disputed by a failed spot check, kept by the
+   platform; docs/verification.md); a withheld contribution is disputed and carries no payment, and no disputed
+   contribution sits in a payout batch unless it was batched before the dispute (reported as a note).
+   A session served by the fallback API (``served_by = 'fallback'``, docs/fallback.md) has no contributions and
    ``fee_far = cost_far``: the platform kept the whole charge (it pays the upstream itself).
 2. **attachment** — every contribution with a ``payment_batch_id`` is payable (finalized session, registered node,
    a wallet, positive payment), its batch is not ``failed`` (a failed batch must have released it) and, for a
@@ -63,17 +66,19 @@ def _problem(check: Check, message: str, limit: int = 50) -> None:
 
 
 async def check_conservation(conn) -> Check:
-    check = Check("conservation: cost = fee + Σ payments per finalized session", True)
+    check = Check("conservation: cost = fee + Σ payments + Σ withheld (disputed) per finalized session", True)
     rows = await conn.fetch("""
-        SELECT s.session_id, s.cost_far, s.fee_far, coalesce(sum(c.payment_far), 0) AS paid
+        SELECT s.session_id, s.cost_far, s.fee_far, coalesce(sum(c.payment_far), 0) AS paid,
+               coalesce(sum(c.withheld_far), 0) AS withheld
         FROM far_mesh_sessions s LEFT JOIN far_session_contributions c ON c.session_id = s.session_id
         WHERE s.finalized_at IS NOT NULL
         GROUP BY s.session_id
-        HAVING s.cost_far IS DISTINCT FROM s.fee_far + coalesce(sum(c.payment_far), 0)""")
+        HAVING s.cost_far IS DISTINCT FROM s.fee_far + coalesce(sum(c.payment_far), 0)
+                                           + coalesce(sum(c.withheld_far), 0)""")
     check.checked = await conn.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE finalized_at IS NOT NULL")
     for row in rows:
         _problem(check, f"session {row['session_id']}: cost {row['cost_far']} != fee {row['fee_far']} "
-                        f"+ payments {row['paid']}")
+                        f"+ payments {row['paid']} + withheld {row['withheld']}")
     fallback = await conn.fetch("""
         SELECT s.session_id, s.cost_far, s.fee_far, s.platform_fee_bps, count(c.peer_id) AS contributions
         FROM far_mesh_sessions s LEFT JOIN far_session_contributions c ON c.session_id = s.session_id
@@ -87,6 +92,25 @@ async def check_conservation(conn) -> Check:
     if fallback:
         charged = sum((row["cost_far"] for row in fallback), Decimal(0))
         check.notes.append(f"{len(fallback)} sessions served by the fallback API: {charged} FAR charged, all fee")
+    # Withholding moves a payment, it never makes or loses money: a withheld contribution is disputed and unpaid;
+    # a disputed contribution of a finalized session keeps no payment unless it was batched before the dispute.
+    bad_withheld = await conn.fetch("""
+        SELECT c.session_id, c.peer_id, c.payment_far, c.withheld_far, c.disputed_at
+        FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
+        WHERE (c.withheld_far > 0 AND (c.disputed_at IS NULL OR c.payment_far <> 0))
+           OR (c.disputed_at IS NOT NULL AND s.finalized_at IS NOT NULL AND c.payment_far <> 0
+               AND c.payment_batch_id IS NULL)""")
+    for row in bad_withheld:
+        _problem(check, f"contribution ({row['session_id']}, {row['peer_id']}): disputed {row['disputed_at']}, "
+                        f"payment {row['payment_far']}, withheld {row['withheld_far']} (a disputed contribution must "
+                        f"carry its payment as withheld, nothing else)")
+    disputes = await conn.fetchrow("""
+        SELECT count(*) AS n, coalesce(sum(withheld_far), 0) AS withheld,
+               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before
+        FROM far_session_contributions WHERE disputed_at IS NOT NULL""")
+    if disputes["n"]:
+        check.notes.append(f"{disputes['n']} disputed contributions, {disputes['withheld']} FAR withheld (kept by "
+                           f"the platform); {disputes['batched_before']} were already in a payout batch when disputed")
     unfinalized_paid = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
         WHERE s.finalized_at IS NULL AND c.payment_far <> 0""")

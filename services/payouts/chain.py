@@ -31,7 +31,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 
-from services.common.config import Settings
+from services.common.config import PayoutSettings
 from services.common.logs import get_logger
 from services.common.money import to_base_units
 
@@ -201,7 +201,7 @@ def deploy_contracts(chain: Chain, *, treasury: str | None = None,
 # ---------------------------------------------------------------------------------------------- keys
 
 
-def load_account(settings: Settings, network: str) -> LocalAccount:
+def load_account(settings: PayoutSettings, network: str) -> LocalAccount:
     """The payer key: keystore (+ password file) first; a plaintext key only off mainnet; a dev key on local."""
     if settings.PAYOUT_KEYSTORE:
         keystore = Path(settings.PAYOUT_KEYSTORE)
@@ -244,7 +244,7 @@ _in_process: dict[str, Chain] = {}
 _in_process_lock = threading.Lock()
 
 
-def local_contracts_file(settings: Settings) -> Path:
+def local_contracts_file(settings: PayoutSettings) -> Path:
     """Where ``far-mesh chain deploy --network local`` records the addresses it deployed."""
     return Path(settings.FAR_MESH_STATE_DIR) / "contracts-local.json"
 
@@ -265,7 +265,7 @@ def new_local_chain(account: LocalAccount | None = None, *, deploy: bool = True)
     return chain
 
 
-def _in_process_chain(settings: Settings, account: LocalAccount) -> Chain:
+def _in_process_chain(settings: PayoutSettings, account: LocalAccount) -> Chain:
     with _in_process_lock:
         chain = _in_process.get(account.address)
         if chain is None:
@@ -273,7 +273,7 @@ def _in_process_chain(settings: Settings, account: LocalAccount) -> Chain:
         return chain
 
 
-def connect(settings: Settings, network: str | None = None, *, rpc_url: str | None = None,
+def connect(settings: PayoutSettings, network: str | None = None, *, rpc_url: str | None = None,
             token_address: str | None = None, payout_address: str | None = None,
             require_contracts: bool = True) -> Chain:
     network = network or settings.BSC_NETWORK
@@ -327,7 +327,7 @@ def connect(settings: Settings, network: str | None = None, *, rpc_url: str | No
     return chain
 
 
-def record_local_deployment(settings: Settings, chain: Chain, rpc_url: str, addresses: dict[str, str]) -> Path:
+def record_local_deployment(settings: PayoutSettings, chain: Chain, rpc_url: str, addresses: dict[str, str]) -> Path:
     path = local_contracts_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**addresses, "rpc_url": rpc_url, "chain_id": chain.chain_id}, indent=2) + "\n")

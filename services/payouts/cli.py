@@ -54,10 +54,10 @@ class DeployNetwork(str, Enum):
 
 
 def _settings():
-    from services.common.config import get_settings
+    from services.common.config import PayoutSettings, get_settings
     from services.common.logs import configure_logging
 
-    settings = get_settings()
+    settings = get_settings(PayoutSettings)
     configure_logging(settings.LOG_LEVEL)
     return settings
 

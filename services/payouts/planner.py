@@ -4,7 +4,8 @@ Network-free: it reads PostgreSQL (one aggregate query, the work is done by the 
 pure functions over :class:`WalletDue` rows, so it is easy to test and to benchmark.
 
 Eligible (SPEC "Payouts"): contributions of *finalized* sessions finalized before the cutoff, of a registered
-node (``node_id`` not null), with a wallet, a positive ``payment_far`` and no ``payment_batch_id`` yet. They are
+node (``node_id`` not null), with a wallet, a positive ``payment_far``, not disputed (a failed spot check: docs/verification.md) and no
+``payment_batch_id`` yet. They are
 grouped by wallet (case-insensitively; paid to the EIP-55 checksummed address). A wallet owed at least
 ``MIN_PAYOUT_FAR`` is paid; a smaller amount carries over to the next week (its contributions stay unattached).
 """
@@ -33,6 +34,7 @@ ELIGIBLE_WHERE = """
     AND c.node_id IS NOT NULL
     AND c.wallet_address IS NOT NULL
     AND c.payment_far > 0
+    AND c.disputed_at IS NULL
     AND s.finalized_at IS NOT NULL
     AND s.finalized_at < $1
 """

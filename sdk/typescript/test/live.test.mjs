@@ -18,19 +18,7 @@ import {
   SwarmNotReadyError,
 } from "../dist/index.js";
 
-const env = process.env;
-const BASE_URL = env.FARLABS_TEST_BASE_URL;
-const API_KEY = env.FARLABS_TEST_API_KEY;
-const live = BASE_URL && API_KEY ? {} : { skip: "FARLABS_TEST_BASE_URL / FARLABS_TEST_API_KEY not set (no live coordinator)" };
-const needs = (...names) => (BASE_URL && names.every((n) => env[n]) ? {} : { skip: `${names.join(", ")} not set` });
-const PROMPT = "def compute(a, b):";
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A decimal string in FAR -> integer base units (1e-18 FAR). */
-function units(far) {
-  const [whole, fraction = ""] = far.split(".");
-  return BigInt(whole) * 10n ** 18n + BigInt((fraction + "0".repeat(18)).slice(0, 18));
-}
+import { API_KEY, BASE_URL, env, live, needs, PROMPT, sleep, units } from "../testing/live-env.mjs";
 
 function client(options = {}) {
   return new FarMesh({ apiKey: API_KEY, baseUrl: BASE_URL, maxRetries: 0, timeout: 120_000, ...options });

@@ -14,20 +14,9 @@ import { createElement as h } from "react";
 import { FarMesh, InsufficientBalanceError } from "@farlabs/sdk";
 import { useFarMesh } from "@farlabs/sdk/react";
 
-const env = process.env;
-const BASE_URL = env.FARLABS_TEST_BASE_URL;
-const API_KEY = env.FARLABS_TEST_API_KEY;
-const live = BASE_URL && API_KEY ? {} : { skip: "FARLABS_TEST_BASE_URL / FARLABS_TEST_API_KEY not set (no live coordinator)" };
-const needs = (...names) => (BASE_URL && names.every((n) => env[n]) ? {} : { skip: `${names.join(", ")} not set` });
-const PROMPT = "def compute(a, b):";
-const WAIT = { timeout: 60_000, interval: 20 };
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+import { API_KEY, BASE_URL, env, live, needs, PROMPT, sleep, units } from "../testing/live-env.mjs";
 
-/** A decimal string in FAR -> integer base units (1e-18 FAR). */
-function units(far) {
-  const [whole, fraction = ""] = far.split(".");
-  return BigInt(whole) * 10n ** 18n + BigInt((fraction + "0".repeat(18)).slice(0, 18));
-}
+const WAIT = { timeout: 60_000, interval: 20 };
 
 /** A chat box as an app would write it. `hook.current` is the hook's last value, `hook.chats` what chat() resolved. */
 function ChatBox({ apiKey, maxTokens, hook }) {

@@ -20,15 +20,13 @@ PAGED = {**ERRORS, **error_responses(422)}  # limit/before/days out of bounds
 
 
 def get_account_service(request: Request) -> AccountService:
-    """Built once per inference service (the lifespan or a test sets that one), kept with it: an app whose lifespan
-    runs again gets a new service, and the account API must not keep the old one's closed pool."""
+    """Built once per inference service (the lifespan or a test sets that one) and cached with it: an app whose
+    lifespan runs again gets a new inference service, and must not keep the old one's closed pool."""
     inference = request.app.state.service
-    service = getattr(inference, "account_service", None)
-    if service is None:
-        service = inference.account_service = AccountService(
-            inference.accounts, inference.limiter, getattr(inference, "deposit_info", None),
-            max_keys=getattr(inference, "max_api_keys", 50))
-    return service
+    cached = getattr(request.app.state, "account_service", None)
+    if cached is None or cached[0] is not inference:
+        cached = request.app.state.account_service = (inference, inference.account_service())
+    return cached[1]
 
 
 async def admitted(principal: Principal = Depends(get_principal),

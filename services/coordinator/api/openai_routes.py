@@ -20,7 +20,7 @@ from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
 from services.coordinator.openai_protocol import (OPENAI_RESPONSES, ChatCompletionRequest, CompletionRequest,
                                                   ModelList, openai_finish_reason)
-from services.coordinator.protocol import GenerateRequest
+from services.coordinator.protocol import DoneEvent, GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter(prefix="/v1")
@@ -37,10 +37,10 @@ def _generate_request(body, prompt: Optional[str], messages=None) -> GenerateReq
         raise ServingError(422, "invalid_request", validation_message(error)) from None
 
 
-def _usage(final: dict) -> dict:
-    usage = final["usage"]
-    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+def _usage(final: DoneEvent) -> dict:
+    usage = final.usage
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
 async def _openai_stream(events, make_chunk, include_usage: bool, model: str, response_id: str, kind: str):
@@ -48,26 +48,26 @@ async def _openai_stream(events, make_chunk, include_usage: bool, model: str, re
     try:
         first = True
         async for event in events:
-            if event.get("done"):
-                last = make_chunk(None, openai_finish_reason(event["finish_reason"]), first)
-                yield {"data": json.dumps({**last, "served_by": event["served_by"]})}
+            if isinstance(event, DoneEvent):
+                last = make_chunk(None, openai_finish_reason(event.finish_reason), first)
+                yield {"data": json.dumps({**last, "served_by": event.served_by})}
                 if include_usage:
                     yield {"data": json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
                                                "choices": [], "usage": _usage(event),
-                                               "served_by": event["served_by"]})}
+                                               "served_by": event.served_by})}
             else:
-                if event["token"] or first:
-                    yield {"data": json.dumps(make_chunk(event["token"], None, first))}
+                if event.token or first:
+                    yield {"data": json.dumps(make_chunk(event.token, None, first))}
                     first = False
     except ServingError as error:
         yield {"data": json.dumps(error.body())}
     yield {"data": "[DONE]"}
 
 
-async def _final(events) -> dict:
+async def _final(events) -> DoneEvent:
     final = None
     async for event in events:
-        if event.get("done"):
+        if isinstance(event, DoneEvent):
             final = event
     return final
 
@@ -92,9 +92,9 @@ async def completions(raw: Request, service: InferenceService = Depends(get_serv
                                                   "text_completion"))
     final = await _final(events)
     return JSONResponse({"id": response_id, "object": "text_completion", "created": created, "model": model_id,
-                         "choices": [{"index": 0, "text": final["text"], "logprobs": None,
-                                      "finish_reason": openai_finish_reason(final["finish_reason"])}],
-                         "usage": _usage(final), "cost_far": final["cost_far"], "served_by": final["served_by"]})
+                         "choices": [{"index": 0, "text": final.text, "logprobs": None,
+                                      "finish_reason": openai_finish_reason(final.finish_reason)}],
+                         "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
 @router.post("/chat/completions", responses=OPENAI_RESPONSES, openapi_extra=json_body(ChatCompletionRequest))
@@ -122,21 +122,20 @@ async def chat_completions(raw: Request, service: InferenceService = Depends(get
                                                   "chat.completion.chunk"))
     final = await _final(events)
     return JSONResponse({"id": response_id, "object": "chat.completion", "created": created, "model": model.model_id,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": final["text"]},
-                                      "logprobs": None, "finish_reason": openai_finish_reason(final["finish_reason"])}],
-                         "usage": _usage(final), "cost_far": final["cost_far"], "served_by": final["served_by"]})
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
+                                      "logprobs": None, "finish_reason": openai_finish_reason(final.finish_reason)}],
+                         "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(service: InferenceService = Depends(get_service), _: Principal = Depends(get_principal)):
     data = []
-    for model_id, model in service.models.items():
-        readiness = service.readiness.get(model_id)
-        coverage = await readiness.current() if readiness is not None else None
-        data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "far-mesh",
+    for info in await service.model_infos():
+        coverage = info.coverage
+        data.append({"id": info.model_id, "object": "model", "created": 0, "owned_by": "far-mesh",
                      "ready": bool(coverage and coverage.swarm_ready),
                      "missing_blocks": coverage.missing_blocks if coverage else [],
                      "loading_blocks": coverage.loading_blocks if coverage else [],
-                     "fallback": model_id in service.fallbacks,
-                     "context_length": model.context_length})
+                     "fallback": info.fallback,
+                     "context_length": info.context_length})
     return {"object": "list", "data": data}

@@ -11,11 +11,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.common.http import (HEALTH_RESPONSES, METRICS_RESPONSES, READY_RESPONSES, error_responses, json_body,
                                   readiness_response)
-from services.common.money import format_far
-from services.common.states import SessionStatus
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.protocol import GENERATE_RESPONSES, CancelResult, GenerateRequest, InferenceStatus
+from services.coordinator.protocol import GENERATE_RESPONSES, CancelResult, DoneEvent, GenerateRequest, InferenceStatus
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
@@ -24,7 +22,7 @@ router = APIRouter()
 async def _sse(events):
     try:
         async for event in events:
-            yield {"data": json.dumps(event)}
+            yield {"data": json.dumps(event.model_dump())}
     except ServingError as error:  # the stream already began: report in-band
         yield {"event": "error", "data": json.dumps(error.body())}
 
@@ -38,35 +36,16 @@ async def generate(request: Request, service: InferenceService = Depends(get_ser
         return EventSourceResponse(_sse(events), ping=15)
     final = None
     async for event in events:
-        if event.get("done"):
+        if isinstance(event, DoneEvent):
             final = event
-    return JSONResponse(final)
-
-
-async def _owned_session(service: InferenceService, request_id: str, principal: Principal):
-    final = await service.store.read_by_request_id(request_id, principal.account_id)
-    if final is None:
-        raise ServingError(404, "request_not_found", f"no request {request_id!r} for this account")
-    return final
+    return JSONResponse(final.model_dump())
 
 
 @router.get("/mesh/inference/{request_id:request_id}", response_model=InferenceStatus,
             responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
-    active = service.running(request_id, principal.account_id)
-    if active is not None:
-        return {"request_id": request_id, "status": SessionStatus.RUNNING, "tokens_generated": active.tokens_generated,
-                "cost_far": format_far(service.cost_of(active.tokens_generated, active.prompt_tokens, active.pricing)),
-                "served_by": active.served_by,
-                "route": active.generation.route() if active.generation is not None else [],
-                "replaced_servers": active.generation.replaced_servers() if active.generation is not None else []}
-    final = await _owned_session(service, request_id, principal)
-    return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
-            "finish_reason": final.finish_reason,
-            "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
-            "served_by": final.served_by,
-            "replaced_servers": final.replaced_servers}
+    return await service.request_status(request_id, principal.account_id)
 
 
 @router.delete("/mesh/inference/{request_id:request_id}", response_model=CancelResult,
@@ -75,7 +54,7 @@ async def cancel_inference(request_id: str, service: InferenceService = Depends(
                            principal: Principal = Depends(get_principal)):
     if service.cancel(request_id, principal.account_id):
         return {"request_id": request_id, "status": "cancelling"}
-    final = await _owned_session(service, request_id, principal)
+    final = await service.owned_session(request_id, principal.account_id)
     return {"request_id": request_id, "status": final.status}
 
 
@@ -97,7 +76,7 @@ async def readyz(request: Request):
             await state.redis.ping()
         except Exception as error:  # noqa: BLE001
             problems.append(f"redis: {error}")
-    if not getattr(state, "service", None) or not state.service.models:
+    if not getattr(state, "service", None) or not state.service.has_models:
         problems.append("no model loaded")
     return readiness_response(problems)
 

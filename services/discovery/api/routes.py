@@ -118,6 +118,11 @@ async def provider_nodes(wallet: str = Wallet, service: Discovery = Depends(get_
     return await service.provider_nodes(wallet)
 
 
+@router.get("/provider/{wallet}/checks", responses=WALLET)
+async def provider_checks(wallet: str = Wallet, service: Discovery = Depends(get_discovery)):
+    return await service.provider_checks(wallet)
+
+
 # --- operations ----------------------------------------------------------------------------------------------
 @router.get("/healthz", responses=HEALTH_RESPONSES)
 async def healthz():
