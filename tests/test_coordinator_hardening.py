@@ -190,7 +190,8 @@ async def test_credentials_are_checked_before_the_body_is_read(harness):
                                          headers=headers)
     assert response.status_code == 422 and "max_tokens" in response.json()["error"]["message"]
     response = await harness.client.post("/v1/completions", json={"prompt": ["a", "b"]}, headers=headers)
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+    # one prompt per request is a rule of the schema (maxItems 1): a 422, like every schema rule
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
 
 
 # ------------------------------------------------------------------------- request_id per account (5)

@@ -220,8 +220,11 @@ async def test_bad_input_is_4xx_with_reason(api, identities):
     for suffix in ("stats", "earnings", "payments", "nodes", "checks"):
         r = await api.get(f"/provider/0xZZ/{suffix}")
         cases.append((r, 422, "invalid_wallet"))
-    r = await api.get("/nodes/not-a-uuid")
-    cases.append((r, 422, "invalid_node_id"))
+    r = await api.get("/nodes/not-a-uuid")  # only a UUID routes to a node (so GET /nodes/register is a 405)
+    cases.append((r, 404, "http_404"))
+    r = await api.get("/nodes/register")
+    cases.append((r, 405, "http_405"))
+    assert r.headers["allow"] == "POST"
     r = await api.get("/nodes/00000000-0000-0000-0000-000000000000")
     cases.append((r, 404, "node_not_found"))
     r = await api.get("/nodes/by-peer/Qm123")

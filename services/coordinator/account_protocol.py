@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from datetime import datetime
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+from services.common.http import json_int
+
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value) -> datetime:
+    # Only what the schema's "date-time" means: pydantic alone would also take "0.5" or "1700000000" (a Unix time).
+    if isinstance(value, str) and RFC3339.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    raise ValueError("must be an RFC 3339 date-time with its offset, e.g. 2026-01-31T12:00:00Z "
+                     "(next_before of the previous page is one)")
+
+
+Timestamp = Annotated[datetime, PlainValidator(_rfc3339), WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
 class DepositHow(BaseModel):
@@ -115,5 +135,7 @@ class ApiKeys(BaseModel):
 
 
 class CreateKey(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     name: Optional[str] = Field(None, max_length=100)
-    rate_limit_per_minute: Optional[int] = Field(None, ge=1, description="at most the calling key's own limit")
+    rate_limit_per_minute: Optional[json_int(ge=1)] = Field(None, description="at most the calling key's own limit")

@@ -92,7 +92,8 @@ class RequestContextMiddleware:
                 authorization = value.decode("latin-1")
         status, headers = 200, None
         try:
-            body = HeartbeatRequest.model_validate_json(raw) if raw.strip() else None
+            # no body, or JSON null: a heartbeat without a report (the schema's body is optional and nullable)
+            body = HeartbeatRequest.model_validate_json(raw) if raw.strip() not in (b"", b"null") else None
             content = await service.heartbeat(authorization, body)
         except ValidationError as error:
             status, content = 422, {"error": {"code": "invalid_request",

@@ -55,7 +55,7 @@ async def root():
 @router.get("/dashboard")
 async def dashboard(wallet: str | None = Query(default=None, max_length=200)):
     """The entry page; ``?wallet=`` (the form's no-JS submit) redirects to the wallet's page when valid."""
-    if wallet is not None and WALLET_RE.match(wallet.strip()):
+    if wallet is not None and WALLET_RE.fullmatch(wallet.strip()):
         return RedirectResponse(f"/provider/{wallet.strip()}", status_code=303)
     return _page("entry.html")
 
@@ -63,7 +63,7 @@ async def dashboard(wallet: str | None = Query(default=None, max_length=200)):
 @router.get("/provider/{wallet}")
 async def provider_page(wallet: str):
     """A wallet's page. A malformed wallet gets the same page (it explains the problem) with status 422."""
-    return _page("provider.html", 200 if WALLET_RE.match(wallet) else 422)
+    return _page("provider.html", 200 if WALLET_RE.fullmatch(wallet) else 422)
 
 
 @router.get("/swarm")

@@ -14,7 +14,6 @@ import base64
 import binascii
 import json
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Optional
@@ -29,7 +28,8 @@ from services.common.money import format_far
 from services.common.states import NodeState
 from services.discovery.hot import HotStore, new_token, token_hash
 from services.discovery.metrics import DiscoveryMetrics
-from services.discovery.protocol import ApiError, HeartbeatRequest, RegisterRequest, check_peer_id, check_wallet
+from services.discovery.protocol import (ApiError, HeartbeatRequest, RegisterRequest, check_node_id, check_peer_id,
+                                         check_wallet)
 from services.discovery.store import NodeStore
 from services.discovery.watcher import DhtWatcher, Snapshot
 
@@ -416,10 +416,7 @@ class Discovery:
         return await self.node_view(rows[0])
 
     async def node_by_id(self, node_id: str) -> dict:
-        try:
-            node_id = str(uuid.UUID(node_id))
-        except ValueError:
-            raise ApiError(422, "invalid_node_id", f"node_id {node_id[:64]!r} is not a UUID") from None
+        node_id = check_node_id(node_id)
         rows = await self.store.nodes(node_ids=[node_id], include_unregistered=True)
         if not rows:
             raise ApiError(404, "node_not_found", f"no node {node_id}")

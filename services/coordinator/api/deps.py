@@ -6,14 +6,26 @@ from typing import Optional, TypeVar
 
 from fastapi import Header, Request
 from pydantic import BaseModel, ValidationError
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from services.common.http import validation_message
 
 from services.coordinator.accounts import Principal
+from services.coordinator.protocol import RESERVED_REQUEST_IDS
 from services.coordinator.serving import InferenceService, ServingError
 
 Body = TypeVar("Body", bound=BaseModel)
+
+
+class RequestIdConvertor(StringConvertor):
+    """``{request_id:request_id}`` in a route path: any path segment but a reserved one, so that GET
+    /mesh/inference/generate is a 405 (Allow: POST), not the status of a request named "generate"."""
+
+    regex = "(?!(?:" + "|".join(RESERVED_REQUEST_IDS) + ")$)[^/]+"
+
+
+register_url_convertor("request_id", RequestIdConvertor())
 
 
 def get_service(request: Request) -> InferenceService:

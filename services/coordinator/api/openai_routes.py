@@ -15,10 +15,11 @@ from pydantic import ValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from services.common.http import validation_message
+from services.common.http import error_responses, json_body, validation_message
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.openai_protocol import ChatCompletionRequest, CompletionRequest, openai_finish_reason
+from services.coordinator.openai_protocol import (OPENAI_RESPONSES, ChatCompletionRequest, CompletionRequest,
+                                                  ModelList, openai_finish_reason)
 from services.coordinator.protocol import DoneEvent, GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
 
@@ -71,15 +72,11 @@ async def _final(events) -> DoneEvent:
     return final
 
 
-@router.post("/completions")
+@router.post("/completions", responses=OPENAI_RESPONSES, openapi_extra=json_body(CompletionRequest))
 async def completions(raw: Request, service: InferenceService = Depends(get_service),
                       principal: Principal = Depends(get_principal)):
     body = await read_body(raw, CompletionRequest)  # after authentication
-    try:
-        prompt = body.prompt_text()
-    except ValueError as error:
-        raise ServingError(400, "invalid_request", str(error))
-    request = _generate_request(body, prompt)
+    request = _generate_request(body, body.prompt_text())
     model_id = service.model(request.model_id).model_id
     events = await service.start(request, principal)
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -100,7 +97,7 @@ async def completions(raw: Request, service: InferenceService = Depends(get_serv
                          "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=OPENAI_RESPONSES, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(raw: Request, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     body = await read_body(raw, ChatCompletionRequest)  # after authentication
@@ -130,7 +127,7 @@ async def chat_completions(raw: Request, service: InferenceService = Depends(get
                          "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(service: InferenceService = Depends(get_service), _: Principal = Depends(get_principal)):
     data = []
     for info in await service.model_infos():

@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
-from services.common.http import readiness_response
+from services.common.http import (HEALTH_RESPONSES, METRICS_RESPONSES, READY_RESPONSES, error_responses, json_body,
+                                  readiness_response)
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.protocol import DoneEvent, GenerateRequest
+from services.coordinator.protocol import GENERATE_RESPONSES, CancelResult, DoneEvent, GenerateRequest, InferenceStatus
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
@@ -26,7 +27,7 @@ async def _sse(events):
         yield {"event": "error", "data": json.dumps(error.body())}
 
 
-@router.post("/mesh/inference/generate")
+@router.post("/mesh/inference/generate", responses=GENERATE_RESPONSES, openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request, service: InferenceService = Depends(get_service),
                    principal: Principal = Depends(get_principal)):
     body = await read_body(request, GenerateRequest)  # after authentication
@@ -40,13 +41,15 @@ async def generate(request: Request, service: InferenceService = Depends(get_ser
     return JSONResponse(final.model_dump())
 
 
-@router.get("/mesh/inference/{request_id}")
+@router.get("/mesh/inference/{request_id:request_id}", response_model=InferenceStatus,
+            responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def inference_status(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     return await service.request_status(request_id, principal.account_id)
 
 
-@router.delete("/mesh/inference/{request_id}")
+@router.delete("/mesh/inference/{request_id:request_id}", response_model=CancelResult,
+               responses=error_responses(401, 404, e404="no request with this id for this account"))
 async def cancel_inference(request_id: str, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     if service.cancel(request_id, principal.account_id):
@@ -55,12 +58,12 @@ async def cancel_inference(request_id: str, service: InferenceService = Depends(
     return {"request_id": request_id, "status": final.status}
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=HEALTH_RESPONSES)
 async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READY_RESPONSES)
 async def readyz(request: Request):
     state = request.app.state
     problems = []
@@ -78,6 +81,6 @@ async def readyz(request: Request):
     return readiness_response(problems)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=METRICS_RESPONSES)
 async def metrics():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
