@@ -205,3 +205,25 @@ def test_invalid_bytes_forever_are_released_with_a_bounded_window():
     deltas, _, _ = _run(tokenizer, [0x80] * 2000)
     assert "".join(deltas) == "\ufffd" * 2000
     assert tokenizer.decoded_tokens <= 40 * 2000
+
+
+def test_accept_is_the_finish_rule_of_every_engine(tokenizer):
+    """TextStream.accept: the text a token adds and the finish reason it causes (engine.py and the scripted
+    engine both follow it)."""
+    ids = tokenizer("hello world, hello again").input_ids[1:]
+    stream = TextStream(tokenizer)
+    outcomes = [stream.accept(t, count=i + 1, max_tokens=len(ids), end_of_generation=False) for i, t in enumerate(ids)]
+    assert [finish for _, finish in outcomes] == [None] * (len(ids) - 1) + ["length"]
+    assert "".join(delta for delta, _ in outcomes) == _full(tokenizer, ids)  # nothing held back after the last
+
+    stream = TextStream(tokenizer)
+    stream.accept(ids[0], count=1, max_tokens=10, end_of_generation=False)
+    eos = tokenizer.eos_token_id
+    delta, finish = stream.accept(eos, count=2, max_tokens=10, end_of_generation=True)
+    assert finish == "eos" and eos not in stream.token_ids  # the end token is not text
+
+    stop = _full(tokenizer, ids[:3])[-3:]
+    stream = TextStream(tokenizer, [stop])
+    finishes = [stream.accept(t, count=i + 1, max_tokens=100, end_of_generation=False)[1] for i, t in enumerate(ids)
+                if not stream.stopped]
+    assert finishes[-1] == "stop" and stop not in stream.emitted

@@ -212,21 +212,11 @@ class Generation:
                     return
                 token_id = self.sampler.sample(logits)
                 self.token_ids.append(token_id)
-                if token_id in self.swarm.eos_token_ids:
-                    self.finish_reason = "eos"
-                    tail = self.text.flush()
-                    if tail:
-                        yield TokenDelta(len(self.token_ids), token_id, tail)
-                    return
-                delta = self.text.push(token_id)
-                last = len(self.token_ids) >= self.params.max_tokens
-                if last and not self.text.stopped:
-                    delta += self.text.flush()  # nothing is held back after the last token
-                yield TokenDelta(len(self.token_ids), token_id, delta)
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                    return
-                if last:
-                    self.finish_reason = "length"
+                delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
+                                                 end_of_generation=token_id in self.swarm.eos_token_ids)
+                if delta is not None:
+                    yield TokenDelta(len(self.token_ids), token_id, delta)
+                if finish is not None:
+                    self.finish_reason = finish
                     return
                 inputs = torch.tensor([[token_id]], dtype=torch.long)

@@ -119,6 +119,22 @@ class TextStream:
         self._pending += self._advance()
         return self._release(final=False)
 
+    def accept(self, token_id: int, *, count: int, max_tokens: int, end_of_generation: bool
+               ) -> tuple[Optional[str], Optional[str]]:
+        """One generated token (the ``count``-th): the text to send for it (None: nothing) and the finish reason it
+        causes (None: generation goes on). The one rule every engine follows: an end-of-generation token is not
+        text (only what was held back is flushed) and finishes ``eos``; a stop sequence finishes ``stop``; the
+        ``max_tokens``-th token finishes ``length``, with nothing held back after it."""
+        if end_of_generation:
+            return self.flush() or None, "eos"
+        delta = self.push(token_id)
+        last = count >= max_tokens
+        if last and not self.stopped:
+            delta += self.flush()
+        if self.stopped:
+            return delta, "stop"
+        return delta, "length" if last else None
+
     def flush(self) -> str:
         """At the end of generation: whatever was held back (a stop sequence in it still stops and is cut)."""
         if self.stopped:
