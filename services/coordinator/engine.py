@@ -19,10 +19,6 @@ from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 
 
-class GenerationCancelled(Exception):
-    pass
-
-
 def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
     """Tokens that end a generation: the tokenizer's EOS (a chat model's end-of-turn, e.g. ``<|im_end|>``) and
     every ``eos_token_id`` of the model's generation config (e.g. ``<|endoftext|>``)."""
