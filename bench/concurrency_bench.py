@@ -67,7 +67,7 @@ def run_streams(client, count: int, tokens: int):
 
 
 def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, batching: bool, streams: list[int],
-          tokens: int, workdir: Path) -> list[dict]:
+          tokens: int, workdir: Path, batch_wait_ms: float) -> list[dict]:
     from infra.swarm import LocalSwarm
     from services.coordinator.engine import SwarmModel
 
@@ -76,7 +76,8 @@ def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, bat
     with LocalSwarm(model_dir, model_id, workdir) as swarm:
         swarm.start_bootstrap()
         for name, span in zip(names, spans):
-            swarm.start_node(name, span, extra_args=() if batching else ("--no-batching",))
+            swarm.start_node(name, span, extra_args=("--batch-wait-ms", str(batch_wait_ms)) if batching
+                             else ("--no-batching",))
         swarm.wait_online(names, num_blocks, timeout=300)
         client = SwarmModel(model_id, model_dir, swarm.initial_peers, request_timeout=60)
         try:
@@ -92,7 +93,10 @@ def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, bat
                     steps = after.get("decode_steps", 0) - before[name].get("decode_steps", 0)
                     passes = after.get("decode_batches", 0) - before[name].get("decode_batches", 0)
                     batch.append(f"{steps / passes:.2f}" if passes else "1 (off)")
-                rows.append(dict(batching=batching, streams=count, rate=rate, ttft=ttft, batch=batch, errors=errors))
+                head = client.logits_batcher
+                rows.append(dict(batching=batching, streams=count, rate=rate, ttft=ttft, batch=batch, errors=errors,
+                                 head_batch=f"{head.rows / head.passes:.2f}" if head.passes else "-"))
+                head.rows = head.passes = 0
                 print(rows[-1], flush=True)
         finally:
             client.shutdown()
@@ -104,6 +108,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--streams", default="1,8,16")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--batching", choices=("on,off", "on", "off"), default="on,off",
+                        help="server batching settings to run (default: both, in one run)")
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="far-node run --batch-wait-ms")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     from services.common import petals_compat  # noqa: F401
@@ -120,9 +127,9 @@ def main() -> None:
         model_dir, model_id = pull(SMOLLM2, progress=False), SMOLLM2.model_id
         spans, num_blocks = ["0:10", "10:20", "20:30"], 30
     rows = []
-    for batching in (True, False):
+    for batching in [s == "on" for s in args.batching.split(",")]:
         rows += bench(model_dir, model_id, spans, num_blocks, batching, streams, args.tokens,
-                      workdir / f"swarm-{'on' if batching else 'off'}")
+                      workdir / f"swarm-{'on' if batching else 'off'}", args.batch_wait_ms)
     single = {r["batching"]: r["rate"] for r in rows if r["streams"] == 1}
     print(f"\n{args.model}, {args.tokens} greedy tokens per stream, servers {' '.join(spans)}\n")
     print("| batching | streams | aggregate tok/s | x one stream (same setting) | p95 TTFT s | avg batch per server |")
@@ -131,7 +138,8 @@ def main() -> None:
         print(f"| {'on' if r['batching'] else 'off'} | {r['streams']} | {r['rate']:.1f} | "
               f"{r['rate'] / single[r['batching']]:.2f} | {r['ttft']:.2f} | {' / '.join(r['batch'])} |"
               + (f" errors: {len(r['errors'])}" if r["errors"] else ""))
-    print(f"\nsingle stream, batching on / off: {single[True] / single[False]:.2f}")
+    if len(single) == 2:
+        print(f"\nsingle stream, batching on / off: {single[True] / single[False]:.2f}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 FIX_NAME = "batching"
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_PREFILL_CHUNK_TOKENS = 64
-DEFAULT_BATCH_WAIT_MS = 4.0
+DEFAULT_BATCH_WAIT_MS = 50.0
 
 
 def enabled_by_env() -> bool:
@@ -208,7 +208,8 @@ def _make_pool_class():
                                     and supports_batched_decode(backend.module.module_shards[0])}
             self._prefills: deque[_Prefill] = deque()  # runtime thread only
             self._works: dict[int, _Work] = {}
-            self._recent: dict[tuple, float] = {}  # session (cache handles of its first block) -> last step time
+            # session (cache handles of its first block) -> (time of its last decode pass, the sessions of that pass)
+            self._mates: dict[tuple, tuple[float, frozenset]] = {}
             self.memory_cache = next(iter(backends.values())).memory_cache
             self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
             self.active_window_s = 1.0
@@ -226,14 +227,21 @@ def _make_pool_class():
         def _session_key(self, task):
             return task.args[2][0].cache_handles
 
-        def _expected_sessions(self, now: float) -> int:
-            """Sessions that stepped recently and still hold their cache: their next steps are worth waiting for."""
+        def _missing_mates(self, decode: list, now: float) -> set:
+            """The sessions that shared their last pass with a session of ``decode`` (within the last second, still
+            holding their cache) and are not in ``decode``: in-phase sessions whose next steps are on their way."""
             with self.memory_cache.use_cache():  # applies the handlers' allocations and frees
                 live = self.memory_cache._allocated_tensors
-            for key, seen in list(self._recent.items()):
+            for key, (seen, _mates) in list(self._mates.items()):
                 if now - seen > self.active_window_s or key[0] not in live:
-                    del self._recent[key]
-            return len(self._recent)
+                    del self._mates[key]
+            here = {self._session_key(task) for task in decode}
+            wanted = set()
+            for key in here:
+                entry = self._mates.get(key)
+                if entry is not None:
+                    wanted.update(mate for mate in entry[1] if mate in self._mates)
+            return wanted - here
 
         def load_batch_to_runtime(self, timeout: Optional[float] = None, device=None):
             decode, seen_handles, put_back = [], set(), []
@@ -258,12 +266,13 @@ def _make_pool_class():
                 except queue.Empty:
                     break
             if decode and not self._prefills and self.batch_wait_s > 0:
-                # Sessions that stepped recently will most likely step again within a few milliseconds: wait
-                # (bounded) for them, so that their steps share this pass instead of queueing behind it.
-                now = time.monotonic()
-                expected = self._expected_sessions(now)
-                deadline = now + self.batch_wait_s
-                while len(decode) < min(expected, self.max_sessions) and not self._prefills and not put_back:
+                # Sessions that shared the previous pass with these (kept in phase by their client: the
+                # coordinator's LM-head batcher) send their next steps within milliseconds of each other: wait
+                # (bounded) for them, so they share this pass instead of queueing behind it. Sessions of other
+                # phases (other clients) are not waited for.
+                deadline = time.monotonic() + self.batch_wait_s
+                while (len(decode) < self.max_sessions and not self._prefills and not put_back
+                       and self._missing_mates(decode, time.monotonic())):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -271,9 +280,15 @@ def _make_pool_class():
                         take(self._ordered_tasks.get(timeout=remaining))
                     except queue.Empty:
                         break
+                while True:  # and whatever else arrived meanwhile
+                    try:
+                        take(self._ordered_tasks.get_nowait())
+                    except queue.Empty:
+                        break
             now = time.monotonic()
-            for task in decode:
-                self._recent[self._session_key(task)] = now
+            keys = frozenset(self._session_key(task) for task in decode)
+            for key in keys:
+                self._mates[key] = (now, keys)
             for task in put_back:
                 self._ordered_tasks.put(task)
             work = _Work(decode=decode)

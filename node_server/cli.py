@@ -111,6 +111,9 @@ def run(
                                                                   "discovery says, 30)"),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="batch concurrent sessions' decode "
                                   "steps into one forward pass per block (docs/batching.md)"),
+    batch_wait_ms: float = typer.Option(50.0, min=0, max=1000, help="batching: wait at most this long for the "
+                                        "next steps of the sessions that shared a session's previous pass "
+                                        "(docs/batching.md)"),
     server_command: Optional[str] = typer.Option(None, hidden=True, help="tests: stand-in for the Petals server"),
 ) -> None:
     """Serve the configured blocks into the swarm, register with discovery and heartbeat until SIGINT/SIGTERM."""
@@ -207,6 +210,7 @@ def run(
         update_period=update_period,
         memory_limit_gb=memory_limit_gb,
         batching=batching,
+        batch_wait_ms=batch_wait_ms,
     )
     supervisor = Supervisor(AgentConfig(
         options=options, identity_path=identity_path, state_dir=state_dir, model_id=model_id,

@@ -55,7 +55,7 @@ class ServerOptions:
     batching: bool = True  # batch concurrent sessions' decode steps (node_server/batching.py, docs/batching.md)
     batch_max_sessions: int = 64
     prefill_chunk_tokens: int = 64
-    batch_wait_ms: float = 4.0  # wait at most this long for recently active sessions' next steps
+    batch_wait_ms: float = 50.0  # wait at most this long for the sessions that shared their previous pass
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

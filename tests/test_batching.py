@@ -73,6 +73,61 @@ def test_batched_decode_equals_per_session_steps(tiny_backends):
     assert pool.stats.snapshot()["avg_batch"] == 5.0
 
 
+def test_a_pass_waits_for_the_sessions_of_the_previous_pass_and_only_for_them(tiny_backends):
+    """In-phase sessions (they shared their last pass) are waited for; a session of another phase is not."""
+    from petals.utils.misc import DUMMY_INT64
+
+    pool = _pool(tiny_backends, batch_wait_ms=60_000)  # a wrong wait would hang the joins below
+    a, b, c = _prefill(tiny_backends, [2, 3, 4])
+    hidden = tiny_backends.config.hidden_size
+
+    def step(session):
+        future = submit_local(pool, torch.randn(1, 1, hidden), DUMMY_INT64,
+                              tiny_backends.infos(session["handles"], session["position"]), *_nones(tiny_backends))
+        session["position"] += 1
+        return future
+
+    def load_in_thread():
+        loaded = {}
+        thread = threading.Thread(target=lambda: loaded.update(zip(("uid", "batch"), pool.load_batch_to_runtime())))
+        thread.start()
+        return thread, loaded
+
+    # a and b share a pass; c steps in a pass of its own
+    step(a), step(b)
+    uid, batch = pool.load_batch_to_runtime()
+    assert len(batch[0].decode) == 2
+    pool.send_outputs_from_runtime(uid, pool.process_func(*batch))
+    step(c)
+    uid, batch = pool.load_batch_to_runtime()
+    assert len(batch[0].decode) == 1
+    pool.send_outputs_from_runtime(uid, pool.process_func(*batch))
+
+    # c alone: its previous pass had no one else, so nothing is waited for although a and b stepped just now
+    step(c)
+    thread, loaded = load_in_thread()
+    thread.join(10)
+    assert not thread.is_alive() and len(loaded["batch"][0].decode) == 1
+    pool.send_outputs_from_runtime(loaded["uid"], pool.process_func(*loaded["batch"]))
+
+    # a's step waits for b's (its previous pass's mate), which arrives later
+    step(a)
+    thread, loaded = load_in_thread()
+    thread.join(0.3)
+    assert thread.is_alive(), "a's pass did not wait for b"
+    step(b)
+    thread.join(10)
+    assert not thread.is_alive() and len(loaded["batch"][0].decode) == 2
+    pool.send_outputs_from_runtime(loaded["uid"], pool.process_func(*loaded["batch"]))
+
+    # a mate whose client vanished (its cache freed) is not waited for
+    tiny_backends.free(b["handles"])
+    step(a)
+    thread, loaded = load_in_thread()
+    thread.join(10)
+    assert not thread.is_alive() and len(loaded["batch"][0].decode) == 1
+
+
 def test_failing_session_does_not_fail_its_batch_mates(tiny_backends):
     from petals.utils.misc import DUMMY_INT64
 

@@ -130,6 +130,9 @@ class CoordinatorSettings(ChainSettings):
                                              "within max(floor, factor x that server's p99 step time) is retried "
                                              "on a replica (0 = only PETALS_REQUEST_TIMEOUT_S)")
     PETALS_STEP_BUDGET_FLOOR_S: float = Field(default=1.0, gt=0, description="coordinator: the step budget's floor")
+    LM_HEAD_MAX_WAIT_S: float = Field(default=0.5, ge=0, le=10, description="coordinator: an LM-head pass waits "
+                                      "at most this long for the concurrent generations it expects (keeps streams "
+                                      "in phase so servers batch them; docs/batching.md; 0 = no waiting)")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
     SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
                                    "re-run on another server to check them (0 = off; docs/verification.md)")

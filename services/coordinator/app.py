@@ -70,7 +70,8 @@ async def swarm_engine(settings: CoordinatorSettings, model_path: Optional[Path]
                                     request_timeout=settings.PETALS_REQUEST_TIMEOUT_S,
                                     max_retries=settings.PETALS_MAX_RETRIES,
                                     step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
-                                    step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S)
+                                    step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S,
+                                    lm_head_wait_s=settings.LM_HEAD_MAX_WAIT_S)
     return Engine(swarm, SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S))
 
 

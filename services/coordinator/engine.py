@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from services.common import petals_compat  # noqa: F401  (must precede petals)
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
+from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 
@@ -52,7 +53,8 @@ class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
                  min_backoff: float = 0.5, step_budget_factor: float = petals_compat.DEFAULT_STEP_BUDGET_FACTOR,
-                 step_budget_floor_s: float = petals_compat.DEFAULT_STEP_BUDGET_FLOOR_S):
+                 step_budget_floor_s: float = petals_compat.DEFAULT_STEP_BUDGET_FLOOR_S,
+                 lm_head_wait_s: float = DEFAULT_MAX_WAIT_S):
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
@@ -69,6 +71,8 @@ class SwarmModel:
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
+        # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
+        self.logits_batcher = LogitsBatcher(self.model.lm_head, max_wait_s=lm_head_wait_s)
         self.failure_listeners: list = []  # called with the peer ID of every failed server request
         # called with every failover event of any generation (petals_compat: peer_id, blocks, cause, error,
         # replaced_by, stall_s), from the generation's thread
@@ -187,32 +191,41 @@ class Generation:
         import torch
 
         model = self.swarm.model
+        batcher = self.swarm.logits_batcher
         max_length = len(self.prompt_ids) + self.params.max_tokens
-        with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
-            self._session = session
-            session.step_observer = self.meter.observe_span
-            session.failover_observer = self._on_failover
-            session.avoid_peers = self.avoid
-            checker = self.swarm.spot_checker
-            if checker is not None:
-                session.span_output_observer = lambda server_session, outputs: checker.offer(
-                    server_session, outputs, session_id=self.session_id, avoid=self.avoid)
-            inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
-            while True:
-                if self.cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    return
-                logits = model(input_ids=inputs).logits[0, -1]
-                if self.cancel.is_set():  # the step finished after a cancel: its token is not used
-                    self.finish_reason = "cancelled"
-                    return
-                token_id = self.sampler.sample(logits)
-                self.token_ids.append(token_id)
-                delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
-                                                 end_of_generation=token_id in self.swarm.eos_token_ids)
-                if delta is not None:
-                    yield TokenDelta(len(self.token_ids), token_id, delta)
-                if finish is not None:
-                    self.finish_reason = finish
-                    return
-                inputs = torch.tensor([[token_id]], dtype=torch.long)
+        member = batcher.join()
+        try:
+            with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
+                self._session = session
+                session.step_observer = self.meter.observe_span
+                session.failover_observer = self._on_failover
+                session.avoid_peers = self.avoid
+                checker = self.swarm.spot_checker
+                if checker is not None:
+                    session.span_output_observer = lambda server_session, outputs: checker.offer(
+                        server_session, outputs, session_id=self.session_id, avoid=self.avoid)
+                inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
+                while True:
+                    if self.cancel.is_set():
+                        self.finish_reason = "cancelled"
+                        return
+                    # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only
+                    # for the last position, in one pass with the other generations' (lm_head.py)
+                    hidden = model.transformer(input_ids=inputs).last_hidden_state[0, -1]
+                    if self.cancel.is_set():  # the step finished after a cancel: its token is not used
+                        self.finish_reason = "cancelled"
+                        return
+                    logits = batcher.logits(member, hidden)
+                    token_id = self.sampler.sample(logits)
+                    self.token_ids.append(token_id)
+                    delta, finish = self.text.accept(token_id, count=len(self.token_ids),
+                                                     max_tokens=self.params.max_tokens,
+                                                     end_of_generation=token_id in self.swarm.eos_token_ids)
+                    if delta is not None:
+                        yield TokenDelta(len(self.token_ids), token_id, delta)
+                    if finish is not None:
+                        self.finish_reason = finish
+                        return
+                    inputs = torch.tensor([[token_id]], dtype=torch.long)
+        finally:
+            batcher.leave(member)
