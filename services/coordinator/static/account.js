@@ -255,7 +255,8 @@
     $("requests-empty").hidden = requests.length > 0;
     $("requests").hidden = requests.length === 0;
     $("requests").tBodies[0].replaceChildren(...requests.map((r) => {
-      const status = r.finish_reason && r.status !== "running" ? `${r.status} (${r.finish_reason})` : r.status;
+      const status = r.finish_reason && r.finish_reason !== r.status && r.status !== "running"
+        ? `${r.status} (${r.finish_reason})` : r.status;
       const cost = r.cost_far === null ? `running, ${D.formatFar(r.reserved_far)} reserved` : D.formatFar(r.cost_far);
       return el("tr", { dataset: { requestId: r.request_id, status: r.status } },
         el("td", { "data-label": "Time", text: D.formatUtc(r.created_at, true) }),
