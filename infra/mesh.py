@@ -421,6 +421,7 @@ class LocalMesh:
             "API (generate)": f"{self.coordinator_url}/mesh/inference/generate",
             "OpenAI base URL": f"{self.coordinator_url}/v1",
             "coordinator metrics": f"{self.coordinator_url}/metrics",
+            "user page": f"{self.coordinator_url}/account",
             "discovery": self.discovery_url,
             "provider dashboard": f"{self.discovery_url}/provider/{wallet}",
             "swarm page": f"{self.discovery_url}/swarm/{self.model.model_id}",

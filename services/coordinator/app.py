@@ -28,6 +28,7 @@ from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
 from services.coordinator.serving import InferenceService
 from services.coordinator.store import Pricing, SessionStore
+from services.coordinator.user_page import router as user_page_router
 
 log = get_logger(__name__)
 
@@ -176,4 +177,5 @@ def http_app(settings: CoordinatorSettings, *, lifespan=None) -> FastAPI:
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(account_router)
+    app.include_router(user_page_router)  # GET /account: the user page (docs/user-page.md)
     return app

@@ -20,31 +20,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse
 
 from services.common.wallets import WALLET_RE
+from services.common.web import html_page, static_file
 
 STATIC_DIR = (Path(__file__).parent / "static").resolve()
 STATIC_PREFIX = "/dashboard/static"
 
-# Only our own origin: the vendored chart library is served from here, never from a CDN.
-SECURITY_HEADERS = {
-    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-                 ".md": "text/markdown; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
-                 ".ico": "image/x-icon"}
-
 router = APIRouter(include_in_schema=False)
 
 
-def _page(name: str, status_code: int = 200) -> HTMLResponse:
-    html = (STATIC_DIR / name).read_text(encoding="utf-8")
-    return HTMLResponse(html, status_code=status_code,
-                        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+def _page(name: str, status_code: int = 200):
+    return html_page(STATIC_DIR, name, status_code)
 
 
 @router.get("/")
@@ -77,10 +65,5 @@ async def swarm_page(model_id: str):
 
 
 @router.get(STATIC_PREFIX + "/{path:path}")
-async def static_file(path: str):
-    target = (STATIC_DIR / path).resolve()
-    if (STATIC_DIR not in target.parents or not target.is_file() or target.suffix == ".html"
-            or target.suffix not in CONTENT_TYPES):
-        return Response("not found\n", status_code=404, media_type="text/plain")
-    return FileResponse(target, media_type=CONTENT_TYPES[target.suffix],
-                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+async def static_asset(path: str):
+    return static_file(STATIC_DIR, path)

@@ -23,37 +23,45 @@ const FarDash = (() => {
     }
   }
 
-  /** GET a discovery JSON endpoint (same origin). Throws ApiError with a plain-words message. */
-  async function api(path) {
+  /**
+   * Call a JSON endpoint of the service that served the page (same origin): GET by default; `method`, `headers` and a
+   * JSON `body` for the user page's account calls. `service` names it in messages. Throws ApiError in plain words.
+   */
+  async function api(path, { method = "GET", headers = {}, body = undefined, service = "discovery" } = {}) {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    const init = { method, headers: { Accept: "application/json", ...headers }, cache: "no-store",
+                   signal: controller.signal };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
     let response;
     try {
-      response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store",
-                                     signal: controller.signal });
+      response = await fetch(path, init);
     } catch (error) {
       if (error.name === "AbortError") {
-        throw new ApiError("timeout", `discovery did not answer ${path} within ${FETCH_TIMEOUT_MS / 1000} s`, { path });
+        throw new ApiError("timeout", `${service} did not answer ${path} within ${FETCH_TIMEOUT_MS / 1000} s`, { path });
       }
-      throw new ApiError("network", `cannot reach the discovery service at ${window.location.origin}`, { path });
+      throw new ApiError("network", `cannot reach the ${service} service at ${window.location.origin}`, { path });
     } finally {
       clearTimeout(timer);
     }
-    let body = null;
+    let answer = null;
     try {
-      body = await response.json();
+      answer = await response.json();
     } catch (_) {
-      body = null;
+      answer = null;
     }
     if (!response.ok) {
-      const err = body && body.error ? body.error : {};
-      throw new ApiError("http", err.message || `discovery answered ${response.status} for ${path}`,
+      const err = answer && answer.error ? answer.error : {};
+      throw new ApiError("http", err.message || `${service} answered ${response.status} for ${path}`,
                          { status: response.status, code: err.code || null, path });
     }
-    if (body === null) {
-      throw new ApiError("http", `discovery answered ${path} with something that is not JSON`, { path });
+    if (answer === null) {
+      throw new ApiError("http", `${service} answered ${path} with something that is not JSON`, { path });
     }
-    return body;
+    return answer;
   }
 
   /** Plain words for an ApiError (what happened and what to do). */
@@ -181,38 +189,47 @@ const FarDash = (() => {
 
   /**
    * Run `load` now and every refreshSeconds(); never two at once. Shows "Updated …" and, when a refresh fails, an
-   * explained banner (keeping the last good data on screen). Returns {refresh} for the "Refresh now" button.
+   * explained banner (keeping the last good data on screen; `explain` words the error, default: discovery's).
+   * Returns {refresh, stop} ("Refresh now" button; stop() ends the timer, e.g. on sign-out).
    */
-  function autoRefresh(load) {
+  function autoRefresh(load, { explain: words = explain } = {}) {
     const period = refreshSeconds();
     let running = false;
     let timer = null;
     let lastGood = null;
+    let stopped = false;
     setText("refresh-period", period === DEFAULT_REFRESH_S ? "every 30 s" : `every ${period} s`);
 
     async function refresh() {
-      if (running) return;
+      if (running || stopped) return;
       running = true;
       clearTimeout(timer);
       document.body.dataset.loading = "1";
       try {
         await load();
+        if (stopped) return; // signed out (the user page) while loading: nothing to show
         lastGood = new Date();
         banner(null);
         setText("updated", `Updated ${formatClock(lastGood)}`);
         document.body.dataset.state = "ok";
       } catch (error) {
+        if (stopped) return;
         console.warn("dashboard refresh failed:", error);
         const since = lastGood ? `Showing the data of ${formatClock(lastGood)}; ` : "";
-        banner(explain(error), `${since}retrying every ${period} s.`);
+        banner(words(error), `${since}retrying every ${period} s.`);
         setText("updated", lastGood ? `Last updated ${formatClock(lastGood)}` : "Not loaded");
         document.body.dataset.state = error.kind === "network" || error.kind === "timeout" ? "unreachable" : "error";
       } finally {
         running = false;
         delete document.body.dataset.loading;
         document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
-        timer = setTimeout(refresh, period * 1000);
+        if (!stopped) timer = setTimeout(refresh, period * 1000);
       }
+    }
+
+    function stop() {
+      stopped = true;
+      clearTimeout(timer);
     }
 
     const button = document.getElementById("refresh-now");
@@ -223,7 +240,7 @@ const FarDash = (() => {
       }
     });
     refresh();
-    return { refresh, period };
+    return { refresh, stop, period };
   }
 
   return {
