@@ -23,6 +23,7 @@ SUB_APPS = {
     "keys": ("services.coordinator.accounts_cli:keys_app", "API keys (fl_...)."),
     "accounts": ("services.coordinator.accounts_cli:accounts_app", "Prepaid accounts."),
     "models": ("services.models.cli:app", "Models built locally (the default SmolLM2) and what each needs."),
+    "nodes": ("services.coordinator.nodes_cli:app", "Quarantined provider peers: list them, lift a quarantine."),
 }
 
 

@@ -131,6 +131,7 @@ def seed_ledger(postgres_url: str, nodes: dict) -> dict:
         ("alpha", 3, 60, "local"), ("alpha", 1, 90, None), ("beta", 1, 30, None),
         ("alpha", 0, 45, None), ("beta", None, 25, None),
     ]
+    sessions = {}  # (node, days ago) -> session id
     with psycopg.connect(libpq_url(postgres_url), autocommit=True) as conn:
         batches = {}
         for network, state, confirmed_days in (("testnet", "confirmed", 20), ("mainnet", "confirmed", 5),
@@ -150,6 +151,7 @@ def seed_ledger(postgres_url: str, nodes: dict) -> dict:
                 """INSERT INTO far_mesh_sessions (request_id, model_id, price_per_token_far, price_per_prompt_token_far,
                                                   platform_fee_bps) VALUES (%s, %s, 0.0001, 0, 1000) RETURNING session_id""",
                 (uuid.uuid4().hex, MODEL_ID)).fetchone()[0]
+            sessions[(name, days_ago)] = session_id
             conn.execute(
                 """INSERT INTO far_session_contributions (session_id, peer_id, node_id, wallet_address, blocks,
                                                           work_units, steps) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
@@ -178,6 +180,8 @@ def seed_ledger(postgres_url: str, nodes: dict) -> dict:
                          (batch_id, WALLET.lower(), amount, int(amount * 10**18)))
             conn.execute("UPDATE far_payment_batches SET total_far = %s WHERE batch_id = %s", (amount, batch_id))
 
+        checks = seed_checks(conn, nodes, sessions)
+
         # Expected figures, straight from the ledger.
         row = conn.execute(
             """SELECT sum(c.payment_far) FILTER (WHERE s.finalized_at IS NOT NULL),
@@ -202,7 +206,34 @@ def seed_ledger(postgres_url: str, nodes: dict) -> dict:
             "SELECT b.network, i.amount_far FROM far_payment_batch_items i JOIN far_payment_batches b USING (batch_id)"
         ).fetchall())
     return {"earned": earned, "paid": paid, "pending": earned - paid, "tokens": int(tokens), "per_day": per_day,
-            "per_node": per_node, "amounts": amounts, "today": today}
+            "per_node": per_node, "amounts": amounts, "today": today, "checks": checks}
+
+
+def seed_checks(conn, nodes: dict, sessions: dict) -> dict:
+    """Spot checks as the coordinator writes them (services/coordinator/checks.py): alpha passed all of its checks;
+    beta failed two (one in a settled session: its payment is withheld; one in the running session: disputed,
+    nothing to withhold yet) and is quarantined. Returns what the page must show, read back with SQL."""
+    alpha, beta, other = nodes["alpha"]["peer_id"], nodes["beta"]["peer_id"], nodes["other"]["peer_id"]
+    row = ("INSERT INTO far_spot_checks (session_id, model_id, checked_peer_id, blocks, positions, prefix_length, "
+           "verifier_peer_id, referee_peer_id, outcome, suspect_peer_id, error, tolerance, dtype) "
+           "VALUES (%s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, 0.0001, 'float32')")
+    for i in range(7):
+        conn.execute(row, (sessions[("alpha", 1)], MODEL_ID, alpha, "0:2", 10 + i, other, None, "passed", None, 2e-7))
+    for i in range(3):
+        conn.execute(row, (sessions[("beta", 10)], MODEL_ID, beta, "2:4", 10 + i, other, None, "passed", None, 3e-7))
+    reasons = {}
+    for key, error in ((("beta", 1), 0.0712), (("beta", None), 0.0695)):
+        conn.execute(row, (sessions[key], MODEL_ID, beta, "2:4", 20, other, alpha, "failed", beta, error))
+        reasons[key] = (f"spot check of blocks 2:4 (1 positions) failed: its outputs are {error:.3g} away (relative L2) "
+                        f"from {alpha}'s and {error - 0.0004:.3g} from the other server's, tolerance 0.0001 (float32)")
+        conn.execute("SELECT * FROM dispute_contribution(%s, %s, '2:4', %s)", (sessions[key], beta, reasons[key]))
+    quarantine = f"2 failed spot checks; last: {reasons[('beta', None)]}"
+    conn.execute("INSERT INTO far_quarantine (peer_id, reason, failed_checks) VALUES (%s, %s, 2)", (beta, quarantine))
+    withheld = conn.execute("SELECT coalesce(sum(withheld_far), 0) FROM far_session_contributions WHERE peer_id = %s",
+                            (beta,)).fetchone()[0]
+    assert withheld > 0
+    return {"withheld": withheld, "quarantine": quarantine, "reasons": reasons,
+            "settled_dispute": str(sessions[("beta", 1)]), "running_dispute": str(sessions[("beta", None)])}
 
 
 @pytest.fixture(scope="module")
@@ -368,6 +399,50 @@ def test_provider_page_shows_the_ledger(open_page, stack):
     assert p.text("#refresh-period") == "every 2 s"
     p.wait_refresh()
     p.screenshot("dashboard-provider.png")
+    p.assert_clean()
+
+
+def test_provider_page_shows_checks_disputes_and_quarantine(open_page, stack):
+    """The "Checks" section of every node: passed/failed, the withheld FAR and the reason of each dispute (session,
+    blocks, time), a quarantine banner with the reason; the wallet's withheld total and a page alert."""
+    exp = stack.expected["checks"]
+    p = open_page()
+    p.open(f"/provider/{WALLET}")
+    alpha = f"article.node[data-node-id='{stack.nodes['alpha']['node_id']}']"
+    beta = f"article.node[data-node-id='{stack.nodes['beta']['node_id']}']"
+
+    assert p.text(f"{alpha} [data-field='checks-record']") == "7 passed, 0 failed"
+    assert p.text(f"{alpha} [data-field='disputed']") == "none"
+    assert not p.page.query_selector(f"{alpha} [data-field='quarantine']")
+    assert not p.page.query_selector(f"{alpha} [data-field='disputes']")
+    assert p.page.get_attribute(alpha, "data-quarantined") == ""
+
+    assert p.text(f"{beta} [data-field='checks-record']") == "3 passed, 2 failed"
+    assert p.text(f"{beta} [data-field='disputed']") == f"{far(exp['withheld'])} FAR withheld in 2 sessions"
+    assert p.page.get_attribute(beta, "data-quarantined") == "1"
+    assert p.page.is_visible(f"{beta} [data-field='quarantine']")
+    assert p.text(f"{beta} [data-field='quarantine-reason']") == exp["quarantine"]
+    assert "no work is routed to this node" in p.text(f"{beta} [data-field='quarantine']")
+    disputes = p.page.evaluate(f"""() => [...document.querySelectorAll("{beta} [data-field='disputes'] li")].map(li =>
+        ({{session: li.dataset.sessionId, ...Object.fromEntries([...li.querySelectorAll('[data-field]')]
+            .map(f => [f.dataset.field, f.innerText.trim()]))}}))""")
+    by_session = {d["session"]: d for d in disputes}
+    assert set(by_session) == {exp["settled_dispute"], exp["running_dispute"]}
+    settled, running = by_session[exp["settled_dispute"]], by_session[exp["running_dispute"]]
+    assert settled["dispute-reason"] == exp["reasons"][("beta", 1)]
+    assert running["dispute-reason"] == exp["reasons"][("beta", None)]
+    assert settled["dispute-withheld"] == f"{far(exp['withheld'])} FAR withheld"
+    assert running["dispute-withheld"] == "nothing withheld yet (session running)"
+    assert settled["dispute-blocks"] == "blocks 2-3" and settled["dispute-time"].endswith(" UTC")
+
+    # the wallet: its withheld total, and an alert naming the quarantined node and why
+    assert p.page.is_visible("#disputed-card") and p.text("#total-disputed") == far(exp["withheld"])
+    assert p.page.is_visible("#quarantine-alert")
+    alert = p.text("#quarantine-alert")
+    assert "A node of this wallet is quarantined" in alert and "beta" in alert and exp["quarantine"] in alert
+    # the withheld amount is not in the earnings (it is never paid)
+    assert p.text("#total-earned") == far(stack.expected["earned"])
+    p.page.locator(beta).screenshot(path=str(IMG_DIR / "dashboard-provider-checks.png"))
     p.assert_clean()
 
 

@@ -517,3 +517,29 @@ async def test_payout_batch_transitions_and_paid_contributions_are_guarded(db_po
         dropped = await paid_session()
         await conn.execute("DELETE FROM far_payment_batches WHERE batch_id = $1", await planned_batch(dropped))
         assert await attached(released) is None and await attached(dropped) is None
+
+
+# --------------------------------------------------------------------------------------------- quarantine lifts (0010)
+async def test_quarantine_lifts_are_recorded(db_pool):
+    """lift_quarantine() moves a far_quarantine row to far_quarantine_lifts with who and why; it refuses a peer that is
+    not quarantined and a lift without a reason or an operator; a bare DELETE is recorded too (as the database user,
+    'deleted ... directly'), and a named lift's operator never leaks onto a later DELETE of the same transaction."""
+    peer, other = "Qm" + secrets.token_hex(8), "Qm" + secrets.token_hex(8)
+    async with db_pool.acquire() as conn:
+        for p in (peer, other):
+            await conn.execute("INSERT INTO far_quarantine (peer_id, reason, failed_checks) VALUES ($1, 'bad', 2)", p)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("SELECT lift_quarantine($1, 'ops', ' ')", peer)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("SELECT lift_quarantine($1, NULL, 'why')", peer)
+        with pytest.raises(asyncpg.NoDataFoundError):
+            await conn.execute("SELECT lift_quarantine('QmNotQuarantined', 'ops', 'why')")
+        async with conn.transaction():
+            lift = await conn.fetchrow("SELECT * FROM lift_quarantine($1, 'ops', 'fixed')", peer)
+            await conn.execute("DELETE FROM far_quarantine WHERE peer_id = $1", other)
+        assert (lift["peer_id"], lift["reason"], lift["failed_checks"], lift["lifted_by"], lift["lift_reason"]) == (
+            peer, "bad", 2, "ops", "fixed")
+        bare = await conn.fetchrow("SELECT * FROM far_quarantine_lifts WHERE peer_id = $1", other)
+        assert bare["lifted_by"] == await conn.fetchval("SELECT session_user::text")
+        assert "directly" in bare["lift_reason"] and bare["reason"] == "bad"
+        assert not await conn.fetch("SELECT 1 FROM far_quarantine WHERE peer_id = ANY($1::text[])", [peer, other])

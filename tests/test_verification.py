@@ -32,9 +32,14 @@ def test_relative_error_is_per_position():
 
 def test_tolerance_is_the_coarsest_dtype():
     assert tolerance_for("float32", "float32") < tolerance_for("float16") < tolerance_for("bfloat16")
-    assert tolerance_for("float32", "bfloat16") == tolerance_for("bfloat16")
+    # servers of different dtypes disagree more (bench/calibrate_tolerance.py): the coarsest dtype's mixed tolerance
+    assert tolerance_for("float32", "bfloat16") == tolerance_for("bfloat16", "float16", "bfloat16") == 3e-1
+    assert tolerance_for("float16", "float32", "float16") == 5e-2 > tolerance_for("float16", "float16") == 2e-2
+    assert tolerance_for("float32", "bfloat16") > tolerance_for("bfloat16", "bfloat16")
     assert tolerance_for("torch.float32") == tolerance_for("float32")
-    assert tolerance_for(None) == tolerance_for("bfloat16")  # unknown: the loosest
+    assert tolerance_for("torch.float16", "float16") == tolerance_for("float16")  # one dtype, two spellings
+    assert tolerance_for(None) == tolerance_for("float32", "bfloat16")  # unknown: the loosest
+    assert tolerance_for("float32", None) == tolerance_for("float32", "bfloat16")
 
 
 def test_adjudicate_names_the_outlier():

@@ -29,6 +29,11 @@ def _pending_checks(url: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("farmesh_spot_checks_pending"))
 
 
+def _quarantined_gauge(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("farmesh_quarantined_peers"))
+
+
 async def _query(url: str, sql: str, *args):
     conn = await asyncpg.connect(url)
     try:
@@ -64,7 +69,8 @@ def test_dishonest_server_is_caught_quarantined_and_not_paid(fresh_swarm, tiny_m
     coordinator = start_coordinator(
         workdir=tmp_path / "coordinator", model_dir=tiny_model_dir, initial_peers=swarm.initial_peers,
         postgres_url=db, redis_url=redis_url, api_key=key,
-        env_extra={"SPOT_CHECK_RATE": "1", "SPOT_CHECK_QUEUE": "10000", "SPOT_CHECK_QUARANTINE_AFTER": "2"})
+        env_extra={"SPOT_CHECK_RATE": "1", "SPOT_CHECK_QUEUE": "10000", "SPOT_CHECK_QUARANTINE_AFTER": "2",
+                   "SPOT_CHECK_QUARANTINE_SYNC_S": "1"})
     try:
         finals = []
         quarantined_after = None
@@ -154,5 +160,22 @@ def test_dishonest_server_is_caught_quarantined_and_not_paid(fresh_swarm, tiny_m
         assert onchain_balances(chain, [wallets["cheater"]])[wallets["cheater"]] == 0
         audit = asyncio.run(run_audit(db, chain, accounts=True))
         assert audit.ok, [(c.name, c.problems) for c in audit.checks if not c.ok]
+
+        # the operator lifts the quarantine (far-mesh nodes unquarantine): recorded, and the running coordinator
+        # learns it at its next sync (SPOT_CHECK_QUARANTINE_SYNC_S) and routes through the peer again
+        async def lift():
+            from services.coordinator.checks import CheckStore
+
+            pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+            try:
+                return await CheckStore(pool).lift(cheater, lifted_by="test", reason="lifted by the test")
+            finally:
+                await pool.close()
+
+        assert asyncio.run(lift())["lift_reason"] == "lifted by the test"
+        wait_until(lambda: _quarantined_gauge(coordinator.url) == 0, timeout=30, interval=0.2,
+                   what="the coordinator learns of the lift")
+        after_lift = coordinator.generate_stream({"prompt": "def g(x):", "max_tokens": 8, "temperature": 0})[-1]["data"]
+        assert cheater in {c["peer_id"] for c in after_lift["contributions"]}, after_lift  # routed through again
     finally:
         coordinator.process.stop()

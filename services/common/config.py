@@ -144,6 +144,8 @@ class CoordinatorSettings(ChainSettings):
                                   "beyond it they are dropped (a check never slows a stream)")
     SPOT_CHECK_QUARANTINE_AFTER: int = Field(default=2, ge=1, description="coordinator: failed checks that "
                                              "quarantine a peer")
+    SPOT_CHECK_QUARANTINE_SYNC_S: float = Field(default=10.0, gt=0, description="coordinator: how often it re-reads "
+                                                "the quarantine (other coordinators' quarantines, lifts)")
     MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "
                                          "per model (docs/generation.md \"Concurrency\")")
     MAX_QUEUED_GENERATIONS: int = Field(default=32, ge=0, description="coordinator: generations waiting for a "

@@ -101,6 +101,13 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
             engine.readiness.start()
         # Spot checks re-run sampled steps on other servers (docs/verification.md): for an engine with a swarm.
         checker = await start_spot_checks(settings, model, app.state.pool) if hasattr(model, "quarantine") else None
+        # Quarantines written by other coordinators and lifts (far-mesh nodes unquarantine) reach this one.
+        quarantine_sync = None
+        if hasattr(model, "quarantine"):
+            from services.coordinator.checks import CheckStore, keep_quarantine_synced
+
+            quarantine_sync = asyncio.create_task(keep_quarantine_synced(
+                CheckStore(app.state.pool), model, settings.SPOT_CHECK_QUARANTINE_SYNC_S))
         pricing = Pricing(settings.PRICE_PER_TOKEN_FAR, settings.PRICE_PER_PROMPT_TOKEN_FAR,
                           settings.PLATFORM_FEE_BPS)
         fallbacks = fallback_clients(settings, [model.model_id])
@@ -121,6 +128,8 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
             yield
         finally:
             sweeper.cancel()
+            if quarantine_sync is not None:
+                quarantine_sync.cancel()
             if engine.readiness is not None:
                 await engine.readiness.stop()
             await app.state.service.aclose()
@@ -135,15 +144,14 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
 
 async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
     """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
-    the database; None when SPOT_CHECK_RATE is 0."""
+    the database; None when SPOT_CHECK_RATE is 0 (the quarantine is enforced either way, and kept in sync with
+    the database by ``keep_quarantine_synced``)."""
     from services.coordinator import metrics
-    from services.coordinator.checks import CheckConsequences, CheckStore
+    from services.coordinator.checks import CheckConsequences, CheckStore, sync_quarantine
     from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
 
     store = CheckStore(pool)
-    for peer_id in await store.quarantined():
-        await asyncio.to_thread(swarm.quarantine, peer_id)
-    metrics.QUARANTINED.set(len(swarm.quarantined))
+    await sync_quarantine(store, swarm)
     if settings.SPOT_CHECK_RATE <= 0:
         return None
     policy = SamplingPolicy(settings.SPOT_CHECK_RATE, settings.SPOT_CHECK_NEW_NODE_RATE,

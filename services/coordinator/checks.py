@@ -41,7 +41,11 @@ class CheckStore:
         return row["payment_batch_id"] if row else None
 
     async def failed_checks(self, peer_id: str) -> int:
-        return await self.pool.fetchval("SELECT count(*) FROM far_spot_checks WHERE suspect_peer_id = $1", peer_id)
+        """Failed checks of ``peer_id`` since its quarantine was last lifted (a lift gives a fresh start)."""
+        return await self.pool.fetchval(
+            """SELECT count(*) FROM far_spot_checks
+                WHERE suspect_peer_id = $1 AND created_at > coalesce(
+                      (SELECT max(lifted_at) FROM far_quarantine_lifts WHERE peer_id = $1), '-infinity')""", peer_id)
 
     async def quarantine(self, peer_id: str, reason: str, failed_checks: int) -> None:
         await self.pool.execute(
@@ -53,6 +57,39 @@ class CheckStore:
         rows = await self.pool.fetch("SELECT peer_id, reason FROM far_quarantine")
         return {row["peer_id"]: row["reason"] for row in rows}
 
+    async def quarantine_list(self, *, history: bool = False) -> list[dict]:
+        """The quarantined peers (with the node that registered each, when known), newest first; with ``history``
+        also the lifted quarantines (``lifted_at``, ``lifted_by``, ``lift_reason``)."""
+        rows = await self.pool.fetch(
+            """SELECT q.peer_id, q.reason, q.failed_checks, q.quarantined_at, NULL::timestamptz AS lifted_at,
+                      NULL AS lifted_by, NULL AS lift_reason, n.node_id::text AS node_id, n.public_name,
+                      n.wallet_address
+                 FROM far_quarantine q LEFT JOIN far_nodes n ON n.peer_id = q.peer_id
+               UNION ALL
+               SELECT l.peer_id, l.reason, l.failed_checks, l.quarantined_at, l.lifted_at, l.lifted_by, l.lift_reason,
+                      n.node_id::text, n.public_name, n.wallet_address
+                 FROM far_quarantine_lifts l LEFT JOIN far_nodes n ON n.peer_id = l.peer_id
+                WHERE $1
+                ORDER BY lifted_at DESC NULLS FIRST, quarantined_at DESC""", history)
+        return [dict(row) for row in rows]
+
+    async def lift(self, peer_id: str, *, lifted_by: str, reason: str) -> dict:
+        """Lift ``peer_id``'s quarantine (SQL ``lift_quarantine()``: recorded in ``far_quarantine_lifts``); a node
+        id (uuid of far_nodes) names its peer. LookupError when it is not quarantined, ValueError without a
+        reason. Coordinators route through it again at their next quarantine sync."""
+        if not reason.strip():
+            raise ValueError("a reason is required (--reason)")
+        peer = await self.pool.fetchval("SELECT peer_id FROM far_nodes WHERE node_id::text = $1", peer_id)
+        try:
+            row = await self.pool.fetchrow("SELECT * FROM lift_quarantine($1, $2, $3)", peer or peer_id,
+                                           lifted_by, reason)
+        except asyncpg.NoDataFoundError:
+            raise LookupError(f"peer {peer or peer_id} is not quarantined "
+                              "(far-mesh nodes quarantined lists the quarantined peers)") from None
+        except asyncpg.CheckViolationError as error:
+            raise ValueError(error.args[0] if error.args else str(error)) from None
+        return dict(row)
+
     async def passed_counts(self) -> dict[str, int]:
         """Passed checks per peer since its last failure (seeds the sampling policy's record at start)."""
         rows = await self.pool.fetch(
@@ -62,6 +99,39 @@ class CheckStore:
                       '-infinity')
                 GROUP BY c.checked_peer_id""")
         return {row["peer_id"]: int(row["passed"]) for row in rows}
+
+
+async def sync_quarantine(store: CheckStore, swarm) -> tuple[set[str], set[str]]:
+    """Make the swarm's quarantine (``SwarmModel.quarantined``) the database's: quarantine the peers another
+    coordinator (or this one before a restart) quarantined, route through the lifted ones again. Returns
+    (added, lifted)."""
+    before = set(swarm.quarantined)  # read before the database: a peer quarantined meanwhile is in both or neither
+    current = set(await store.quarantined())
+    added, lifted = current - before, before - current
+    for peer_id in sorted(added):
+        await asyncio.to_thread(swarm.quarantine, peer_id)
+    for peer_id in sorted(lifted):
+        await asyncio.to_thread(swarm.unquarantine, peer_id)
+    metrics.QUARANTINED.set(len(swarm.quarantined))
+    return added, lifted
+
+
+async def keep_quarantine_synced(store: CheckStore, swarm, interval_s: float) -> None:
+    """The coordinator's background task: ``sync_quarantine`` every ``interval_s`` (SPOT_CHECK_QUARANTINE_SYNC_S),
+    so a lift (``far-mesh nodes unquarantine``) or another coordinator's quarantine takes effect within it."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            added, lifted = await sync_quarantine(store, swarm)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001  (the database may be away for a while: try again later)
+            log.warning("quarantine sync failed", error=str(error))
+            continue
+        for peer_id in added:
+            log.warning("peer quarantined (read from the database)", peer_id=peer_id)
+        for peer_id in lifted:
+            log.warning("quarantine lifted: routing through the peer again", peer_id=peer_id)
 
 
 def reason_of(result: CheckResult) -> str:

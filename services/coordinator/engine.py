@@ -107,6 +107,22 @@ class SwarmModel:
             manager.blocked_servers.add(peer)
         manager.on_request_failure(peer)
 
+    def unquarantine(self, peer_id: str) -> None:
+        """Route through ``peer_id`` again (its quarantine was lifted, ``far-mesh nodes unquarantine``): out of
+        ``blocked_servers``, its ban cleared, and a route refresh started so it is back in the routes at once."""
+        from hivemind import PeerID
+
+        self.quarantined.discard(peer_id)
+        if self.spot_checker is not None:
+            self.spot_checker.quarantined.discard(peer_id)
+        manager = self.sequence_manager
+        peer = PeerID.from_base58(peer_id)
+        with manager.lock_changes:
+            if manager.blocked_servers is not None:
+                manager.blocked_servers.discard(peer)
+        manager.on_request_success(peer)
+        manager.update(wait=False)
+
     def _load_client(self, auto_class, initial_peers, request_timeout, max_retries, update_period, min_backoff):
         import torch
 

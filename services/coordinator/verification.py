@@ -25,22 +25,25 @@ from services.coordinator import metrics
 
 log = get_logger(__name__)
 
-# Tolerance on relative_error() per server dtype. Calibrated (docs/verification.md "Calibration") from the
-# honest disagreement between incremental inference (attention cache, one position at a time) and a stateless
-# forward of the same inputs, after every layer: SmolLM2-135M on CPU gave at most float32 1.4e-6, float16 4.1e-3,
-# bfloat16 2.6e-2 (the toy model less); live float32 checks through the swarm at most 3e-7. The margins (~70x,
-# ~5x, ~4x) leave room for GPU kernels and mixed hardware; a skipped block errs by ~1, 5 % noise by ~5e-2.
-TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
-DEFAULT_TOLERANCE = TOLERANCES["bfloat16"]  # an unknown dtype: the loosest
+# Tolerance on relative_error(), calibrated by bench/calibrate_tolerance.py (docs/verification.md "Calibration of
+# the tolerance"): the largest honest disagreement measured (SmolLM2-135M spans with Petals' block on CPU:
+# incremental vs stateless, chunked prefill, batched, thread counts) was, between servers of the same dtype,
+# float32 4.2e-6, float16 3.6e-3, bfloat16 2.7e-2, and between a half-precision server and a float32 one float16
+# 1.0e-2, bfloat16 9.6e-2 (at the first position). Each tolerance is ~4-6x that maximum (24x for float32, for GPU
+# kernels), the mixed bfloat16 one 3x: a server that skips its blocks errs by >= 0.50, 5 % noise by ~5e-2.
+TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}  # every server of the check in this dtype
+MIXED_TOLERANCES = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 3e-1}  # servers of different dtypes: the coarsest
+DEFAULT_TOLERANCE = MIXED_TOLERANCES["bfloat16"]  # an unknown dtype: the loosest
 
 
 def tolerance_for(*dtypes: Optional[str]) -> float:
-    """The tolerance of a comparison between servers of these dtypes: that of the coarsest."""
-    values = []
-    for dtype in dtypes:
-        name = str(dtype or "").replace("torch.", "")
-        values.append(TOLERANCES.get(name, DEFAULT_TOLERANCE))
-    return max(values) if values else DEFAULT_TOLERANCE
+    """The tolerance of a comparison between servers of these dtypes: the coarsest dtype's, from
+    ``TOLERANCES`` when they all compute in the same dtype, else from ``MIXED_TOLERANCES``."""
+    names = [str(dtype or "").replace("torch.", "") for dtype in dtypes]
+    if not names or any(name not in TOLERANCES for name in names):
+        return DEFAULT_TOLERANCE
+    coarsest = max(names, key=list(TOLERANCES).index)
+    return (TOLERANCES if len(set(names)) == 1 else MIXED_TOLERANCES)[coarsest]
 
 
 def relative_error(a, b) -> float:

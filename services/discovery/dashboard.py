@@ -1,11 +1,12 @@
 """Provider dashboard pages served by the discovery service (issue 8; docs/dashboard.md).
 
 Static pages (``services/discovery/static/``) that the browser fills from discovery's own JSON endpoints
-(``/provider/{wallet}/stats|earnings|payments|nodes``, ``/nodes/{id}``, ``/models``, ``/models/{id}/coverage``,
+(``/provider/{wallet}/stats|earnings|payments|nodes|checks``, ``/nodes/{id}``, ``/models``, ``/models/{id}/coverage``,
 ``/models/{id}/nodes``), so the pages show exactly what the API says and need nothing from the service object:
 
 * ``GET /dashboard`` — enter or paste a wallet (``/dashboard?wallet=0x…`` redirects to its page, also without JS);
-* ``GET /provider/{wallet}`` — nodes, totals, earnings chart (30 days), hardware, payment history; the JSON
+* ``GET /provider/{wallet}`` — nodes, totals, earnings chart (30 days), hardware, payment history, and per node
+  its spot checks: passed/failed, disputed (withheld) FAR and why, a quarantine banner (docs/verification.md); the JSON
   endpoints live one level deeper (``/provider/{wallet}/stats`` …), so there is no clash;
 * ``GET /swarm`` and ``GET /swarm/{model_id}`` — block coverage map, ready flag, blocking reasons (the facts
   of ``far-mesh status``);

@@ -35,17 +35,18 @@
 
   async function load() {
     const base = `/provider/${wallet}`;
-    const [stats, earnings, payments, nodes] = await Promise.all([
+    const [stats, earnings, payments, nodes, checks] = await Promise.all([
       D.api(`${base}/stats`), D.api(`${base}/earnings`), D.api(`${base}/payments`), D.api(`${base}/nodes`),
+      D.api(`${base}/checks`),
     ]);
     // Per node: DHT state and paid/pending (the wallet list has liveness, hardware and the ledger already).
     const details = await Promise.all(nodes.nodes.map((n) => D.api(`/nodes/${n.node_id}`).catch(() => null)));
     const merged = nodes.nodes.map((n, i) => ({ ...n, ...(details[i] || {}) }));
-    Object.assign(state, { stats, earnings, payments, nodes: merged });
-    render(stats, earnings, payments.payments, merged);
+    Object.assign(state, { stats, earnings, payments, nodes: merged, checks });
+    render(stats, earnings, payments.payments, merged, checks);
   }
 
-  function render(stats, earnings, payments, nodes) {
+  function render(stats, earnings, payments, nodes, checks) {
     const unknown = stats.nodes_total === 0 && stats.sessions === 0 && stats.tokens_served === 0 &&
       payments.length === 0;
     document.getElementById("empty").hidden = !unknown;
@@ -55,7 +56,8 @@
     if (unknown) return;
     remember(stats.wallet_address);
     renderTotals(stats);
-    renderNodes(nodes);
+    renderDisputes(checks);
+    renderNodes(nodes, checks);
     renderChart(earnings);
     renderPayments(payments);
   }
@@ -119,7 +121,73 @@
     return el("span", { class: "vram" }, el("span", { text }), meter);
   }
 
-  function renderNodes(nodes) {
+  /** "2:4" -> "blocks 2-3". */
+  function spanText(blocks) {
+    const [start, end] = String(blocks).split(":").map(Number);
+    if (!Number.isInteger(start) || !Number.isInteger(end)) return `blocks ${blocks}`;
+    return end - start === 1 ? `block ${start}` : `blocks ${start}-${end - 1}`;
+  }
+
+  function plural(count, word) {
+    return `${count} ${word}${count === 1 ? "" : "s"}`;
+  }
+
+  /** The wallet's withheld total (a card, shown when there is any) and the page's quarantine alert. */
+  function renderDisputes(checks) {
+    const disputed = Number(checks.disputed_far) > 0 || checks.recent_disputes.length > 0;
+    document.getElementById("disputed-card").hidden = !disputed;
+    document.getElementById("disputed-card").classList.toggle("bad", disputed);
+    D.setText("total-disputed", D.formatFar(checks.disputed_far));
+    const quarantined = checks.nodes.filter((n) => n.quarantined);
+    const alert = document.getElementById("quarantine-alert");
+    alert.hidden = quarantined.length === 0;
+    alert.replaceChildren(...(quarantined.length === 0 ? [] : [
+      el("h2", { text: quarantined.length === 1 ? "A node of this wallet is quarantined"
+                                               : `${quarantined.length} nodes of this wallet are quarantined` }),
+      el("p", { text: "No coordinator routes work through a quarantined node, so it earns nothing until an " +
+                      "operator lifts the quarantine. Check the node's hardware and software, then contact the " +
+                      "mesh operator." }),
+      el("ul", { class: "reasons" }, quarantined.map((n) => el("li", { dataset: { peerId: n.peer_id } },
+        el("strong", { text: n.public_name || D.shortPeer(n.peer_id) }),
+        ` since ${D.formatUtc(n.quarantined_at)}: ${n.quarantine_reason}`))),
+    ]));
+  }
+
+  /** A node's "Checks" section: its record, what was withheld and why (its most recent disputes), and a
+   *  quarantine banner with the reason. */
+  function checksSection(check, disputes) {
+    if (!check) return null;
+    const record = `${check.checks_passed} passed, ${check.checks_failed} failed` +
+      (check.checks_inconclusive ? `, ${check.checks_inconclusive} inconclusive` : "");
+    const withheld = Number(check.disputed_far) > 0 || check.disputed_sessions > 0
+      ? `${D.formatFar(check.disputed_far)} FAR withheld in ${plural(check.disputed_sessions, "session")}`
+      : "none";
+    const shown = disputes.slice(0, 5);
+    return el("section", { class: `checks${check.quarantined ? " quarantined" : ""}`, "data-field": "checks" },
+      el("h4", { text: "Checks" }),
+      check.quarantined ? el("div", { class: "quarantine-banner", role: "alert", "data-field": "quarantine" },
+        el("strong", { text: "Quarantined" }), ` since ${D.formatUtc(check.quarantined_at)}: no work is routed ` +
+        "to this node until an operator lifts the quarantine.",
+        el("span", { class: "reason", "data-field": "quarantine-reason", text: check.quarantine_reason })) : null,
+      el("dl", {},
+        el("dt", { text: "Spot checks" }), el("dd", { "data-field": "checks-record", text: record }),
+        el("dt", { text: "Disputed" }), el("dd", { "data-field": "disputed", text: withheld })),
+      shown.length === 0 ? null : el("ol", { class: "disputes", "data-field": "disputes" },
+        shown.map((d) => el("li", { dataset: { sessionId: d.session_id } },
+          el("div", { class: "dispute-head" },
+            el("span", { "data-field": "dispute-time", text: D.formatUtc(d.disputed_at, true) }),
+            el("span", {}, "session ", el("code", { text: `${d.session_id.slice(0, 8)}…`, title: d.session_id })),
+            el("span", { "data-field": "dispute-blocks", text: spanText(d.blocks) }),
+            el("span", { "data-field": "dispute-withheld",
+                         text: Number(d.withheld_far) > 0 ? `${D.formatFar(d.withheld_far)} FAR withheld`
+                                                          : "nothing withheld yet (session running)" })),
+          el("p", { class: "reason", "data-field": "dispute-reason", text: d.reason || "—" })))),
+      disputes.length > shown.length
+        ? el("p", { class: "muted", text: `and ${disputes.length - shown.length} earlier disputes` }) : null);
+  }
+
+  function renderNodes(nodes, checks) {
+    const byNode = Object.fromEntries(checks.nodes.map((c) => [c.node_id, c]));
     const box = document.getElementById("nodes");
     const note = document.getElementById("nodes-empty");
     note.hidden = nodes.length > 0;
@@ -141,15 +209,21 @@
         ["Earned", `${D.formatFar(node.earned_far)} FAR`, "earned"],
       ];
       if (node.pending_far !== undefined) rows.push(["Pending", `${D.formatFar(node.pending_far)} FAR`, "pending"]);
-      return el("article", { class: `node ${status}`, dataset: { nodeId: node.node_id, status } },
+      const check = byNode[node.node_id];
+      const disputes = checks.recent_disputes.filter((d) => d.peer_id === node.peer_id);
+      const quarantined = Boolean(check && check.quarantined);
+      return el("article", { class: `node ${status}${quarantined ? " quarantined" : ""}`,
+                             dataset: { nodeId: node.node_id, status, quarantined: quarantined ? "1" : "" } },
         el("header", {},
           el("span", { class: "dot", "aria-hidden": "true" }),
           el("h3", { text: node.public_name || D.shortPeer(node.peer_id) }),
+          quarantined ? el("span", { class: "badge quarantined", text: "Quarantined" }) : null,
           el("span", { class: `badge ${status}`, text: badge, "data-field": "status" })),
         el("dl", {}, rows.map(([label, value, field]) => [
           el("dt", { text: label }),
           el("dd", { "data-field": field }, value),
         ])),
+        checksSection(check, disputes),
         el("p", { class: "peer muted" }, "peer ", el("code", { text: node.peer_id, title: node.peer_id })));
     }));
   }
