@@ -132,11 +132,13 @@ def main() -> None:
                       workdir / f"swarm-{'on' if batching else 'off'}", args.batch_wait_ms)
     single = {r["batching"]: r["rate"] for r in rows if r["streams"] == 1}
     print(f"\n{args.model}, {args.tokens} greedy tokens per stream, servers {' '.join(spans)}\n")
-    print("| batching | streams | aggregate tok/s | x one stream (same setting) | p95 TTFT s | avg batch per server |")
-    print("|---|---|---|---|---|---|")
+    print("| batching | streams | aggregate tok/s | x one stream (same setting) | p95 TTFT s | avg batch per server "
+          "| avg LM-head batch |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'on' if r['batching'] else 'off'} | {r['streams']} | {r['rate']:.1f} | "
-              f"{r['rate'] / single[r['batching']]:.2f} | {r['ttft']:.2f} | {' / '.join(r['batch'])} |"
+              f"{r['rate'] / single[r['batching']]:.2f} | {r['ttft']:.2f} | {' / '.join(r['batch'])} | "
+              f"{r['head_batch']} |"
               + (f" errors: {len(r['errors'])}" if r["errors"] else ""))
     if len(single) == 2:
         print(f"\nsingle stream, batching on / off: {single[True] / single[False]:.2f}")
