@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_debian_tools.sh   # chromium (dashboard browser tests), promtool and caddy (deploy/ checks)
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=20 "$@"
 if [ -f sdk/typescript/package.json ]; then
   # npm ci again when package-lock.json changed after the last install (npm's record: node_modules/.package-lock.json)
   (cd sdk/typescript && { [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --silent --no-audit --no-fund; } &&
