@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from services.common import petals_compat  # noqa: E402,F401  (must precede petals / transformers)
+from services.common import petals_adapter  # noqa: E402,F401  (must precede petals / transformers)
 
 import torch  # noqa: E402
 

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="far-node run --batch-wait-ms")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    from services.common import petals_compat  # noqa: F401
+    from services.common import petals_adapter  # noqa: F401
 
     workdir = Path(tempfile.mkdtemp(prefix="concurrency-bench-"))
     if args.model == "tiny":

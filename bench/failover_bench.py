@@ -4,7 +4,7 @@
 
 A local swarm on loopback: for the tiny model one 0:2 server and two 2:4 replicas ("a", "b*"); for SmolLM2-135M
 (the default real model, 30 blocks) one 0:15 server and two 15:30 replicas. Each round generates ``--tokens``
-greedy tokens with the coordinator's engine (the Petals client with petals_compat, request timeout 30 s as the
+greedy tokens with the coordinator's engine (the Petals client with petals_adapter, request timeout 30 s as the
 coordinator's default) and, after a random token, SIGKILLs the 2:4 server on the route (its whole process group,
 p2pd included) after a further random delay of 0-40 ms, so the kill lands at a random point of a step or between
 steps. The killed server is replaced by a fresh one (new peer ID) before the next round. With ``--freeze`` the

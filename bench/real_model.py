@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from services.common import petals_compat  # noqa: F401
+    from services.common import petals_adapter  # noqa: F401
     import torch
     from transformers import AutoModelForCausalLM
 

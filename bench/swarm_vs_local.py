@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common import petals_compat  # noqa: E402,F401
+from services.common import petals_adapter  # noqa: E402,F401
 
 import torch  # noqa: E402
 

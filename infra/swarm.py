@@ -102,7 +102,7 @@ class LocalSwarm:
 
     def dht_client(self):
         if self._dht is None:
-            from services.common import petals_compat  # noqa: F401
+            from services.common import petals_adapter  # noqa: F401
             import hivemind
 
             self._dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True)

@@ -233,7 +233,7 @@ _KEEP_ALIVE: list = []
 def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None) -> None:
     """Serve until SIGINT/SIGTERM, then announce OFFLINE and stop every child process."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # measured: a single compute thread per server is fastest here
-    from services.common import petals_compat  # noqa: F401
+    from services.common import petals_adapter  # noqa: F401
 
     import torch
     from petals.server.server import Server

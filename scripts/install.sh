@@ -6,7 +6,7 @@
 # * torch is pinned as 2.13.0+cpu (a CPU build; PyPI has no "+cpu" file, so pip can never substitute CUDA).
 # * petals 2.2.0.post1 goes in with --no-deps: its metadata pins hivemind==1.1.10.post2 (sdist only, does not
 #   build here) and pydantic<2; the tested set runs it on hivemind 1.1.12 + pydantic 2 with the runtime fixes
-#   in services/common/petals_compat.py.
+#   in services/common/petals_adapter.
 # * --gpu (or FAR_MESH_TORCH=cuda), for GPU providers: the lock without its CPU torch line, then
 #   requirements/gpu.txt WITH dependencies: torch at the lock's version built for CUDA (with its nvidia-* runtime
 #   libraries) and nvidia-ml-py for NVML readings (docs/provider.md "GPU providers"). The CPU set stays the default.
@@ -61,7 +61,7 @@ if [ -f contracts/package-lock.json ] && command -v npm >/dev/null 2>&1 && [ ! -
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, hivemind, transformers
-from services.common import petals_compat  # applies the runtime fixes and imports petals
+from services.common import petals_adapter  # applies the runtime fixes and imports petals
 import petals
 print(f"ok: torch {torch.__version__}, hivemind {hivemind.__version__}, petals {petals.__version__}, "
       f"transformers {transformers.__version__}")

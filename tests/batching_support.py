@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from services.common import petals_compat  # noqa: F401  (before petals)
+from services.common import petals_adapter  # noqa: F401  (before petals)
 
 import torch
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 
 def install(mode: str, fraction: float, scale: float, seed: int) -> None:
-    from services.common import petals_compat  # noqa: F401  (before petals)
+    from services.common import petals_adapter  # noqa: F401  (before petals)
     import petals.server.handler as handler
     import torch
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor

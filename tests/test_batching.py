@@ -300,7 +300,7 @@ def test_concurrent_sessions_through_batching_servers_equal_solo_runs(fresh_swar
         # a client in another process that will vanish (SIGKILL) mid-generation
         script = textwrap.dedent(f"""
             import sys, torch
-            from services.common import petals_compat
+            from services.common import petals_adapter
             from services.coordinator.engine import SwarmModel
             from services.coordinator.metering import WorkMeter
             from services.coordinator.sampling import SamplingParams

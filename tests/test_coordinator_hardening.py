@@ -32,7 +32,7 @@ def scripted_model(tokenizer) -> ScriptedModel:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from services.common import petals_compat  # noqa: F401  (before transformers)
+    from services.common import petals_adapter  # noqa: F401  (before transformers)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -281,7 +281,7 @@ async def test_no_live_server_ends_the_stream_swarm_unavailable_billing_what_was
     """Issue 14: a server of the route died and nobody else holds its blocks: the stream ends with
     ``event: error`` swarm_unavailable "blocks 2:4: no live server"; the user pays for the tokens delivered, the
     servers for the steps they computed, and the session shows the server that could not be replaced."""
-    from services.common.petals_compat import SwarmUnavailable
+    from services.common.petals_adapter import SwarmUnavailable
 
     account_id, headers = await harness.account("10")
     harness.model.script = Script(

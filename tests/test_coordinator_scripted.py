@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from services.common.config import Settings
-from services.common.petals_compat import SwarmUnavailable
+from services.common.petals_adapter import SwarmUnavailable
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import pytest
 
@@ -108,13 +109,16 @@ def test_server_frozen_mid_step_is_avoided_then_used_again(fresh_swarm, tiny_mod
         frozen.append(node)
 
     def thaw_and_wait(generation):
-        from services.common import petals_compat
+        from services.common import petals_adapter
 
         for node in frozen:
             os.killpg(node.process.pid, signal.SIGCONT)
-        span = next(s.span for s in generation._session._server_sessions if s.span.start == 2)
+        from hivemind import PeerID
+
+        hop = next(hop for hop in petals_adapter.route(generation._session) if hop.start == 2)
+        span = types.SimpleNamespace(peer_id=PeerID.from_base58(hop.peer_id), start=hop.start, end=hop.end)
         deadline = time.monotonic() + 30
-        while not petals_compat.has_alternative(client.sequence_manager, span):  # ban over, routing refreshed
+        while not petals_adapter.has_alternative(client.sequence_manager, span):  # ban over, routing refreshed
             assert time.monotonic() < deadline, "the thawed server never became routable again"
             time.sleep(0.2)
 
@@ -140,7 +144,7 @@ def test_server_frozen_mid_step_is_avoided_then_used_again(fresh_swarm, tiny_mod
 def test_no_replica_for_the_failed_span_ends_with_swarm_unavailable(fresh_swarm, tiny_model_dir):
     """The only 2:4 server dies mid-step: the generation stops at once with SwarmUnavailable("blocks 2:4: no live
     server") (upstream: retries with backoff against the dead server), after the tokens already produced."""
-    from services.common.petals_compat import SwarmUnavailable
+    from services.common.petals_adapter import SwarmUnavailable
 
     fresh_swarm.start_node("a", "0:2")
     fresh_swarm.start_node("b", "2:4")

@@ -155,7 +155,7 @@ def test_servers_accept_the_models_full_context(smollm2_dir, tiny_model_dir):
     """Coordinator and servers agree: a server's inference_max_length is the model's context (Petals' default
     would be 2048), and its attention cache holds at least one full-context session."""
     from node_server.petals_server import ServerOptions, _resolve_context, petals_server_kwargs
-    from services.common import petals_compat  # noqa: F401
+    from services.common import petals_adapter  # noqa: F401
 
     for path, context in ((smollm2_dir, 8192), (tiny_model_dir, 256)):
         options = _resolve_context(ServerOptions(model_path=str(path), model_id="m", initial_peers=("/ip4/x",),

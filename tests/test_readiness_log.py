@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from services.common import petals_compat  # noqa: F401  (before hivemind/petals)
+from services.common import petals_adapter  # noqa: F401  (before hivemind/petals)
 from services.common.swarm import block_uids
 from services.coordinator import readiness as readiness_module
 from services.coordinator.metrics import SWARM_READY

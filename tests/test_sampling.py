@@ -67,7 +67,7 @@ def test_top_k_is_respected(data, temperature, top_k, top_p):
 # ------------------------------------------------------------------------------------ detokenizer (TextStream)
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from services.common import petals_compat  # noqa: F401  (before transformers)
+    from services.common import petals_adapter  # noqa: F401  (before transformers)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common import petals_compat  # noqa: F401
+from services.common import petals_adapter  # noqa: F401
 from services.common.swarm import block_uids
 
 

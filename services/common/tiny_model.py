@@ -67,7 +67,7 @@ def _train_tokenizer(out_dir: Path) -> Path:
 
 def build_tiny_model(directory: str | Path, *, force: bool = False) -> Path:
     """Write the tiny model to ``directory``; returns the directory. Skips the work if it is already complete."""
-    from services.common import petals_compat  # noqa: F401  (sets HF offline mode before transformers)
+    from services.common import petals_adapter  # noqa: F401  (sets HF offline mode before transformers)
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer

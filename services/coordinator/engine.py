@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
-from services.common import petals_compat  # noqa: F401  (must precede petals)
+from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
@@ -33,7 +33,7 @@ def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
 
 
 class AvoidPeers:
-    """The peers a stream avoids (``InferenceSession.avoid_peers``): its own suspects and the quarantined."""
+    """The peers a stream avoids (``petals_adapter.observe(avoid=...)``): its own suspects and the quarantined."""
 
     def __init__(self, quarantined: set):
         self.own: set[str] = set()
@@ -52,8 +52,8 @@ class AvoidPeers:
 class SwarmModel:
     def __init__(self, model_id: str, model_path: str | Path, initial_peers: list[str], *,
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
-                 min_backoff: float = 0.5, step_budget_factor: float = petals_compat.DEFAULT_STEP_BUDGET_FACTOR,
-                 step_budget_floor_s: float = petals_compat.DEFAULT_STEP_BUDGET_FLOOR_S,
+                 min_backoff: float = 0.5, step_budget_factor: float = petals_adapter.DEFAULT_STEP_BUDGET_FACTOR,
+                 step_budget_floor_s: float = petals_adapter.DEFAULT_STEP_BUDGET_FLOOR_S,
                  lm_head_wait_s: float = DEFAULT_MAX_WAIT_S):
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
@@ -74,54 +74,36 @@ class SwarmModel:
         # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
         self.logits_batcher = LogitsBatcher(self.model.lm_head, max_wait_s=lm_head_wait_s)
         self.failure_listeners: list = []  # called with the peer ID of every failed server request
-        # called with every failover event of any generation (petals_compat: peer_id, blocks, cause, error,
+        # called with every failover event of any generation (petals_adapter: peer_id, blocks, cause, error,
         # replaced_by, stall_s), from the generation's thread
         self.failover_listeners: list = []
         self.spot_checker = None  # services/coordinator/verification.SpotChecker, when spot checks are on
         self.quarantined: set[str] = set()  # peers no generation routes through (failed spot checks)
         manager = self.sequence_manager
-        petals_compat.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
-        upstream_on_failure = manager.on_request_failure
+        petals_adapter.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
+        petals_adapter.listen_request_failures(manager, self._request_failed)
 
-        def on_request_failure(peer_id):
-            for listener in self.failure_listeners:
-                listener(peer_id)
-            upstream_on_failure(peer_id)
-
-        manager.on_request_failure = on_request_failure
+    def _request_failed(self, peer_id) -> None:
+        for listener in self.failure_listeners:
+            listener(peer_id)
 
     def quarantine(self, peer_id: str) -> None:
-        """Stop routing through ``peer_id``: Petals' ``blocked_servers`` keeps it out of every route refresh, and
-        a reported failure (a ban) drops it from the current routes at once; running streams leave it at their
-        next step (``avoid_peers``)."""
-        from hivemind import PeerID
-
+        """Stop routing through ``peer_id``: blocked in every route refresh, and a reported failure (a ban) drops
+        it from the current routes at once (``petals_adapter.block_peer``); running streams leave it at their
+        next step (their ``avoid`` set)."""
         self.quarantined.add(peer_id)
         if self.spot_checker is not None:
             self.spot_checker.quarantined.add(peer_id)
-        manager = self.sequence_manager
-        peer = PeerID.from_base58(peer_id)
-        with manager.lock_changes:
-            if manager.blocked_servers is None:
-                manager.blocked_servers = set()
-            manager.blocked_servers.add(peer)
-        manager.on_request_failure(peer)
+        petals_adapter.block_peer(self.sequence_manager, peer_id)
 
     def unquarantine(self, peer_id: str) -> None:
-        """Route through ``peer_id`` again (its quarantine was lifted, ``far-mesh nodes unquarantine``): out of
-        ``blocked_servers``, its ban cleared, and a route refresh started so it is back in the routes at once."""
-        from hivemind import PeerID
-
+        """Route through ``peer_id`` again (its quarantine was lifted, ``far-mesh nodes unquarantine``): unblocked,
+        its ban cleared, and a route refresh started so it is back in the routes at once
+        (``petals_adapter.unblock_peer``)."""
         self.quarantined.discard(peer_id)
         if self.spot_checker is not None:
             self.spot_checker.quarantined.discard(peer_id)
-        manager = self.sequence_manager
-        peer = PeerID.from_base58(peer_id)
-        with manager.lock_changes:
-            if manager.blocked_servers is not None:
-                manager.blocked_servers.discard(peer)
-        manager.on_request_success(peer)
-        manager.update(wait=False)
+        petals_adapter.unblock_peer(self.sequence_manager, peer_id)
 
     def _load_client(self, auto_class, initial_peers, request_timeout, max_retries, update_period, min_backoff):
         import torch
@@ -174,7 +156,7 @@ class Generation:
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
-        self.failovers: list[dict] = []  # servers replaced during this generation (see petals_compat)
+        self.failovers: list[dict] = []  # servers replaced during this generation (see petals_adapter)
         self.session_id: Optional[str] = None  # the session row (set by the serving layer), for spot checks
         self.avoid = AvoidPeers(swarm.quarantined)  # suspects of failed spot checks: the stream leaves them
         self._session = None
@@ -200,8 +182,7 @@ class Generation:
         session = self._session
         if session is None:
             return []
-        return [{"peer_id": s.span.peer_id.to_base58(), "blocks": f"{s.span.start}:{s.span.end}"}
-                for s in list(session._server_sessions)]
+        return [{"peer_id": hop.peer_id, "blocks": hop.blocks} for hop in petals_adapter.route(session)]
 
     def __iter__(self) -> Iterator[TokenDelta]:
         import torch
@@ -213,13 +194,11 @@ class Generation:
         try:
             with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
                 self._session = session
-                session.step_observer = self.meter.observe_span
-                session.failover_observer = self._on_failover
-                session.avoid_peers = self.avoid
                 checker = self.swarm.spot_checker
-                if checker is not None:
-                    session.span_output_observer = lambda server_session, outputs: checker.offer(
-                        server_session, outputs, session_id=self.session_id, avoid=self.avoid)
+                petals_adapter.observe(
+                    session, on_step=self.meter.observe_span, on_failover=self._on_failover, avoid=self.avoid,
+                    on_span_output=None if checker is None else lambda server_session, outputs: checker.offer(
+                        server_session, outputs, session_id=self.session_id, avoid=self.avoid))
                 inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
                 while True:
                     if self.cancel.is_set():

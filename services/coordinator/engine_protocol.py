@@ -7,7 +7,7 @@ needs no swarm. ``create_app(settings, engine_factory=...)`` picks one.
 
 A generation is synchronous (the serving layer iterates it in a worker thread) and is stopped by setting the
 ``cancel`` event it was started with: it checks the event between steps and ends with ``finish_reason =
-"cancelled"``. It raises to fail: ``petals_compat.SwarmUnavailable`` maps to 503 ``swarm_unavailable``, any other
+"cancelled"``. It raises to fail: ``petals_adapter.SwarmUnavailable`` maps to 503 ``swarm_unavailable``, any other
 exception to 502 ``swarm_error`` (the raw error is logged, never sent to the client).
 
 This module imports no petals (and no torch).
@@ -34,7 +34,7 @@ class TokenDelta:
 
 
 class FailoverEvent(TypedDict):
-    """A server that failed a step (petals_compat's ``failover_observer`` payload)."""
+    """A server that failed a step (the payload of petals_adapter's ``on_failover`` hook)."""
 
     peer_id: str
     blocks: str  # "2:4"

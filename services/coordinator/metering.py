@@ -3,7 +3,7 @@
 Rule (../shared/SPEC.md "Accounting"): a server that computed blocks [s, e) for n token positions in a
 successful step earns (e − s) × n work units; prefill counts the prompt positions, and a replay after
 failover counts the replayed positions (that work was really done). ``WorkMeter.record`` is installed as the
-inference session's ``step_observer`` (see services/common/petals_compat.py).
+inference session's ``on_step`` hook (``observe`` in services/common/petals_adapter/session.py).
 """
 
 from __future__ import annotations

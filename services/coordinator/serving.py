@@ -24,7 +24,7 @@ from typing import AsyncIterator, Optional
 from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
-from services.common.petals_compat import SwarmUnavailable
+from services.common.petals_adapter import SwarmUnavailable
 from services.common.states import ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.admission import AdmissionGate, Overloaded

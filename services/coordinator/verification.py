@@ -120,7 +120,7 @@ class CheckJob:
     history: object  # torch.Tensor [1, L, hidden]: the span's inputs of every position so far
     outputs: object  # torch.Tensor [1, n, hidden]: what the checked server returned for the last n positions
     dtype: Optional[str]
-    avoid: Optional[set] = None  # the stream's avoid_peers: a failed check adds the suspect
+    avoid: Optional[set] = None  # the stream's avoid set (petals_adapter.observe): a failed check adds the suspect
 
 
 @dataclass(frozen=True)
@@ -292,5 +292,5 @@ class SpotChecker:
         elif suspect is not None:
             self.policy.record(suspect, False)
             if suspect == job.peer_id and job.avoid is not None:
-                job.avoid.add(suspect)  # the rest of this stream avoids it (petals_compat avoid_peers)
+                job.avoid.add(suspect)  # the rest of this stream avoids it (petals_adapter.observe(avoid=...))
         return result

@@ -11,7 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
-from services.common import petals_compat  # noqa: F401  (hivemind fixes: no UPnP probing)
+from services.common import petals_adapter  # noqa: F401  (hivemind fixes: no UPnP probing)
 from services.common.config import CommonSettings, get_settings
 from services.common.logs import configure_logging, get_logger
 

@@ -55,7 +55,7 @@ class DhtWatcher:
             self._task = asyncio.create_task(self._run(), name="dht-watcher")
 
     def _connect(self):
-        from services.common import petals_compat  # noqa: F401  (hivemind fixes, before hivemind)
+        from services.common import petals_adapter  # noqa: F401  (hivemind fixes, before hivemind)
         import hivemind
 
         return hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True, startup_timeout=60)

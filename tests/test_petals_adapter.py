@@ -1,4 +1,4 @@
-"""Every runtime fix of services/common/petals_compat.py has a test here that fails when the fix is removed.
+"""Every entry of ``FIXES`` in services/common/petals_adapter has a test here that fails when it is removed.
 
 Each test runs a small program in a fresh interpreter twice: with the fix (must behave) and with the fix
 switched off through FAR_MESH_DISABLE_COMPAT_FIX (must show the upstream problem), so the test also proves
@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from services.common import petals_compat
+from services.common import petals_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each test runs fresh interpreters that import petals and most start hivemind p2p daemons (10-20 s each):
@@ -42,11 +42,11 @@ def run_py(code: str, *, disable: str | None = None, timeout: float = 60, env_ex
 
 def test_every_fix_is_listed_and_tested():
     tested = {name.removeprefix("test_fix_") for name in globals() if name.startswith("test_fix_")}
-    assert tested == set(petals_compat.FIXES)
+    assert tested == set(petals_adapter.FIXES)
 
 
 def test_fix_hivemind_reexports():
-    code = "import services.common.petals_compat; import petals; from hivemind import PeerID, get_dht_time; print('ok')"
+    code = "import services.common.petals_adapter; import petals; from hivemind import PeerID, get_dht_time; print('ok')"
     fixed = run_py(code)
     assert fixed.returncode == 0, fixed.stderr
     broken = run_py(code, disable="hivemind_reexports")
@@ -55,7 +55,7 @@ def test_fix_hivemind_reexports():
 
 def test_fix_grad_scaler_location():
     code = """
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from torch.cuda.amp.grad_scaler import OptState, _refresh_per_optimizer_state
         print('ok')
     """
@@ -67,7 +67,7 @@ def test_fix_grad_scaler_location():
 def test_fix_no_upnp():
     code = """
         import asyncio, psutil
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from hivemind.p2p import P2P
 
         async def main():
@@ -87,7 +87,7 @@ def test_fix_no_upnp():
 
 def test_fix_hf_no_telemetry():
     """Telemetry is off, but the hub stays reachable: real deployments download hub models."""
-    code = ("import services.common.petals_compat; from huggingface_hub import constants; "
+    code = ("import services.common.petals_adapter; from huggingface_hub import constants; "
             "print(constants.HF_HUB_DISABLE_TELEMETRY, constants.HF_HUB_OFFLINE)")
     assert run_py(code).stdout.strip() == "True False"
     assert run_py(code, disable="hf_no_telemetry").stdout.strip() == "False False"
@@ -95,7 +95,7 @@ def test_fix_hf_no_telemetry():
 
 def test_fix_no_version_check():
     code = """
-        import services.common.petals_compat
+        import services.common.petals_adapter
         import requests
         calls = []
         def no_network(*args, **kwargs):
@@ -115,7 +115,7 @@ def test_fix_quiet_session_del():
     wait on that same loop: upstream it deadlocks."""
     code = """
         import asyncio
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
         from petals.client.inference_session import _ServerInferenceSession
 
@@ -139,7 +139,7 @@ def test_fix_quiet_session_del():
 def test_fix_task_cancel_from_any_thread():
     code = """
         import asyncio, threading, time
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from hivemind.p2p import p2p_daemon
 
         loop = asyncio.new_event_loop()
@@ -198,7 +198,7 @@ def test_fix_failover_replay(fresh_swarm, tiny_model_dir):
 def test_fix_root_logger_untouched():
     code = """
         import logging
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from hivemind.utils import logging as hm_logging
         print(hm_logging._default_handler in logging.getLogger().handlers)
     """
@@ -211,7 +211,7 @@ def test_fix_fast_route_repair():
     a server that refuses to open a session is reported as failed (upstream nobody is)."""
     code = """
         import threading, types
-        import services.common.petals_compat
+        import services.common.petals_adapter
         from hivemind import PeerID
         from petals.client.inference_session import InferenceSession
         from petals.client.routing.sequence_info import RemoteSequenceInfo
@@ -261,7 +261,7 @@ def test_fix_dead_peer_stream():
     caller's next request); and a Petals server session turns that early end into a connection error."""
     code = """
         import asyncio, os, signal, time
-        import services.common.petals_compat as compat
+        import services.common.petals_adapter as adapter
         from hivemind.p2p import P2P
         from hivemind.proto import test_pb2
         from hivemind.utils.asyncio import anext
@@ -329,7 +329,7 @@ def test_fix_step_latency_budget():
     code = """
         import asyncio, threading, time, types
         import torch
-        import services.common.petals_compat as compat
+        import services.common.petals_adapter as adapter
         from hivemind import PeerID, serialize_torch_tensor
         from hivemind.dht.node import Blacklist
         from hivemind.proto import runtime_pb2
@@ -342,9 +342,9 @@ def test_fix_step_latency_budget():
         manager = types.SimpleNamespace(lock_changes=threading.Lock(), state=types.SimpleNamespace(
             banned_peers=Blacklist(base_time=60, backoff_rate=2.0),
             sequence_info=types.SimpleNamespace(spans_containing_block=[[], [], spans, spans])))
-        compat.configure_step_budget(manager, 5.0, 0.5)
+        adapter.configure_step_budget(manager, 5.0, 0.5)
         for _ in range(20):
-            compat.STEP_LATENCY.record(frozen, 0.02, 1)  # its usual steps: 20 ms -> budget max(0.5, 0.1) s
+            adapter.STEP_LATENCY.record(frozen, 0.02, 1)  # its usual steps: 20 ms -> budget max(0.5, 0.1) s
 
         async def never_answers():
             await asyncio.sleep(3600)

@@ -1,39 +1,11 @@
-"""Runtime fixes that make PyPI petals 2.2.0.post1 work on hivemind 1.1.12 / torch 2.13 (the pinned set).
+"""Our failover behaviour on the Petals client: how a stream survives a server that dies, hangs or is distrusted.
 
-Import this module before ``petals`` anywhere (``services.common.petals_compat.apply()`` is called on import,
-and is idempotent). Every fix is listed in ``FIXES`` and has a test in ``tests/test_petals_compat.py`` that
-fails when the fix is removed (``FAR_MESH_DISABLE_COMPAT_FIX=<name>`` turns a fix off for that test).
+These change Petals' client (they are applied, like the fixes, by ``services.common.petals_adapter`` on import
+and listed in its ``FIXES``), but they are our behaviour rather than upstream's: a failed server leaves the
+routes at once, its replacement replays the processed prefix, a step has a latency budget, and a step whose
+blocks no live server holds fails at once with ``SwarmUnavailable``. The hooks the step calls (metering,
+failover reports, spot checks, peers to avoid) are set through session.py.
 
-The fixes (see ../shared/SPEC.md "Petals on this stack"):
-
-``hivemind_reexports``
-    hivemind 1.1.12 dropped the top-level re-exports petals imports (``hivemind.PeerID``, ``P2P``,
-    ``get_dht_time``, ``serialize_torch_tensor``, ``nested_*``, ``anext``, ...). We put them back.
-``grad_scaler_location``
-    hivemind < 1.1.12 imports ``OptState``/``_refresh_per_optimizer_state`` from ``torch.cuda.amp.grad_scaler``;
-    they moved to ``torch.amp.grad_scaler``. hivemind 1.1.12 already looks in the new place, so this fix is a
-    no-op on the pinned set and only aliases the names when the old module lacks them.
-``no_upnp``
-    ``P2P.create`` defaults to ``nat_port_map=True`` which makes p2pd probe the LAN for UPnP gateways. Forced off.
-``hf_no_telemetry``
-    ``HF_HUB_DISABLE_TELEMETRY=1``: downloads of hub models are allowed (real deployments name hub models), but
-    nothing else is sent to the hub. Tests and the demo set ``HF_HUB_OFFLINE=1`` themselves (their models are
-    built locally); an unreachable hub then fails with one clear line (services/models/hub.py).
-``no_version_check``
-    ``petals.cli.run_server`` queries PyPI for the latest version at start; replaced by a log line.
-``quiet_session_del``
-    ``_ServerInferenceSession.__del__``/``InferenceSession.__del__`` call ``close()`` which runs a coroutine on
-    the RemoteExpertWorker event loop; at interpreter exit (or from that loop's own thread) this hangs. The
-    destructors now never block: they close only when it is safe.
-``task_cancel_from_any_thread``
-    hivemind's ``cancel_task_if_running`` (used by ``P2P.__del__`` and the daemon client's destructors) calls
-    ``asyncio.get_event_loop()`` in whatever thread the garbage collector runs, which raises "There is no
-    current event loop in thread 'MainThread'" and leaks the task. It now cancels through the task's own
-    loop, thread-safely.
-``root_logger_untouched``
-    importing petals installs hivemind's log handler on the *root* logger (``use_hivemind_log_handler(
-    "in_root_logger")``), so every library's INFO lines come out in hivemind's format, twice when the process
-    has its own handler. The handler is removed again; services.common.logs renders all records.
 ``fast_route_repair``
     After a server fails, ``RemoteSequenceManager.on_request_failure`` removes it from ``block_infos`` but not
     from the derived ``spans_containing_block`` the router reads, and a failure while *connecting* to a server
@@ -46,16 +18,6 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     Fixed ``InferenceSession.step``: a fresh (replacement) server session is sent the already-processed
     prefix plus the current tokens, so it rebuilds its attention cache, and only the current positions flow
     on to servers that still hold their caches. Output is identical to an uninterrupted run.
-``dead_peer_stream`` (a server killed mid-step stalled the stream for the whole ``request_timeout``)
-    When a server dies, its p2pd's TCP connection drops, our p2pd resets the libp2p stream and closes the unix
-    socket of the call at once (~0.1 s on loopback). hivemind's ``_iterate_protobuf_stream_handler`` then sees
-    EOF but, before ending the response stream, awaits its writer task, which is blocked waiting for the
-    caller's *next* request (Petals feeds requests from a queue, one per step): the reader hangs until the
-    caller's timeout (``request_timeout``, 30 s here). The writer is now cancelled when the peer has closed the
-    stream while the writer only waits for more requests (the peer reads nothing more: hivemind's handler closes
-    the stream once its responses end), so the response stream ends at once; and Petals' ``_ServerInferenceSession``
-    turns that early end (``StopAsyncIteration`` mid-step) into ``ConnectionResetError("... closed the stream")``,
-    which the failover path handles like any dead server.
 ``step_latency_budget`` (a frozen server stalled the stream for the whole ``request_timeout``)
     A server that hangs (SIGSTOP, GPU hang, swap storm, its network silently dropped) keeps its connection and
     never answers; upstream only ``request_timeout`` notices. Each step now has a deadline from that server's
@@ -69,182 +31,20 @@ The fixes (see ../shared/SPEC.md "Petals on this stack"):
     step in this process) has only ``request_timeout``. Settings: ``configure_step_budget(manager, factor,
     floor_s)`` (the coordinator's PETALS_STEP_BUDGET_FACTOR / PETALS_STEP_BUDGET_FLOOR_S; factor 0 = off).
 
-It also adds hooks (not fixes) to the session step of ``failover_replay``:
 
-- ``InferenceSession.step_observer``, called as ``observer(span: RemoteSpanInfo, positions: int)`` after every
-  successful server step, including replays. The coordinator meters provider work with it.
-- ``InferenceSession.failover_observer``, called with a ``dict`` for every server that failed a step:
-  ``peer_id``, ``blocks`` ("2:4"), ``cause`` (``failure_cause``: died, hung or refused), ``error``,
-  ``replaced_by`` (the peer that then served those blocks, or None) and ``stall_s`` (from the start of the
-  failed attempt to the end of the step that replaced it).
-- ``InferenceSession.span_output_observer``, called as ``observer(server_session, outputs)`` after every
-  successful server step: ``server_session.history`` holds that span's inputs for every position so far (the
-  current ones last) and ``outputs`` what the server returned for the positions it was sent. The coordinator's
-  spot checks (services/coordinator/verification.py) sample it. It must be cheap: it runs on the stream's path.
-- ``InferenceSession.avoid_peers``, a set of peer IDs (base58): a server session on one of them is dropped before
-  its next step, like a failed server (cause ``distrusted``): it is banned and its blocks are replayed on another
-  server, when another live server holds them (otherwise the session keeps it). A failed spot check adds the
-  suspect here, so the rest of that stream avoids it.
-- ``SwarmUnavailable``: when a server died or hung and no other live server holds its blocks (none routable
-  and none ONLINE in a fresh DHT read, banned peers excluded), the step raises it at once
-  ("blocks 2:4: no live server") instead of retrying the dead server with backoff. A server that *refused*
-  (answered with an error) is retried as upstream.
+``SwarmUnavailable``: when a server died or hung and no other live server holds its blocks (none routable and
+none ONLINE in a fresh DHT read, banned peers excluded), the step raises it at once ("blocks 2:4: no live
+server") instead of retrying the dead server with backoff. A server that *refused* (answered with an error) is
+retried as upstream. ``PeerDistrusted``: a server session on a peer of the session's ``avoid`` set (session.py)
+is dropped before its next step, like a failed server (cause ``distrusted``), when another live server holds its
+blocks.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
-import warnings
-from typing import Callable
 
-FIXES = (
-    "hivemind_reexports",
-    "grad_scaler_location",
-    "no_upnp",
-    "hf_no_telemetry",
-    "no_version_check",
-    "quiet_session_del",
-    "task_cancel_from_any_thread",
-    "root_logger_untouched",
-    "fast_route_repair",
-    "failover_replay",
-    "dead_peer_stream",
-    "step_latency_budget",
-)
-
-_applied = False
-_lock = threading.Lock()
-
-
-def _enabled(name: str) -> bool:
-    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
-    return name not in disabled
-
-
-def _fix_hf_no_telemetry() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def _fix_grad_scaler_location() -> None:
-    import torch.amp.grad_scaler as new_location
-
-    try:
-        import torch.cuda.amp.grad_scaler as old_location
-    except ImportError:  # pragma: no cover - module removed entirely in a future torch
-        return
-    for name in ("OptState", "_refresh_per_optimizer_state"):
-        if not hasattr(old_location, name) and hasattr(new_location, name):
-            setattr(old_location, name, getattr(new_location, name))
-
-
-def _fix_hivemind_reexports() -> None:
-    import hivemind
-    import hivemind.compression as compression
-    import hivemind.p2p as p2p
-    import hivemind.utils as utils
-    from hivemind.compression import serialization
-    from hivemind.moe.server.runtime import Runtime
-    from hivemind.utils import asyncio as hm_asyncio
-    from hivemind.utils import nested, tensor_descr
-
-    names = {}
-    for module in (compression, serialization, p2p, utils, hm_asyncio, nested, tensor_descr):
-        names.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
-    names["Runtime"] = Runtime
-    for name, value in names.items():
-        if not hasattr(hivemind, name) and not isinstance(value, type(sys)):
-            setattr(hivemind, name, value)
-
-
-def _fix_no_upnp() -> None:
-    from hivemind.p2p import p2p_daemon
-
-    original = p2p_daemon.P2P.create.__func__
-    if getattr(original, "_far_mesh_no_upnp", False):
-        return
-
-    async def create(cls, *args, **kwargs):
-        kwargs["nat_port_map"] = False
-        return await original(cls, *args, **kwargs)
-
-    create._far_mesh_no_upnp = True
-    p2p_daemon.P2P.create = classmethod(create)
-
-
-def _fix_no_version_check() -> None:
-    import petals.cli.run_server as run_server
-    import petals.utils.version as version
-
-    def validate_version() -> None:
-        import petals
-
-        version.logger.info(f"Running Petals {petals.__version__} (version check against PyPI disabled)")
-
-    version.validate_version = validate_version
-    run_server.validate_version = validate_version
-
-
-def _fix_quiet_session_del() -> None:
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-    from petals.client import inference_session as inf
-
-    def _safe_to_close() -> bool:
-        if sys.is_finalizing():
-            return False
-        worker_thread = getattr(RemoteExpertWorker, "_event_thread", None)
-        # Closing runs a coroutine on the worker's loop and waits for it: never from that loop's own thread.
-        return worker_thread is None or (worker_thread.is_alive() and threading.current_thread() is not worker_thread)
-
-    def server_session_del(self):
-        if _safe_to_close():
-            try:
-                self.close()
-            except Exception:
-                pass
-
-    def session_del(self):
-        if _safe_to_close():
-            try:
-                self.close()
-            except Exception:
-                pass
-
-    inf._ServerInferenceSession.__del__ = server_session_del
-    inf.InferenceSession.__del__ = session_del
-
-
-def _fix_task_cancel_from_any_thread() -> None:
-    import asyncio
-
-    from hivemind.p2p import p2p_daemon
-    from hivemind.p2p.p2p_daemon_bindings import control
-    from hivemind.utils import asyncio as hm_asyncio
-
-    def cancel_task_if_running(task) -> None:
-        if task is None or task.done():
-            return
-        loop = task.get_loop()
-        if loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            task.cancel()
-        elif loop.is_running():
-            loop.call_soon_threadsafe(task.cancel)
-
-    for module in (hm_asyncio, p2p_daemon, control):
-        module.cancel_task_if_running = cancel_task_if_running
-
-
-def _fix_root_logger_untouched() -> None:
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    use_hivemind_log_handler("in_hivemind")  # hivemind's own loggers keep its handler; the root logger is ours
+from services.common.petals_adapter.session import hooks_of
 
 
 def _fix_fast_route_repair() -> None:
@@ -394,11 +194,9 @@ def _fix_failover_replay() -> None:
                 f"Maximum length exceeded: prefix {prefix_len} + current {n_input_tokens} "
                 f"exceeds pre-allocated maximum {self._max_length}"
             )
-        observer: Callable | None = getattr(self, "step_observer", None)
-
-        failover_observer: Callable | None = getattr(self, "failover_observer", None)
-        output_observer: Callable | None = getattr(self, "span_output_observer", None)
-        avoid: set | None = getattr(self, "avoid_peers", None)
+        hooks = hooks_of(self)  # set by session.observe(); read once per step
+        observer, failover_observer = hooks.on_step, hooks.on_failover
+        output_observer, avoid = hooks.on_span_output, hooks.avoid
         failed: list = []  # (peer_id, blocks, cause, error, attempt start) of this block's failed attempts
 
         hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
@@ -475,73 +273,6 @@ def _fix_failover_replay() -> None:
 
     inf.InferenceSession._update_sequence = _update_sequence
     inf.InferenceSession.step = step
-
-
-class ServerStreamClosed(ConnectionResetError):
-    """The server closed (or lost) the inference stream before answering a step: the server is gone."""
-
-
-def _fix_dead_peer_stream() -> None:
-    import asyncio
-    from contextlib import closing
-
-    from hivemind.p2p import p2p_daemon
-    from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
-    from petals.client import inference_session as inf
-
-    P2P = p2p_daemon.P2P
-
-    async def _iterate_protobuf_stream_handler(self, peer_id, name, requests, output_protobuf_type):
-        _, reader, writer = await self.call_binary_stream_handler(peer_id, name)
-        waiting_for_request = False  # the writer waits for the caller's next request (it is not sending)
-
-        async def _write_to_stream() -> None:
-            nonlocal waiting_for_request
-            iterator = requests.__aiter__()
-            while True:
-                waiting_for_request = True
-                try:
-                    request = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    waiting_for_request = False
-                await P2P.send_protobuf(request, writer)
-            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
-
-        async def _read_from_stream():
-            with closing(writer):
-                try:
-                    while True:
-                        try:
-                            response, err = await P2P.receive_protobuf(output_protobuf_type, reader)
-                        except asyncio.IncompleteReadError:  # Connection is closed
-                            break
-                        if err is not None:
-                            raise P2PHandlerError(f"Failed to call handler `{name}` at {peer_id}: {err.message}")
-                        yield response
-                    if not (waiting_for_request and not writing_task.done()):
-                        await writing_task  # upstream: it finishes sending (or fails) promptly
-                    # else: the peer closed the stream and reads nothing more; waiting for the caller's next
-                    # request (upstream) would hang until the caller's own timeout
-                finally:
-                    writing_task.cancel()
-
-        writing_task = asyncio.create_task(_write_to_stream())
-        return _read_from_stream()
-
-    P2P._iterate_protobuf_stream_handler = _iterate_protobuf_stream_handler
-
-    async def _step(self, inputs_serialized):
-        await self._inputs_queue.put(inputs_serialized)
-        self.stepped = True
-        try:
-            return await asyncio.wait_for(inf.anext(self._outputs_stream), self.config.request_timeout)
-        except StopAsyncIteration:
-            raise ServerStreamClosed(f"server {self.span.peer_id} closed the inference stream before answering "
-                                     f"(it died or dropped the session)") from None
-
-    inf._ServerInferenceSession._step = _step
 
 
 DEFAULT_STEP_BUDGET_FACTOR = 5.0
@@ -655,44 +386,3 @@ def _fix_step_latency_budget() -> None:
     inf.InferenceSession._enter_server_sessions = _enter_server_sessions
     inf._ServerInferenceSession._step = _step
 
-
-_PRE_PETALS = {
-    "hf_no_telemetry": _fix_hf_no_telemetry,
-    "grad_scaler_location": _fix_grad_scaler_location,
-    "hivemind_reexports": _fix_hivemind_reexports,
-    "no_upnp": _fix_no_upnp,
-}
-_POST_PETALS = {
-    "no_version_check": _fix_no_version_check,
-    "quiet_session_del": _fix_quiet_session_del,
-    "task_cancel_from_any_thread": _fix_task_cancel_from_any_thread,
-    "root_logger_untouched": _fix_root_logger_untouched,
-    "fast_route_repair": _fix_fast_route_repair,
-    "failover_replay": _fix_failover_replay,
-    "dead_peer_stream": _fix_dead_peer_stream,
-    "step_latency_budget": _fix_step_latency_budget,
-}
-
-
-def apply() -> None:
-    """Apply every enabled fix once (idempotent, thread-safe)."""
-    global _applied
-    with _lock:
-        if _applied:
-            return
-        # Known, harmless warnings of the pinned set (not fixes): transformers 4.34 on torch 2.13, and petals
-        # loading block weights into meta-initialized modules.
-        warnings.filterwarnings("ignore", message=r".*_register_pytree_node.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter.*", category=UserWarning)
-        for name, fix in _PRE_PETALS.items():
-            if _enabled(name):
-                fix()
-        import petals  # noqa: F401  (only after the pre-import fixes)
-
-        for name, fix in _POST_PETALS.items():
-            if _enabled(name):
-                fix()
-        _applied = True
-
-
-apply()
