@@ -31,7 +31,6 @@ failover reports, spot checks, peers to avoid) are set through session.py.
     step in this process) has only ``request_timeout``. Settings: ``configure_step_budget(manager, factor,
     floor_s)`` (the coordinator's PETALS_STEP_BUDGET_FACTOR / PETALS_STEP_BUDGET_FLOOR_S; factor 0 = off).
 
-
 ``SwarmUnavailable``: when a server died or hung and no other live server holds its blocks (none routable and
 none ONLINE in a fresh DHT read, banned peers excluded), the step raises it at once ("blocks 2:4: no live
 server") instead of retrying the dead server with backoff. A server that *refused* (answered with an error) is
