@@ -49,6 +49,7 @@ FIX_NAME = "batching"
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_PREFILL_CHUNK_TOKENS = 64
 DEFAULT_BATCH_WAIT_MS = 50.0
+RECENT_WAIT_MS = 4.0  # the short wait for any recently active session (see load_batch_to_runtime)
 
 
 def enabled_by_env() -> bool:
@@ -268,12 +269,22 @@ def _make_pool_class():
             if decode and not self._prefills and self.batch_wait_s > 0:
                 # Sessions that shared the previous pass with these (kept in phase by their client: the
                 # coordinator's LM-head batcher) send their next steps within milliseconds of each other: wait
-                # (bounded) for them, so they share this pass instead of queueing behind it. Sessions of other
-                # phases (other clients) are not waited for.
-                deadline = time.monotonic() + self.batch_wait_s
-                while (len(decode) < self.max_sessions and not self._prefills and not put_back
-                       and self._missing_mates(decode, time.monotonic())):
-                    remaining = deadline - time.monotonic()
+                # (up to batch_wait_ms) for them, so they share this pass instead of queueing behind it. Any other
+                # session that stepped in the last second gets a short wait (RECENT_WAIT_MS): enough for sessions
+                # that happen to arrive together to share a pass and so become mates, never a long wait for a
+                # session of another phase (another client).
+                start = time.monotonic()
+                mates_deadline = start + self.batch_wait_s
+                recent_deadline = start + min(self.batch_wait_s, RECENT_WAIT_MS / 1000.0)
+                while len(decode) < self.max_sessions and not self._prefills and not put_back:
+                    now = time.monotonic()
+                    if self._missing_mates(decode, now):
+                        deadline = mates_deadline
+                    elif len(decode) < len(self._mates):  # the recent sessions (pruned by _missing_mates)
+                        deadline = recent_deadline
+                    else:
+                        break
+                    remaining = deadline - now
                     if remaining <= 0:
                         break
                     try:
