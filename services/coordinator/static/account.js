@@ -192,50 +192,15 @@
       : `No request in the last ${DAYS} days. `) +
       `All time: ${D.formatInt(t.requests)} requests, ${D.formatInt(t.prompt_tokens)} prompt + ` +
       `${D.formatInt(t.completion_tokens)} completion tokens, ${D.formatFar(t.cost_far)} FAR.`);
-    if (typeof Chart === "undefined") {
-      throw new D.ApiError("http", "the chart library did not load (/dashboard/static/vendor/chart.umd.min.js)");
-    }
-    const labels = days.map((d) => d.day.slice(5));
-    const values = days.map((d) => Number(d.cost_far)); // bar heights only; amounts are shown from the strings
-    if (state.chart) {
-      state.chart.data.labels = labels;
-      state.chart.data.datasets[0].data = values;
-      state.chart.$days = days;
-      state.chart.update("none");
-      return;
-    }
-    state.chart = new Chart($("usage-chart"), {
-      type: "bar",
-      data: {
-        labels,
-        datasets: [{ label: "FAR spent", data: values, backgroundColor: "#0f766e", hoverBackgroundColor: "#115e59",
-                     borderRadius: 3, maxBarThickness: 28 }],
-      },
-      options: {
-        responsive: true,
-        maintainAspectRatio: false,
-        animation: false,
-        plugins: {
-          legend: { display: false },
-          tooltip: {
-            callbacks: {
-              title: (items) => state.chart.$days[items[0].dataIndex].day,
-              label: (item) => {
-                const d = state.chart.$days[item.dataIndex];
-                return [`${D.formatFar(d.cost_far)} FAR`, `${D.formatInt(d.requests)} request` +
-                        `${d.requests === 1 ? "" : "s"}, ${D.formatInt(d.prompt_tokens)} + ` +
-                        `${D.formatInt(d.completion_tokens)} tokens`];
-              },
-            },
-          },
-        },
-        scales: {
-          x: { grid: { display: false }, ticks: { maxRotation: 0, autoSkipPadding: 8 } },
-          y: { beginAtZero: true, title: { display: true, text: "FAR" }, ticks: { maxTicksLimit: 6 } },
-        },
-      },
+    state.chart = D.farBarChart(state.chart, $("usage-chart"), {
+      label: "FAR spent", days,
+      labels: days.map((d) => d.day.slice(5)),
+      values: days.map((d) => Number(d.cost_far)), // bar heights only; amounts are shown from the strings
+      title: (d) => d.day,
+      lines: (d) => [`${D.formatFar(d.cost_far)} FAR`, `${D.formatInt(d.requests)} request` +
+                     `${d.requests === 1 ? "" : "s"}, ${D.formatInt(d.prompt_tokens)} + ` +
+                     `${D.formatInt(d.completion_tokens)} tokens`],
     });
-    state.chart.$days = days;
   }
 
   function shortHex(text, head = 10, tail = 6) {

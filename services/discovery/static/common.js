@@ -243,8 +243,55 @@ const FarDash = (() => {
     return { refresh, stop, period };
   }
 
+  /**
+   * One bar per day of FAR amounts (a provider's earnings, a user's spending). Creates the chart on `canvas`, or
+   * updates `chart` in place (no animation) when there is one; returns it. `values` are the bar heights only:
+   * amounts shown to people come from the API's decimal strings, through `title(day)` and `lines(day)`.
+   */
+  function farBarChart(chart, canvas, { label, days, labels, values, title, lines }) {
+    if (typeof Chart === "undefined") {
+      throw new ApiError("http", "the chart library did not load (/dashboard/static/vendor/chart.umd.min.js)");
+    }
+    if (chart) {
+      chart.data.labels = labels;
+      chart.data.datasets[0].data = values;
+      chart.$days = days;
+      chart.update("none");
+      return chart;
+    }
+    const created = new Chart(canvas, {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [{ label, data: values, backgroundColor: "#0f766e", hoverBackgroundColor: "#115e59",
+                     borderRadius: 3, maxBarThickness: 28, minBarLength: 0 }],
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        animation: false,
+        plugins: {
+          legend: { display: false },
+          tooltip: {
+            callbacks: {
+              title: (items) => title(created.$days[items[0].dataIndex]),
+              label: (item) => lines(created.$days[item.dataIndex]),
+            },
+          },
+        },
+        scales: {
+          x: { grid: { display: false }, ticks: { maxRotation: 0, autoSkipPadding: 8 } },
+          y: { beginAtZero: true, title: { display: true, text: "FAR" }, ticks: { maxTicksLimit: 6 } },
+        },
+      },
+    });
+    created.$days = days;
+    return created;
+  }
+
   return {
     WALLET_RE, DEFAULT_REFRESH_S, ApiError, api, explain, refreshSeconds, autoRefresh, banner, el, setText,
     formatInt, formatFar, formatDuration, formatAgo, formatUtc, formatClock, formatRanges, shortPeer, peerLabel,
+    farBarChart,
   };
 })();

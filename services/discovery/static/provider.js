@@ -237,48 +237,12 @@
       ? `${D.formatFar(earnings.total_far)} FAR earned in the last ${earnings.days} days, on ${active} ` +
         `day${active === 1 ? "" : "s"}.`
       : `Nothing earned in the last ${earnings.days} days.`);
-    if (typeof Chart === "undefined") {
-      throw new D.ApiError("http", "the chart library did not load (/dashboard/static/vendor/chart.umd.min.js)");
-    }
-    if (state.chart) {
-      state.chart.data.labels = labels;
-      state.chart.data.datasets[0].data = values;
-      state.chart.$days = days;
-      state.chart.update("none");
-      return;
-    }
-    const canvas = document.getElementById("earnings-chart");
-    state.chart = new Chart(canvas, {
-      type: "bar",
-      data: {
-        labels,
-        datasets: [{ label: "FAR earned", data: values, backgroundColor: "#0f766e", hoverBackgroundColor: "#115e59",
-                     borderRadius: 3, maxBarThickness: 28, minBarLength: 0 }],
-      },
-      options: {
-        responsive: true,
-        maintainAspectRatio: false,
-        animation: false,
-        plugins: {
-          legend: { display: false },
-          tooltip: {
-            callbacks: {
-              title: (items) => state.chart.$days[items[0].dataIndex].date,
-              label: (item) => {
-                const day = state.chart.$days[item.dataIndex];
-                return [`${D.formatFar(day.earned_far)} FAR`, `${D.formatInt(day.tokens_served)} tokens, ` +
-                        `${day.sessions} session${day.sessions === 1 ? "" : "s"}`];
-              },
-            },
-          },
-        },
-        scales: {
-          x: { grid: { display: false }, ticks: { maxRotation: 0, autoSkipPadding: 8 } },
-          y: { beginAtZero: true, title: { display: true, text: "FAR" }, ticks: { maxTicksLimit: 6 } },
-        },
-      },
+    state.chart = D.farBarChart(state.chart, document.getElementById("earnings-chart"), {
+      label: "FAR earned", days, labels, values,
+      title: (day) => day.date,
+      lines: (day) => [`${D.formatFar(day.earned_far)} FAR`, `${D.formatInt(day.tokens_served)} tokens, ` +
+                       `${day.sessions} session${day.sessions === 1 ? "" : "s"}`],
     });
-    state.chart.$days = days;
   }
 
   function txCell(payment) {
