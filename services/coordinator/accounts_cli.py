@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 from typing import Optional
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.common.config import get_settings
 from services.common.money import format_far, parse_far
 from services.coordinator.accounts import AccountStore
+from services.coordinator.cli_support import run_with_store
 
 keys_app = typer.Typer(help="API keys (fl_...).", no_args_is_help=True)
 accounts_app = typer.Typer(help="Prepaid accounts.", no_args_is_help=True)
@@ -21,14 +19,7 @@ console = Console(highlight=False)
 
 
 def _with_store(fn):
-    async def runner():
-        pool = await asyncpg.create_pool(get_settings().POSTGRES_URL, min_size=1, max_size=2)
-        try:
-            return await fn(AccountStore(pool))
-        finally:
-            await pool.close()
-
-    return asyncio.run(runner())
+    return run_with_store(AccountStore, fn)
 
 
 def _amount(text: str) -> Decimal:

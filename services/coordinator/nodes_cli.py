@@ -4,18 +4,16 @@ why, and what the quarantine was); coordinators route through the peer again wit
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import socket
 from typing import Optional
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.common.config import get_settings
 from services.coordinator.checks import CheckStore
+from services.coordinator.cli_support import run_with_store
 
 app = typer.Typer(help="Provider nodes seen by the coordinators: quarantines after failed spot checks.",
                   no_args_is_help=True)
@@ -23,14 +21,7 @@ console = Console(highlight=False)
 
 
 def _with_store(fn):
-    async def runner():
-        pool = await asyncpg.create_pool(get_settings().POSTGRES_URL, min_size=1, max_size=2)
-        try:
-            return await fn(CheckStore(pool))
-        finally:
-            await pool.close()
-
-    return asyncio.run(runner())
+    return run_with_store(CheckStore, fn)
 
 
 def _operator() -> str:
