@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,20 @@ class Page:
 
     def close(self):
         self.context.close()
+
+
+@contextmanager
+def pages_of(browser, url: str):
+    """A ``make(viewport=DESKTOP) -> Page`` for the pages of ``url`` (the ``open_page`` fixtures); closes them all."""
+    pages = []
+
+    def make(viewport=DESKTOP) -> Page:
+        page = Page(browser, url, viewport)
+        pages.append(page)
+        return page
+
+    try:
+        yield make
+    finally:
+        for page in pages:
+            page.close()

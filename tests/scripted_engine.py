@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -187,3 +188,28 @@ def scripted_engine(model: ScriptedModel, readiness: Optional[ScriptedReadiness]
         return Engine(model, readiness)
 
     return factory
+
+
+@contextmanager
+def serve_app(app, name: str) -> Iterator[str]:
+    """Serve an ASGI app (its lifespan included) with uvicorn in a thread of its own, with its own event loop, on a
+    free loopback port; yields its URL and stops it on exit."""
+    import uvicorn
+
+    from infra.embedded import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, f"{name} did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive(), f"{name} did not stop"

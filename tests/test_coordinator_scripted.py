@@ -21,7 +21,8 @@ from services.coordinator.engine_protocol import EngineGeneration, EngineModel
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams
 from tests.fixtures.swarm import asse_events, create_api_key
-from tests.scripted_engine import DEFAULT_ROUTE, Script, ScriptedModel, ScriptedReadiness, scripted_engine
+from tests.scripted_engine import (DEFAULT_ROUTE, Script, ScriptedModel, ScriptedReadiness, scripted_engine,
+                                   serve_app)
 
 MODEL_ID = "test/scripted"
 MAX_RUNNING, MAX_QUEUED = 2, 3
@@ -41,10 +42,8 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, postgres_url, redis_url):
     """The coordinator app served by uvicorn in a thread of its own (its own event loop), stopped at the end."""
-    import uvicorn
     from transformers import AutoTokenizer
 
-    from infra.embedded import free_port
     from services.coordinator.app import create_app
 
     model = ScriptedModel(MODEL_ID, AutoTokenizer.from_pretrained(tiny_model_dir))
@@ -57,22 +56,10 @@ def live(tiny_model_dir, postgres_url, redis_url):
                         GENERATION_TIMEOUT_S=60)
     app = create_app(settings, coordinator_id=f"scripted-{uuid.uuid4().hex[:6]}",
                      engine_factory=scripted_engine(model, readiness))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name="scripted-coordinator", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    assert readiness.started
-    try:
-        yield Live(f"http://127.0.0.1:{port}", app, model, readiness)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive() and model.shut_down and readiness.stopped  # the lifespan closed the engine
+    with serve_app(app, "scripted-coordinator") as url:
+        assert readiness.started
+        yield Live(url, app, model, readiness)
+    assert model.shut_down and readiness.stopped  # the lifespan closed the engine
 
 
 @pytest_asyncio.fixture(loop_scope="session")

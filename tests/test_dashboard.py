@@ -22,7 +22,8 @@ from infra.processes import wait_until
 from infra.swarm import LocalSwarm
 from services.common.identity import create_identity, load_identity, registration_message
 from services.common.money import format_far
-from tests.browser_support import DESKTOP, IMG_DIR, PHONE, Page, browser, chromium, far  # noqa: F401  (fixtures)
+from tests.browser_support import (DESKTOP, IMG_DIR, PHONE, Page, browser, chromium, far,  # noqa: F401  (fixtures)
+                                   pages_of)
 from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, start_discovery
 
 pytestmark = pytest.mark.swarm
@@ -39,16 +40,8 @@ TX = {"testnet": "0x" + "a1" * 32, "mainnet": "0x" + "b2" * 32, "local": "0x" + 
 # --------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def open_page(browser, stack):
-    pages = []
-
-    def make(viewport=DESKTOP) -> Page:
-        page = Page(browser, stack.url, viewport)
-        pages.append(page)
-        return page
-
-    yield make
-    for page in pages:
-        page.close()
+    with pages_of(browser, stack.url) as make:
+        yield make
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from decimal import Decimal
 
@@ -23,8 +22,9 @@ import pytest
 from infra.processes import wait_until
 from services.common.config import Settings
 from services.deposits.watcher import DepositWatcher, account_ref, deposit
-from tests.browser_support import DESKTOP, PHONE, Page, browser, chromium, far  # noqa: F401  (fixtures)
-from tests.scripted_engine import DEFAULT_ROUTE, Script, ScriptedModel, ScriptedReadiness, scripted_engine
+from tests.browser_support import DESKTOP, PHONE, Page, browser, chromium, far, pages_of  # noqa: F401  (fixtures)
+from tests.scripted_engine import (DEFAULT_ROUTE, Script, ScriptedModel, ScriptedReadiness, scripted_engine,
+                                   serve_app)
 
 MODEL_ID = "test/scripted"
 PRICE = Decimal("0.0001")
@@ -103,11 +103,9 @@ async def _seed(db_url: str) -> tuple[str, str]:
 def live(make_database, redis_url, tiny_model_dir):
     """The coordinator (uvicorn in a thread) with deposits configured on a local chain; an account funded by a grant
     and an on-chain deposit; one completed request."""
-    import uvicorn
     from eth_account import Account
     from transformers import AutoTokenizer
 
-    from infra.embedded import free_port
     from services.coordinator.app import create_app
     from services.payouts.chain import new_local_chain
 
@@ -132,40 +130,19 @@ def live(make_database, redis_url, tiny_model_dir):
                         GENERATION_TIMEOUT_S=60)
     app = create_app(settings, coordinator_id=f"userpage-{uuid.uuid4().hex[:6]}",
                      engine_factory=scripted_engine(model, ScriptedReadiness(MODEL_ID)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name="user-page-coordinator", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with serve_app(app, "user-page-coordinator") as url:
         reply = httpx.post(f"{url}{GENERATE}", headers={"Authorization": f"Bearer {key}"}, timeout=30,
                            json={"prompt": "What is the mesh?", "max_tokens": 12, "stream": False,
                                  "request_id": "req-done-1"})
         assert reply.status_code == 200, reply.text
         yield Live(url=url, app=app, model=model, chain=chain, db_url=db_url, account_id=account_id, key=key,
                    deposit_tx="0x" + bytes(receipt["transactionHash"]).hex(), done=reply.json())
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture
 def open_page(browser, live):
-    pages = []
-
-    def make(viewport=DESKTOP) -> Page:
-        page = Page(browser, live.url, viewport)
-        pages.append(page)
-        return page
-
-    yield make
-    for page in pages:
-        page.close()
+    with pages_of(browser, live.url) as make:
+        yield make
 
 
 def sign_in(p: Page, key: str) -> None:
