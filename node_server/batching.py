@@ -228,14 +228,17 @@ def _make_pool_class():
         def _session_key(self, task):
             return task.args[2][0].cache_handles
 
-        def _missing_mates(self, decode: list, now: float) -> set:
-            """The sessions that shared their last pass with a session of ``decode`` (within the last second, still
-            holding their cache) and are not in ``decode``: in-phase sessions whose next steps are on their way."""
+        def _forget_idle_sessions(self, now: float) -> None:
+            """Keep only the sessions that stepped in the last second and still hold their cache."""
             with self.memory_cache.use_cache():  # applies the handlers' allocations and frees
                 live = self.memory_cache._allocated_tensors
             for key, (seen, _mates) in list(self._mates.items()):
                 if now - seen > self.active_window_s or key[0] not in live:
                     del self._mates[key]
+
+        def _missing_mates(self, decode: list) -> set:
+            """The sessions that shared their last pass with a session of ``decode`` and are not in ``decode``:
+            in-phase sessions whose next steps are on their way."""
             here = {self._session_key(task) for task in decode}
             wanted = set()
             for key in here:
@@ -278,9 +281,10 @@ def _make_pool_class():
                 recent_deadline = start + min(self.batch_wait_s, RECENT_WAIT_MS / 1000.0)
                 while len(decode) < self.max_sessions and not self._prefills and not put_back:
                     now = time.monotonic()
-                    if self._missing_mates(decode, now):
+                    self._forget_idle_sessions(now)
+                    if self._missing_mates(decode):
                         deadline = mates_deadline
-                    elif len(decode) < len(self._mates):  # the recent sessions (pruned by _missing_mates)
+                    elif len(decode) < len(self._mates):  # the sessions that stepped in the last second
                         deadline = recent_deadline
                     else:
                         break

@@ -51,15 +51,13 @@ class LogitsBatcher:
     never leaves is waited for until it is late)."""
 
     def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], *, max_wait_s: float = DEFAULT_MAX_WAIT_S,
-                 late_factor: float = DEFAULT_LATE_FACTOR, max_rows: int = DEFAULT_MAX_ROWS,
-                 clock: Callable[[], float] = time.monotonic):
+                 late_factor: float = DEFAULT_LATE_FACTOR, max_rows: int = DEFAULT_MAX_ROWS):
         if max_wait_s < 0 or late_factor < 0 or max_rows < 1:
             raise ValueError("max_wait_s and late_factor must be >= 0, max_rows >= 1")
         self.head = head
         self.max_wait_s = max_wait_s
         self.late_factor = late_factor
         self.max_rows = max_rows
-        self._clock = clock
         self._cond = threading.Condition()
         self._next_member = 0
         self._members: set[int] = set()
@@ -88,7 +86,7 @@ class LogitsBatcher:
         with self._cond:
             last = self._last_done.get(member)
             if last is not None:
-                away = self._clock() - last
+                away = time.monotonic() - last
                 typical = self._typical_away_s
                 self._typical_away_s = away if typical is None else (1 - _EMA) * typical + _EMA * away
             self._pending.append(request)
@@ -109,13 +107,13 @@ class LogitsBatcher:
         """Under the lock: wait until every decoding member is pending or past its due time (at most ``max_wait_s``),
         then take up to ``max_rows`` requests. None if another thread took the work meanwhile (``request`` may be
         done)."""
-        give_up = self._clock() + self.max_wait_s
+        give_up = time.monotonic() + self.max_wait_s
         while True:
             if request.done or self._computing or not self._pending:
                 return None
             arrived = {r.member for r in self._pending}
             due = self._latest_due(arrived)
-            now = self._clock()
+            now = time.monotonic()
             if due is None or due <= now or now >= give_up or len(self._pending) >= self.max_rows:
                 batch, self._pending = self._pending[:self.max_rows], self._pending[self.max_rows:]
                 return batch
@@ -141,7 +139,7 @@ class LogitsBatcher:
         finally:
             self._cond.acquire()
             self._computing = False
-        now = self._clock()
+        now = time.monotonic()
         for request, row in zip(batch, results):
             request.logits, request.error, request.done = row, error, True
             if request.member in self._members:
