@@ -43,8 +43,10 @@ test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 # The quick tier: no Petals swarm is started (tests that need one are marked swarm; tests/conftest.py checks it).
+# It runs on one worker per core (at most 8: each claims a Redis database); --dist loadfile keeps a module's
+# tests, and so its module-scoped fixtures, on one worker.
 test-quick: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not swarm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not swarm" -n auto --maxprocesses 8 --dist loadfile $(PYTEST_ARGS)
 
 # Every part on a host of its own (network namespaces, needs root and iproute2; skips with the reason otherwise).
 multihost: install

@@ -76,6 +76,19 @@ def test_build_is_deterministic_and_config_follows_the_gguf(smollm2_dir, tmp_pat
                           "tokenizer.json", "tokenizer_config.json"}
 
 
+def test_processes_pulling_at_once_build_once(tmp_path):
+    """`far-mesh up` starts three nodes that each pull the model: one builds, the others wait and reuse it."""
+    code = ("import sys; from pathlib import Path; from services.models.catalog import TINY, pull; "
+            "print(pull(TINY, Path(sys.argv[1]), progress=False, log=print))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tiny")], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    assert sum("building" in out for out in outputs) == 1, outputs
+    assert all(out.strip().endswith(str(tmp_path / "tiny")) for out in outputs)
+    assert verify(tmp_path / "tiny") is None
+
+
 def test_pull_reuses_a_verified_build_and_rebuilds_a_broken_one(tmp_path, monkeypatch):
     lines = []
     target = pull(TINY, tmp_path / "tiny", progress=False, log=lines.append)
@@ -103,7 +116,7 @@ def test_pull_reuses_a_verified_build_and_rebuilds_a_broken_one(tmp_path, monkey
     assert verify(target) is not None
     pull(TINY, tmp_path / "tiny", progress=False, log=lines.append)
     assert verify(target) is None
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch directories left
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]  # no scratch left
 
 
 def test_resolve_model_kinds(tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from filelock import FileLock
+
 MANIFEST = "far-mesh-model.json"
 MANIFEST_VERSION = 1
 VERIFIED = ".far-mesh-verified.json"  # the stat of each file when its checksum last matched
@@ -191,16 +193,25 @@ def pull(model: CatalogModel, directory: Optional[Path] = None, *, force: bool =
     already there. The build goes to a temporary sibling directory that replaces the target only when complete,
     so an interrupted build never leaves a directory that looks usable."""
     target = Path(directory) if directory else models_dir() / model.name
-    if not force:
-        problem = verify(target) if target.exists() else "not built yet"
-        if problem is None:
-            return target
-        if target.exists():
-            log(f"far-mesh: rebuilding {model.name} in {target}: {problem}")
+    if not force and target.exists() and verify(target) is None:
+        return target
     why_not = model.source_available()
     if why_not:
         raise ModelUnavailable(why_not)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may pull at once (`far-mesh up` starts three nodes, parallel test workers): one builds,
+    # the others wait for it and then find a verified build.
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not force:
+            problem = verify(target) if target.exists() else "not built yet"
+            if problem is None:
+                return target
+            if target.exists():
+                log(f"far-mesh: rebuilding {model.name} in {target}: {problem}")
+        return _build(model, target, progress=progress, log=log)
+
+
+def _build(model: CatalogModel, target: Path, *, progress: bool, log: Callable[[str], None]) -> Path:
     started = time.monotonic()
     log(f"far-mesh: building {model.name} from {model.source} into {target}")
     scratch = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=target.parent))

@@ -23,6 +23,7 @@ What is where:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -116,6 +117,7 @@ def apply() -> None:
         for name, fix in _PRE_PETALS.items():
             if _enabled(name):
                 fix()
+        fixes.ROOT_LOGGER_LEVEL = logging.getLogger().level  # before petals' import changes it
         import petals  # noqa: F401  (only after the pre-import fixes)
 
         for name, fix in _POST_PETALS.items():

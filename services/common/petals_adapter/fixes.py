@@ -33,7 +33,9 @@ this stack".
 ``root_logger_untouched``
     importing petals installs hivemind's log handler on the *root* logger (``use_hivemind_log_handler(
     "in_root_logger")``), so every library's INFO lines come out in hivemind's format, twice when the process
-    has its own handler. The handler is removed again; services.common.logs renders all records.
+    has its own handler. The handler is removed again; services.common.logs renders all records. Removing it
+    leaves the root logger at NOTSET, which enables every library's DEBUG records (py-evm under the payouts
+    tests ran 10x slower): the root level petals found is put back.
 ``dead_peer_stream`` (a server killed mid-step stalled the stream for the whole ``request_timeout``)
     When a server dies, its p2pd's TCP connection drops, our p2pd resets the libp2p stream and closes the unix
     socket of the call at once (~0.1 s on loopback). hivemind's ``_iterate_protobuf_stream_handler`` then sees
@@ -48,6 +50,7 @@ this stack".
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -171,10 +174,17 @@ def _fix_task_cancel_from_any_thread() -> None:
         module.cancel_task_if_running = cancel_task_if_running
 
 
+# The root logger's level when petals was imported (petals' import sets it to INFO; set by ``apply()``).
+ROOT_LOGGER_LEVEL = logging.WARNING
+
+
 def _fix_root_logger_untouched() -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_hivemind")  # hivemind's own loggers keep its handler; the root logger is ours
+    # ... and so is its level: leaving the root handler sets it to NOTSET, which enables DEBUG in every library
+    # that does not set its own level (every record is then built and handled: web3/py-evm ran 10x slower).
+    logging.getLogger().setLevel(ROOT_LOGGER_LEVEL)
 
 
 class ServerStreamClosed(ConnectionResetError):
