@@ -8,7 +8,8 @@ on 0:2/2:3/3:4, SmolLM2 on 0:10/10:20/20:30), and for each number of
 concurrent streams: aggregate greedy tokens/s (all streams' tokens / wall time from the first start to the last
 end), p95 time to first token, and each server's average decode batch size over that run (from its status
 file). Streams are the coordinator's own client (services/coordinator/engine.py), one thread each, distinct
-prompts. Output: a markdown table.
+prompts. CPU: cores kept busy during the streams (CPU seconds / wall seconds) by this process (the client: the
+coordinator's engine and its p2pd) and by each server's process tree, from psutil. Output: a markdown table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,26 @@ PROMPTS = ["def compute(a, b):", "import os\nimport sys", "class Parser:", "for 
 def p95(values):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+
+
+def cpu_seconds(pid: int, *, exclude: frozenset = frozenset()) -> float:
+    """User + system CPU seconds of a process and its live descendants (a server's Petals process, p2pd),
+    leaving out the trees rooted at ``exclude`` (the servers and the bootstrap are this process's children)."""
+    import psutil
+
+    def tree(proc):
+        if proc.pid in exclude:
+            return 0.0
+        try:
+            times = proc.cpu_times()
+            return times.user + times.system + sum(tree(child) for child in proc.children())
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    try:
+        return tree(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def run_streams(client, count: int, tokens: int):
@@ -85,7 +106,16 @@ def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, bat
             for count in streams:
                 time.sleep(1.2)
                 before = {name: swarm.node_status(name).get("batching") or {} for name in names}
+                servers = [swarm.nodes[name].process.pid for name in names]
+                others = frozenset(servers + [swarm.bootstrap.pid])
+
+                def cpu_now():
+                    return [cpu_seconds(os.getpid(), exclude=others)] + [cpu_seconds(pid) for pid in servers]
+
+                cpu_before, wall_before = cpu_now(), time.perf_counter()
                 rate, ttft, errors = run_streams(client, count, tokens)
+                wall = time.perf_counter() - wall_before
+                cores = [(after - before) / wall for after, before in zip(cpu_now(), cpu_before)]
                 time.sleep(1.2)  # status files are written every second
                 batch = []
                 for name in names:
@@ -95,6 +125,8 @@ def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, bat
                     batch.append(f"{steps / passes:.2f}" if passes else "1 (off)")
                 head = client.logits_batcher
                 rows.append(dict(batching=batching, streams=count, rate=rate, ttft=ttft, batch=batch, errors=errors,
+                                 cores=f"{cores[0]:.2f} / " + " / ".join(f"{c:.2f}" for c in cores[1:])
+                                 + f" (Σ {sum(cores):.2f})",
                                  head_batch=f"{head.rows / head.passes:.2f}" if head.passes else "-"))
                 head.rows = head.passes = 0
                 print(rows[-1], flush=True)
@@ -131,14 +163,18 @@ def main() -> None:
         rows += bench(model_dir, model_id, spans, num_blocks, batching, streams, args.tokens,
                       workdir / f"swarm-{'on' if batching else 'off'}", args.batch_wait_ms)
     single = {r["batching"]: r["rate"] for r in rows if r["streams"] == 1}
+
+    def ratio(row) -> str:  # against one stream of the same setting, when --streams ran one
+        return f"{row['rate'] / single[row['batching']]:.2f}" if row["batching"] in single else "—"
+
     print(f"\n{args.model}, {args.tokens} greedy tokens per stream, servers {' '.join(spans)}\n")
     print("| batching | streams | aggregate tok/s | x one stream (same setting) | p95 TTFT s | avg batch per server "
-          "| avg LM-head batch |")
-    print("|---|---|---|---|---|---|---|")
+          "| avg LM-head batch | CPU cores busy: client / servers |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'on' if r['batching'] else 'off'} | {r['streams']} | {r['rate']:.1f} | "
-              f"{r['rate'] / single[r['batching']]:.2f} | {r['ttft']:.2f} | {' / '.join(r['batch'])} | "
-              f"{r['head_batch']} |"
+              f"{ratio(r)} | {r['ttft']:.2f} | {' / '.join(r['batch'])} | "
+              f"{r['head_batch']} | {r['cores']} |"
               + (f" errors: {len(r['errors'])}" if r["errors"] else ""))
     if len(single) == 2:
         print(f"\nsingle stream, batching on / off: {single[True] / single[False]:.2f}")
