@@ -325,3 +325,35 @@ async def test_a_swarm_missing_blocks_is_refused_503_before_anything_is_charged(
     assert models == [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "far-mesh", "ready": False,
                        "missing_blocks": [2, 3], "loading_blocks": [], "fallback": False, "context_length": 256}]
     assert dict(await account_row(db_pool, account_id)) == {"balance_far": Decimal(1), "reserved_far": 0}
+
+
+async def test_the_swarm_engine_runs_torch_on_TORCH_THREADS_threads(monkeypatch, tmp_path):
+    """The coordinator's torch work (embeddings, LM head, sampling) uses TORCH_THREADS threads, set before the
+    Petals client is built (torch's one-per-core default slowed every token beside local servers)."""
+    import torch
+
+    from services.common.config import CoordinatorSettings
+    from services.coordinator import app as app_module, engine as engine_module
+
+    seen = {}
+
+    class StopHere(Exception):
+        pass
+
+    def fake_swarm_model(*_args, **_kwargs):
+        seen["threads"] = torch.get_num_threads()
+        raise StopHere
+
+    monkeypatch.setattr(engine_module, "SwarmModel", fake_swarm_model)
+    monkeypatch.setattr("services.models.catalog.resolve_model", lambda *_args, **_kwargs: str(tmp_path))
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        with pytest.raises(StopHere):
+            await app_module.swarm_engine(CoordinatorSettings(TORCH_THREADS=wanted), None)
+        assert seen["threads"] == wanted
+    finally:
+        torch.set_num_threads(before)
+    assert CoordinatorSettings().TORCH_THREADS == 1
+    with pytest.raises(ValueError):
+        CoordinatorSettings(TORCH_THREADS=0)

@@ -133,6 +133,10 @@ class CoordinatorSettings(ChainSettings):
     LM_HEAD_MAX_WAIT_S: float = Field(default=0.5, ge=0, le=10, description="coordinator: an LM-head pass waits "
                                       "at most this long for the concurrent generations it expects (keeps streams "
                                       "in phase so servers batch them; docs/batching.md; 0 = no waiting)")
+    TORCH_THREADS: int = Field(default=1, ge=1, le=256, description="coordinator: torch threads for the embeddings, "
+                               "LM head and sampling (1: measured fastest when servers share the host, and the LM "
+                               "head of concurrent generations is one memory-bound pass; raise it on a dedicated "
+                               "host serving a large model)")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
     SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
                                    "re-run on another server to check them (0 = off; docs/verification.md)")

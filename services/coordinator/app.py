@@ -60,9 +60,14 @@ def fallback_clients(settings: CoordinatorSettings, model_ids: list[str]) -> dic
 
 async def swarm_engine(settings: CoordinatorSettings, model_path: Optional[Path]) -> Engine:
     """The production engine: the Petals client of DEFAULT_MODEL_ID on the swarm, gated by its DHT coverage."""
+    import torch
+
     from services.coordinator.engine import SwarmModel
     from services.models.catalog import resolve_model
 
+    # torch's default (one thread per core) made every token ~10 % slower with servers on the same 2 cores: its
+    # parallel regions wait for a thread the servers hold (docs/benchmarks.md "The default real model").
+    torch.set_num_threads(settings.TORCH_THREADS)
     # a local directory (explicit, or a catalog model built once in the state folder) or a hub name
     path = await asyncio.to_thread(resolve_model, settings.DEFAULT_MODEL_ID,
                                    model_path or settings.FAR_MESH_MODEL_PATH or None)
