@@ -146,7 +146,11 @@ def main() -> None:
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     from services.common import petals_adapter  # noqa: F401
+    import torch
 
+    from services.common.config import CoordinatorSettings
+
+    torch.set_num_threads(CoordinatorSettings().TORCH_THREADS)  # the client runs torch as the coordinator does
     workdir = Path(tempfile.mkdtemp(prefix="concurrency-bench-"))
     if args.model == "tiny":
         from services.common.tiny_model import build_tiny_model
