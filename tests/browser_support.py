@@ -1,6 +1,7 @@
 """Browser tests' shared pieces: Debian's headless Chromium driven by Playwright (never a Playwright download), a page
 wrapper that records console errors and every URL asked for (only the page's own origin allowed: no CDN), polling
-without eval (the pages' Content-Security-Policy forbids it) and screenshots into docs/img/.
+without eval (the pages' Content-Security-Policy forbids it) and screenshots (into docs/img/ with
+FAR_MESH_UPDATE_SCREENSHOTS=1).
 
 Used by tests/test_dashboard.py (provider dashboard, discovery) and tests/test_user_page.py (user page,
 coordinator). A module imports the fixtures it uses: ``from tests.browser_support import browser, chromium``."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +20,10 @@ from infra.processes import wait_until
 from services.common.money import format_far
 
 ROOT = Path(__file__).resolve().parent.parent
-IMG_DIR = ROOT / "docs" / "img"
+# Screenshots are always taken (the capture path is tested); they replace the committed ones in docs/img/ only when
+# asked (FAR_MESH_UPDATE_SCREENSHOTS=1), so that a test run leaves the working tree as it found it.
+IMG_DIR = (ROOT / "docs" / "img" if os.environ.get("FAR_MESH_UPDATE_SCREENSHOTS") == "1"
+           else Path(tempfile.gettempdir()) / "far-mesh-screenshots")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -4,8 +4,8 @@ server), with seeded ledger/payout data and nodes registered and heartbeating th
 
 Checks the numbers against the database, the chart (30 bars, right values, drawn pixels), the payment tx links
 (BscScan testnet / mainnet, none for a local chain), a node whose heartbeats stop showing offline after a refresh,
-the empty and error states (unknown wallet, malformed wallet, discovery down), the phone layout, and writes the
-screenshots in docs/img/ (docs/dashboard.md shows them)."""
+the empty and error states (unknown wallet, malformed wallet, discovery down), the phone layout, and takes the
+screenshots docs/dashboard.md shows (into docs/img/ with FAR_MESH_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 

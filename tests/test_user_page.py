@@ -6,8 +6,8 @@ and a deposit made on a local py-evm chain and credited by the real deposit watc
 Signs in (a wrong key, an empty one: clear messages; the key kept in sessionStorage only), checks balance, reserved
 amount, deposit instructions, the deposit and a generated request (tokens, cost, the nodes that served it) against
 the database and the API, the usage chart, creates a key (secret shown once, it works), revokes one after a
-confirmation (and sees the API refuse it), revoking the signed-in key signs out, the phone layout, and writes the
-screenshots docs/img/user-page.png and docs/img/user-page-phone.png (README, docs/user-page.md)."""
+confirmation (and sees the API refuse it), revoking the signed-in key signs out, the phone layout, and takes the
+screenshots user-page.png and user-page-phone.png (into docs/img/ with FAR_MESH_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
