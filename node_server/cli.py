@@ -114,6 +114,9 @@ def run(
     batch_wait_ms: float = typer.Option(50.0, min=0, max=1000, help="batching: wait at most this long for the "
                                         "next steps of the sessions that shared a session's previous pass "
                                         "(docs/batching.md)"),
+    torch_threads: int = typer.Option(1, min=1, max=256, help="CPU threads for this server's torch compute (1 is "
+                                      "fastest where several servers share a host's cores, as in `far-mesh up`; a "
+                                      "CPU provider alone on a many-core host should raise it)"),
     server_command: Optional[str] = typer.Option(None, hidden=True, help="tests: stand-in for the Petals server"),
 ) -> None:
     """Serve the configured blocks into the swarm, register with discovery and heartbeat until SIGINT/SIGTERM."""
@@ -211,6 +214,7 @@ def run(
         memory_limit_gb=memory_limit_gb,
         batching=batching,
         batch_wait_ms=batch_wait_ms,
+        torch_threads=torch_threads,
     )
     supervisor = Supervisor(AgentConfig(
         options=options, identity_path=identity_path, state_dir=state_dir, model_id=model_id,

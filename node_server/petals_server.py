@@ -56,6 +56,7 @@ class ServerOptions:
     batch_max_sessions: int = 64
     prefill_chunk_tokens: int = 64
     batch_wait_ms: float = 50.0  # wait at most this long for the sessions that shared their previous pass
+    torch_threads: int = 1  # CPU threads for torch: 1 where servers share a host's cores (measured fastest here)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -232,13 +233,14 @@ _KEEP_ALIVE: list = []
 
 def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None) -> None:
     """Serve until SIGINT/SIGTERM, then announce OFFLINE and stop every child process."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # measured: a single compute thread per server is fastest here
+    # measured: with three servers on this 2-core box, one compute thread each is fastest (docs/provider.md)
+    os.environ.setdefault("OMP_NUM_THREADS", str(options.torch_threads))
     from services.common import petals_adapter  # noqa: F401
 
     import torch
     from petals.server.server import Server
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(options.torch_threads)
     main_pid = os.getpid()
 
     def on_signal(signum, _frame):

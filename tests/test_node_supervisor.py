@@ -4,6 +4,7 @@ stop that unregisters and leaves no process behind, and ``far-node status``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,10 +89,13 @@ def test_keeps_serving_while_discovery_is_down_then_registers(tmp_path):
 
 def test_status_command(tmp_path):
     with FakeDiscovery() as discovery:
-        node = start_node(tmp_path, discovery.url)
+        node = start_node(tmp_path, discovery.url, extra=("--torch-threads", "3"))
         try:
             wait_until(lambda: any(n.get("heartbeats", 0) >= 1 for n in discovery.nodes.values()), timeout=60,
                        what="a heartbeat", process=node)
+            # the server is started with the flags' options (here: its torch threads)
+            options = [json.loads(path.read_text()) for path in (tmp_path / "state").rglob("*.options.json")]
+            assert [o["torch_threads"] for o in options] == [3], options
             env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"), FAR_MESH_STATE_DIR=str(tmp_path / "state"))
             result = subprocess.run([sys.executable, "-m", "node_server.cli", "status"], env=env, text=True,
                                     capture_output=True, timeout=60)
