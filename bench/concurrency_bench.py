@@ -88,7 +88,7 @@ def run_streams(client, count: int, tokens: int):
 
 
 def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, batching: bool, streams: list[int],
-          tokens: int, workdir: Path, batch_wait_ms: float) -> list[dict]:
+          tokens: int, workdir: Path, batch_wait_ms: float, torch_threads: int = 1) -> list[dict]:
     from infra.swarm import LocalSwarm
     from services.coordinator.engine import SwarmModel
 
@@ -97,8 +97,8 @@ def bench(model_dir: Path, model_id: str, spans: list[str], num_blocks: int, bat
     with LocalSwarm(model_dir, model_id, workdir) as swarm:
         swarm.start_bootstrap()
         for name, span in zip(names, spans):
-            swarm.start_node(name, span, extra_args=("--batch-wait-ms", str(batch_wait_ms)) if batching
-                             else ("--no-batching",))
+            swarm.start_node(name, span, extra_args=(("--batch-wait-ms", str(batch_wait_ms)) if batching
+                                                     else ("--no-batching",)) + ("--torch-threads", str(torch_threads)))
         swarm.wait_online(names, num_blocks, timeout=300)
         client = SwarmModel(model_id, model_dir, swarm.initial_peers, request_timeout=60)
         try:
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--batching", choices=("on,off", "on", "off"), default="on,off",
                         help="server batching settings to run (default: both, in one run)")
     parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="far-node run --batch-wait-ms")
+    parser.add_argument("--torch-threads", type=int, default=1, help="far-node run --torch-threads (each server)")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     from services.common import petals_adapter  # noqa: F401
@@ -165,7 +166,7 @@ def main() -> None:
     rows = []
     for batching in [s == "on" for s in args.batching.split(",")]:
         rows += bench(model_dir, model_id, spans, num_blocks, batching, streams, args.tokens,
-                      workdir / f"swarm-{'on' if batching else 'off'}", args.batch_wait_ms)
+                      workdir / f"swarm-{'on' if batching else 'off'}", args.batch_wait_ms, args.torch_threads)
     single = {r["batching"]: r["rate"] for r in rows if r["streams"] == 1}
 
     def ratio(row) -> str:  # against one stream of the same setting, when --streams ran one
