@@ -22,7 +22,7 @@ from infra.processes import wait_until
 from infra.swarm import LocalSwarm
 from services.common.identity import create_identity, load_identity, registration_message
 from services.common.money import format_far
-from tests.browser_support import (DESKTOP, IMG_DIR, PHONE, Page, browser, chromium, far,  # noqa: F401  (fixtures)
+from tests.browser_support import (IMG_DIR, PHONE, browser, chromium, far,  # noqa: F401  (fixtures)
                                    pages_of)
 from tests.fixtures.swarm import MODEL_ID, NUM_BLOCKS, start_discovery
 

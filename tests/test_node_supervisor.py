@@ -9,11 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pexpect
 import psutil
-import pytest
 
 from infra.processes import ManagedProcess, wait_until
 from tests.fixtures.swarm import free_port

@@ -22,7 +22,7 @@ import pytest
 from infra.processes import wait_until
 from services.common.config import Settings
 from services.deposits.watcher import DepositWatcher, account_ref, deposit
-from tests.browser_support import DESKTOP, PHONE, Page, browser, chromium, far, pages_of  # noqa: F401  (fixtures)
+from tests.browser_support import PHONE, Page, browser, chromium, far, pages_of  # noqa: F401  (fixtures)
 from tests.scripted_engine import (DEFAULT_ROUTE, Script, ScriptedModel, ScriptedReadiness, scripted_engine,
                                    serve_app)
 
