@@ -73,6 +73,54 @@ def test_batched_decode_equals_per_session_steps(tiny_backends):
     assert pool.stats.snapshot()["avg_batch"] == 5.0
 
 
+@pytest.mark.parametrize("tensor", [torch.randn(3, 1, 576), torch.randn(2, 5).to(torch.bfloat16),
+                                    torch.empty(0, dtype=torch.int64), torch.tensor(7), torch.arange(6)[::2]],
+                         ids=["float32", "bfloat16", "empty", "scalar", "strided"])
+def test_small_tensors_pickle_by_value_as_plain_tensors(tensor):
+    from multiprocessing.reduction import ForkingPickler
+
+    from node_server.batching import ByValue
+
+    back = ForkingPickler.loads(ForkingPickler.dumps(ByValue(tensor)))
+    assert type(back) is torch.Tensor and back.dtype == tensor.dtype and not back.is_shared()
+    assert torch.equal(back, tensor)
+
+
+def test_steps_and_results_cross_between_handler_and_runtime_by_value(tiny_backends):
+    """A forked handler process submits a step; the runtime (this process) gets plain tensors that are not in shared
+    memory (a large one still is), and the result it delivers reaches the handler, also by value."""
+    import multiprocessing as mp
+
+    from node_server.batching import BY_VALUE_MAX_BYTES, _Work
+
+    pool = _pool(tiny_backends)
+    hidden = torch.randn(1, 1, tiny_backends.config.hidden_size)
+    large = torch.randn(BY_VALUE_MAX_BYTES // 4 + 1).share_memory_()  # over the limit: shared memory, as upstream
+    # (moved there before the fork: a forked child of this threaded process cannot start torch's shm manager)
+    reader, writer = mp.get_context("fork").Pipe(duplex=False)
+    child = os.fork()
+    if child == 0:  # the handler
+        try:
+            result = pool.submit_task(hidden, large).result(timeout=30)
+            # no torch ops here: a forked child of a process that ran them may deadlock in OpenMP
+            writer.send([(t.numpy().tobytes(), t.is_shared()) for t in result])
+        finally:
+            os._exit(0)
+    try:
+        task = pool.submitted_tasks.get()  # what the pool's own thread does in the runtime process
+        assert type(task.future).__name__ == "LeanMPFuture"
+        assert torch.equal(task.args[0], hidden) and not task.args[0].is_shared()
+        assert torch.equal(task.args[1], large) and task.args[1].is_shared()
+        pool._works[1] = _Work(decode=[task], results=[(task, (task.args[0] * 2, task.args[1]))])
+        pool.send_outputs_from_runtime(1, None)
+        assert reader.poll(30), "the handler got no result"
+        (doubled, doubled_shared), (large_back, large_shared) = reader.recv()
+        assert doubled == (hidden * 2).numpy().tobytes() and not doubled_shared  # by value
+        assert large_back == large.numpy().tobytes() and large_shared
+    finally:
+        os.waitpid(child, 0)
+
+
 def test_a_pass_waits_for_the_sessions_of_the_previous_pass_and_only_for_them(tiny_backends):
     """In-phase sessions (they shared their last pass) are waited for; a session of another phase is not."""
     from petals.utils.misc import DUMMY_INT64
