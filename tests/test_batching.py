@@ -306,6 +306,52 @@ def test_smollm2_block_batched_decode_equals_petals_step(smollm2_dir):
             s["position"] += 1
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_smollm2_block_packed_projections_equal_the_modules(smollm2_dir, rows):
+    """The oneDNN-packed projections (fused q/k/v and gate/up) give a real SmolLM2 block's output and caches as
+    the block's own Linear modules do, at batch sizes where MKL and oneDNN pick different kernels."""
+    from node_server import batching
+    from node_server.batching import SessionSlice, llama_decode_batch, packed_projections
+
+    layer = Backends(smollm2_dir, [3], prefix="packed").backends["packed.3"].module.module_shards[0]
+    assert packed_projections(layer) is not None  # float32 on CPU: packed
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 1, 576, generator=generator)
+    caches = [(torch.randn(1, 3, 64, 40, generator=generator), torch.randn(1, 3, 40, 64, generator=generator))
+              for _ in range(rows)]
+
+    def run():
+        copies = [(k.clone(), v.clone()) for k, v in caches]
+        out = llama_decode_batch(layer, hidden, [SessionSlice(i, i + 1, 5 + 2 * i, *copies[i]) for i in range(rows)])
+        return out, copies
+
+    packed_out, packed_caches = run()
+    layer.__dict__["_far_mesh_packed"] = batching._NOT_PACKED  # the modules' own F.linear
+    try:
+        plain_out, plain_caches = run()
+    finally:
+        layer.__dict__.pop("_far_mesh_packed")
+    assert not torch.equal(packed_out, plain_out) or rows == 1  # really two code paths (kernels differ)
+    torch.testing.assert_close(packed_out, plain_out, rtol=1e-5, atol=1e-4)
+    for (pk, pv), (k, v) in zip(packed_caches, plain_caches):
+        torch.testing.assert_close(pk, k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pv, v, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_skipped_where_onednn_cannot_serve(tiny_backends, monkeypatch):
+    """Switched off (FAR_MESH_DISABLE_COMPAT_FIX=batching_onednn) or a non-float32 block: the modules' path."""
+    from node_server.batching import _pack
+
+    layer = tiny_backends.backends[tiny_backends.uids[0]].module.module_shards[0]
+    assert _pack(layer) is not None
+    monkeypatch.setenv("FAR_MESH_DISABLE_COMPAT_FIX", "batching_onednn")
+    assert _pack(layer) is None
+    monkeypatch.delenv("FAR_MESH_DISABLE_COMPAT_FIX")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert _pack(LlamaDecoderLayer(tiny_backends.config).to(torch.bfloat16)) is None
+
+
 # -- through a real swarm ------------------------------------------------------------------------------------
 
 def _batching_stats(swarm, name: str) -> dict:
