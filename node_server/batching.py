@@ -48,6 +48,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from services.common import packed_linear
+
 logger = logging.getLogger(__name__)
 
 FIX_NAME = "batching"
@@ -133,16 +135,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-ONEDNN_FIX_NAME = "batching_onednn"
-
-
 @dataclass
 class PackedProjections:
-    """oneDNN-packed copies of one Llama block's projections, for the batched decode: q/k/v fused into one matrix,
-    gate/up into another. On CPU, MKL's ``F.linear`` at 2–16 rows is no faster per weight read than at 1 row
-    (SmolLM2, 10 blocks' projections, 1 thread: 14.6 ms at 1 row, 21.1 ms at 8), while a weight that oneDNN has
-    laid out for its kernels takes ~13.5 ms at 8 rows. The packed copies take as much memory as the
-    projections; Petals' own path (prefill, replays) keeps using the originals."""
+    """oneDNN-packed copies of one Llama block's projections for the batched decode (services/common/packed_linear.py:
+    at 8 rows, SmolLM2's 10 blocks of projections take 22.8 ms instead of 32.0), with q/k/v fused into one matrix
+    and gate/up into another. Petals' own path (prefill, replays) keeps using the modules' weights."""
 
     qkv: torch.Tensor
     q_size: int
@@ -152,33 +149,21 @@ class PackedProjections:
     intermediate: int
     down: torch.Tensor
 
-    @staticmethod
-    def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
 
 def _pack(layer: torch.nn.Module) -> Optional[PackedProjections]:
     """The packed projections of ``layer``, or None where oneDNN cannot serve them (not float32 on CPU, biases,
-    a tensor-parallel split, oneDNN missing or switched off)."""
+    a tensor-parallel split, oneDNN missing or switched off: FAR_MESH_DISABLE_COMPAT_FIX=packed_linear)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     weights = [linear.weight for linear in linears]
-    if (not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights)
+    if (not packed_linear.enabled() or not all(packed_linear.can_pack(w) for w in weights)
             or any(linear.bias is not None for linear in linears)
             or getattr(getattr(mlp, "config", None), "pretraining_tp", 1) != 1):
         return None
-    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
-    if ONEDNN_FIX_NAME in disabled:
-        return None
-
-    def pack(weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
-
     return PackedProjections(
-        qkv=pack(torch.cat(weights[:3])), q_size=weights[0].shape[0], kv_size=weights[1].shape[0],
-        o=pack(weights[3]), gate_up=pack(torch.cat(weights[4:6])), intermediate=weights[4].shape[0],
-        down=pack(weights[6]))
+        qkv=packed_linear.pack(torch.cat(weights[:3])), q_size=weights[0].shape[0], kv_size=weights[1].shape[0],
+        o=packed_linear.pack(weights[3]), gate_up=packed_linear.pack(torch.cat(weights[4:6])),
+        intermediate=weights[4].shape[0], down=packed_linear.pack(weights[6]))
 
 
 _NOT_PACKED = object()
@@ -207,11 +192,12 @@ def llama_decode_batch(layer: torch.nn.Module, hidden: torch.Tensor, sessions: S
     heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     groups = heads // kv_heads
     packed = packed_projections(layer)
+    linear = packed_linear.linear
 
     residual = hidden
     x = layer.input_layernorm(hidden)
     if packed is not None:
-        qkv = packed.linear(x.view(rows, -1), packed.qkv)
+        qkv = linear(x.view(rows, -1), packed.qkv)
         q, k, v = qkv.split([packed.q_size, packed.kv_size, packed.kv_size], dim=-1)
         q = q.reshape(rows, heads, head_dim)
         k = k.reshape(rows, kv_heads, head_dim)
@@ -245,10 +231,10 @@ def llama_decode_batch(layer: torch.nn.Module, hidden: torch.Tensor, sessions: S
     if packed is None:
         x = residual + attn.o_proj(out.view(rows, 1, heads * head_dim))
         return x + layer.mlp(layer.post_attention_layernorm(x))
-    x = residual + packed.linear(out, packed.o).view(rows, 1, -1)
-    gate, up = packed.linear(layer.post_attention_layernorm(x).view(rows, -1), packed.gate_up).split(
+    x = residual + linear(out, packed.o).view(rows, 1, -1)
+    gate, up = linear(layer.post_attention_layernorm(x).view(rows, -1), packed.gate_up).split(
         [packed.intermediate, packed.intermediate], dim=-1)
-    return x + packed.linear(layer.mlp.act_fn(gate) * up, packed.down).view(rows, 1, -1)
+    return x + linear(layer.mlp.act_fn(gate) * up, packed.down).view(rows, 1, -1)
 
 
 # -- crossing between the handler processes and the runtime process ---------------------------------------------

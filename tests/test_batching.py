@@ -339,12 +339,12 @@ def test_smollm2_block_packed_projections_equal_the_modules(smollm2_dir, rows):
 
 
 def test_packing_is_skipped_where_onednn_cannot_serve(tiny_backends, monkeypatch):
-    """Switched off (FAR_MESH_DISABLE_COMPAT_FIX=batching_onednn) or a non-float32 block: the modules' path."""
+    """Switched off (FAR_MESH_DISABLE_COMPAT_FIX=packed_linear) or a non-float32 block: the modules' path."""
     from node_server.batching import _pack
 
     layer = tiny_backends.backends[tiny_backends.uids[0]].module.module_shards[0]
     assert _pack(layer) is not None
-    monkeypatch.setenv("FAR_MESH_DISABLE_COMPAT_FIX", "batching_onednn")
+    monkeypatch.setenv("FAR_MESH_DISABLE_COMPAT_FIX", "packed_linear")
     assert _pack(layer) is None
     monkeypatch.delenv("FAR_MESH_DISABLE_COMPAT_FIX")
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

@@ -149,3 +149,35 @@ def test_settings_are_validated():
         LogitsBatcher(CountingHead(), max_wait_s=-1)
     with pytest.raises(ValueError):
         LogitsBatcher(CountingHead(), max_rows=0)
+
+
+# -- the head itself: a oneDNN-packed copy (services/common/packed_linear.py) -----------------------------------
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_packed_head_equals_the_module(rows):
+    from services.common.packed_linear import PackedHead
+
+    torch.manual_seed(rows)
+    module = torch.nn.Linear(576, 4096, bias=False)
+    head = PackedHead(module)
+    assert head.packed is not None
+    hidden = torch.randn(rows, 576)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(hidden), module(hidden), rtol=1e-5, atol=1e-4)
+        assert head(hidden[None]).shape == (1, rows, 4096)
+
+
+def test_packed_head_falls_back_to_the_module(monkeypatch):
+    from services.common.packed_linear import PackedHead
+
+    half = torch.nn.Linear(64, 128, bias=False).to(torch.bfloat16)  # not float32: not packed
+    assert PackedHead(half).packed is None
+    with_bias = torch.nn.Linear(64, 128)
+    assert PackedHead(with_bias).packed is None
+    monkeypatch.setenv("FAR_MESH_DISABLE_COMPAT_FIX", "packed_linear")
+    plain = torch.nn.Linear(64, 128, bias=False)
+    head = PackedHead(plain)
+    assert head.packed is None
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        assert torch.equal(head(x), plain(x))

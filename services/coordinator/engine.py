@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
+from services.common.packed_linear import PackedHead
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
@@ -72,7 +73,8 @@ class SwarmModel:
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
         # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
-        self.logits_batcher = LogitsBatcher(self.model.lm_head, max_wait_s=lm_head_wait_s)
+        # on a oneDNN-packed copy of the head where it can be (float32 on CPU: services/common/packed_linear.py)
+        self.logits_batcher = LogitsBatcher(PackedHead(self.model.lm_head), max_wait_s=lm_head_wait_s)
         self.failure_listeners: list = []  # called with the peer ID of every failed server request
         # called with every failover event of any generation (petals_adapter: peer_id, blocks, cause, error,
         # replaced_by, stall_s), from the generation's thread
