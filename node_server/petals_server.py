@@ -118,8 +118,10 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
 
 
 def fitting_num_blocks(model_path: str, *, torch_dtype: str, memory_limit_bytes: float,
-                       cache_tokens: int = 4096) -> int:
-    """How many blocks (weights + attention cache) fit in ``memory_limit_bytes``, at least 1, at most all."""
+                       cache_tokens: int = 4096, packed_copies: bool = False) -> int:
+    """How many blocks (weights + attention cache) fit in ``memory_limit_bytes``, at least 1, at most all.
+    ``packed_copies``: the batched decode keeps a oneDNN-packed copy of each block's projections (float32 on CPU,
+    node_server/batching.py), so the weights count twice."""
     import torch
     from petals.server.block_utils import get_block_size
     from petals.utils.auto_config import AutoDistributedConfig
@@ -131,7 +133,7 @@ def fitting_num_blocks(model_path: str, *, torch_dtype: str, memory_limit_bytes:
     block_bytes = get_block_size(config, "memory", dtype=dtype, quant_type=QuantType.NONE)
     cache_bytes = 2 * config.hidden_size * cache_tokens * get_size_in_bytes(dtype) // getattr(
         config, "num_key_value_groups", 1)
-    fitting = math.floor(0.9 * memory_limit_bytes / (block_bytes + cache_bytes))
+    fitting = math.floor(0.9 * memory_limit_bytes / (block_bytes * (2 if packed_copies else 1) + cache_bytes))
     return max(1, min(config.num_hidden_layers, fitting))
 
 
@@ -144,7 +146,12 @@ def _resolve_auto_num_blocks(options: ServerOptions) -> ServerOptions:
     import psutil
 
     limit = (options.memory_limit_gb * 1024**3 if options.memory_limit_gb else psutil.virtual_memory().total / 2)
-    count = fitting_num_blocks(options.model_path, torch_dtype=options.torch_dtype, memory_limit_bytes=limit)
+    from services.common import packed_linear
+
+    packed = (options.batching and options.device == "cpu" and options.torch_dtype == "float32"
+              and packed_linear.enabled())
+    count = fitting_num_blocks(options.model_path, torch_dtype=options.torch_dtype, memory_limit_bytes=limit,
+                               packed_copies=packed)
     return dataclasses.replace(options, num_blocks=count)
 
 

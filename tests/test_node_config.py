@@ -132,6 +132,13 @@ def test_auto_block_count_fits_the_memory_limit(tiny_model_dir):
     assert fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=2 * 1024**3) == 4
     assert fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=1) == 1
     assert validation.model_num_blocks(str(tiny_model_dir)) == 4
+    # with the batched decode's packed copies (float32 on CPU) the weights count twice: never more blocks, and
+    # fewer somewhere between one block and all of them
+    counts = [(fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=2**k),
+               fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=2**k,
+                                  packed_copies=True)) for k in [16 + i / 8 for i in range(8 * 16)]]
+    assert all(packed <= plain for plain, packed in counts)
+    assert any(packed < plain for plain, packed in counts)
 
 
 def test_status_says_whether_the_swarm_can_reach_the_node():
