@@ -377,3 +377,20 @@ def test_fix_step_latency_budget():
     broken = run_py(code, disable="step_latency_budget")
     print(broken.stdout)
     assert "with replica: TimeoutError after 6.0 s" in broken.stdout
+
+
+def test_step_latency_p99_scales_multi_position_samples_only_up():
+    from services.common.petals_adapter import StepLatency
+
+    latency = StepLatency(window=100)
+    assert latency.p99("peer") is None
+    for i in range(100):
+        latency.record("peer", (i + 1) / 1000, 1)  # 1..100 ms decode steps
+    assert latency.p99("peer") == 0.1  # index 99 of 100
+    latency.record("peer", 0.5, 50)  # a 50-position prefill: counts as 10 ms per position for 1 position...
+    assert latency.p99("peer") == 0.5  # ...but the raw time counts for a decode step (never scaled down)
+    assert latency.p99("peer", positions=10) == max(0.5, 0.1 * 10)  # a 1-position sample scales up to 10
+    assert latency.budget("peer", 1, factor=5.0, floor_s=1.0) == 2.5
+    assert latency.budget("peer", 1, factor=0.0, floor_s=1.0) is None
+    latency.clear()
+    assert latency.p99("peer") is None
