@@ -97,16 +97,18 @@ def test_steps_and_results_cross_between_handler_and_runtime_by_value(tiny_backe
     hidden = torch.randn(1, 1, tiny_backends.config.hidden_size)
     large = torch.randn(BY_VALUE_MAX_BYTES // 4 + 1).share_memory_()  # over the limit: shared memory, as upstream
     # (moved there before the fork: a forked child of this threaded process cannot start torch's shm manager)
-    reader, writer = mp.get_context("fork").Pipe(duplex=False)
-    child = os.fork()
-    if child == 0:  # the handler
-        try:
-            result = pool.submit_task(hidden, large).result(timeout=30)
-            # no torch ops here: a forked child of a process that ran them may deadlock in OpenMP
-            writer.send([(t.numpy().tobytes(), t.is_shared()) for t in result])
-        finally:
-            os._exit(0)
+    context = mp.get_context("fork")  # a Petals handler is a forked process too
+    reader, writer = context.Pipe(duplex=False)
+
+    def handler():
+        result = pool.submit_task(hidden, large).result(timeout=30)
+        # no torch ops here: a forked child of a process that ran them may deadlock in OpenMP
+        writer.send([(t.numpy().tobytes(), t.is_shared()) for t in result])
+
+    child = context.Process(target=handler, daemon=True)
+    child.start()
     try:
+        assert pool.submitted_tasks._reader.poll(30), "the handler submitted nothing"
         task = pool.submitted_tasks.get()  # what the pool's own thread does in the runtime process
         assert type(task.future).__name__ == "LeanMPFuture"
         assert torch.equal(task.args[0], hidden) and not task.args[0].is_shared()
@@ -118,7 +120,9 @@ def test_steps_and_results_cross_between_handler_and_runtime_by_value(tiny_backe
         assert doubled == (hidden * 2).numpy().tobytes() and not doubled_shared  # by value
         assert large_back == large.numpy().tobytes() and large_shared
     finally:
-        os.waitpid(child, 0)
+        child.join(30)
+        if child.is_alive():
+            child.kill()
 
 
 def test_a_pass_waits_for_the_sessions_of_the_previous_pass_and_only_for_them(tiny_backends):

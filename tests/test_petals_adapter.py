@@ -394,3 +394,61 @@ def test_step_latency_p99_scales_multi_position_samples_only_up():
     assert latency.budget("peer", 1, factor=0.0, floor_s=1.0) is None
     latency.clear()
     assert latency.p99("peer") is None
+
+
+def test_fix_lean_client_step():
+    """A hop's request from the lean step is upstream's, byte for byte: the first step (the session's metadata, the
+    whole history), later ones (next_servers), and a step with real hypo_ids (upstream's own path)."""
+    from types import SimpleNamespace
+
+    import torch
+    from hivemind import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.tensor_descr import BatchTensorDescriptor
+    from petals.client import inference_session as inf
+    from petals.utils.misc import DUMMY, DUMMY_INT64
+
+    lean = inf._ServerInferenceSession.step
+    upstream = lean._far_mesh_original  # not there without the fix
+
+    def fake_session(requests: list):
+        session = object.__new__(inf._ServerInferenceSession)
+        next_session = SimpleNamespace(stepped=True, session_id="next-session", next_session=None,
+                                       span=SimpleNamespace(start=2, end=4, peer_id=SimpleNamespace(to_base58=lambda: "QmNext")))
+        schema = (BatchTensorDescriptor(1, 1, 8, compression=runtime_pb2.CompressionType.NONE),) * 3
+        session.__dict__.update(
+            closed=False, history=None, _position=0, stepped=False, session_id="this-session", uid="m.0:m.1",
+            session_metadata=dict(session_id="this-session", max_length=32, points=0.0),
+            config=SimpleNamespace(use_server_to_server=True), next_session=next_session,
+            rpc_info={"inference_schema": (schema, None)}, span="0:2")
+
+        async def capture(request):
+            requests.append(request.SerializeToString())
+            session.stepped = True
+            hidden = deserialize_torch_tensor(request.tensors[0])
+            return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(hidden * 2)])
+
+        session._step = capture
+        return session
+
+    generator = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(1, 5, 8, generator=generator), DUMMY, DUMMY_INT64),
+             (torch.randn(1, 1, 8, generator=generator), DUMMY[0:2], DUMMY_INT64),
+             (torch.randn(1, 1, 8, generator=generator), DUMMY, DUMMY_INT64),
+             (torch.randn(2, 1, 8, generator=generator), DUMMY, torch.tensor([1, 0]))]  # beam reorder: upstream path
+    lean_requests, upstream_requests = [], []
+    lean_session, upstream_session = fake_session(lean_requests), fake_session(upstream_requests)
+    for index, (inputs, prompts, hypo_ids) in enumerate(steps[:3]):
+        out_lean = lean(lean_session, inputs, prompts, hypo_ids, step_id=f"step-{index}")
+        out_upstream = upstream(upstream_session, inputs, prompts, hypo_ids, step_id=f"step-{index}")
+        assert torch.equal(out_lean, out_upstream)
+    assert lean_requests == upstream_requests and len(lean_requests) == 3
+    assert b"next_servers" in lean_requests[1] and b"max_length" in lean_requests[0]
+    assert lean_session._position == upstream_session._position == 7
+    assert "_far_mesh_lean_step" in lean_session.__dict__  # the placeholders were reused, not rebuilt
+
+    inputs, prompts, hypo_ids = steps[3]
+    beam_lean, beam_upstream = fake_session([]), fake_session([])
+    lean(beam_lean, inputs, prompts, hypo_ids, step_id="beam")
+    upstream(beam_upstream, inputs, prompts, hypo_ids, step_id="beam")
+    assert "_far_mesh_lean_step" not in beam_lean.__dict__  # upstream's own path served it

@@ -12,7 +12,8 @@ What is where:
     ``task_cancel_from_any_thread``, ``root_logger_untouched``, ``dead_peer_stream``.
 ``failover.py``
     Our failover behaviour on the client: ``fast_route_repair``, ``failover_replay``, ``step_latency_budget``
-    (``StepLatency``, ``configure_step_budget``), ``SwarmUnavailable``, ``PeerDistrusted``, ``failure_cause``,
+    (``StepLatency``, ``configure_step_budget``), ``lean_client_step`` (a hop's request without re-serializing its
+    empty placeholders), ``SwarmUnavailable``, ``PeerDistrusted``, ``failure_cause``,
     ``no_live_server``, ``has_alternative``.
 ``session.py``
     Our hooks on an inference session and the client state the coordinator reads or changes, as a small API:
@@ -75,6 +76,7 @@ FIXES = (
     "failover_replay",
     "dead_peer_stream",
     "step_latency_budget",
+    "lean_client_step",
 )
 
 _applied = False
@@ -101,6 +103,7 @@ _POST_PETALS = {
     "failover_replay": failover._fix_failover_replay,
     "dead_peer_stream": fixes._fix_dead_peer_stream,
     "step_latency_budget": failover._fix_step_latency_budget,
+    "lean_client_step": failover._fix_lean_client_step,
 }
 
 

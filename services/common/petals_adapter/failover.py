@@ -274,6 +274,67 @@ def _fix_failover_replay() -> None:
     inf.InferenceSession.step = step
 
 
+def _fix_lean_client_step() -> None:
+    """Upstream's ``_ServerInferenceSession.step`` packs, describes and serializes all three tensors of a step on
+    every hop, though two are always the same empty placeholders (no deep prompts, no beam reordering): with 8
+    streams through 3 servers that is 24 times per round, in the coordinator's one GIL, where the convoy's steps
+    queue (docs/batching.md). Such steps now reuse the placeholders' serialized form and the argument structure
+    (made on the session's first step, as upstream makes them); the request is the same, byte for byte
+    (tests/test_petals_adapter.py). Any other step (deep prompts, hypo_ids) takes upstream's path."""
+    import torch
+    from hivemind import MSGPackSerializer, deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.proto import runtime_pb2
+    from petals.client import inference_session as inf
+    from petals.utils.misc import is_dummy
+    from petals.utils.packaging import pack_args_kwargs
+
+    original_step = inf._ServerInferenceSession.step
+
+    def step(self, inputs: torch.Tensor, prompts: torch.Tensor, hypo_ids: torch.Tensor, *, step_id: str):
+        if self.closed or not (is_dummy(prompts) and is_dummy(hypo_ids)):
+            return original_step(self, inputs, prompts, hypo_ids, step_id=step_id)
+        key = (tuple(prompts.shape), prompts.dtype, tuple(hypo_ids.shape), hypo_ids.dtype, inputs.dtype)
+        cached = self.__dict__.get("_far_mesh_lean_step")
+        if cached is None or cached[0] != key:
+            _tensors, args_structure = pack_args_kwargs(inputs, prompts, hypo_ids)
+            compression = self.rpc_info["inference_schema"][0][0].compression
+            cached = (key, args_structure, compression,
+                      (serialize_torch_tensor(prompts, compression), serialize_torch_tensor(hypo_ids, compression)))
+            self._far_mesh_lean_step = cached
+        _key, args_structure, compression, placeholders = cached
+
+        n_input_tokens = inputs.shape[1]  # from here on as upstream
+        if self.history is None:
+            self.history = inputs
+        elif self.history.shape[1] == self._position:
+            self.history = torch.cat([self.history, inputs[:, -n_input_tokens:]], dim=1)
+        assert self.history.shape[1] == self._position + n_input_tokens, (
+            f"Broken input cache: span={self.span} shape={self.history.shape} "
+            f"position={self._position} n_input_tokens={n_input_tokens}")
+        inputs = self.history if not self.stepped else inputs[:, -n_input_tokens:]
+        request_metadata = dict(session_id=self.session_id, step_id=step_id)
+        if not self.stepped:
+            request_metadata.update(self.session_metadata)
+        elif self.config.use_server_to_server:
+            next_servers = self._collect_next_servers()
+            if next_servers:
+                request_metadata["next_servers"] = next_servers
+        request_metadata["args_structure"] = args_structure
+        request = runtime_pb2.ExpertRequest(
+            uid=self.uid, tensors=[serialize_torch_tensor(inputs, compression), *placeholders],
+            metadata=MSGPackSerializer.dumps(request_metadata))
+        outputs_serialized = RemoteExpertWorker.run_coroutine(self._step(request))
+        outputs = list(map(deserialize_torch_tensor, outputs_serialized.tensors))
+        assert outputs[0].shape == inputs.shape, (
+            f"output activation shape is different from input shape: {outputs[0].shape} != {inputs.shape}")
+        self._position += n_input_tokens
+        return outputs[0]
+
+    step._far_mesh_original = original_step
+    inf._ServerInferenceSession.step = step
+
+
 DEFAULT_STEP_BUDGET_FACTOR = 5.0
 DEFAULT_STEP_BUDGET_FLOOR_S = 1.0
 STEP_SAMPLES_PER_PEER = 64
