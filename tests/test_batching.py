@@ -3,7 +3,6 @@ process on real blocks (the tiny model and a real SmolLM2 block with GQA), and t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
