@@ -41,6 +41,7 @@ blocks.
 
 from __future__ import annotations
 
+import operator
 import threading
 
 from services.common.petals_adapter.session import hooks_of
@@ -352,22 +353,21 @@ class StepLatency:
 
         self._window = window
         self._samples: dict = collections.defaultdict(lambda: collections.deque(maxlen=self._window))
-        self._seconds: dict = collections.defaultdict(lambda: collections.deque(maxlen=self._window))
         self._lock = threading.Lock()
 
     def record(self, peer_id, seconds: float, positions: int) -> None:
         with self._lock:
             self._samples[str(peer_id)].append((seconds, max(1, positions)))
-            self._seconds[str(peer_id)].append(seconds)
 
     def p99(self, peer_id, positions: int = 1):
         """The 99th percentile of recent step times, each scaled up to ``positions`` (never down); None if no
         step of this server was seen yet."""
         with self._lock:
-            if positions <= 1:  # every step (hop) of a decode: no sample scales, so sort the raw times (in C: this
-                scaled = sorted(self._seconds.get(str(peer_id), ()))  # runs per hop, for every stream)
+            samples = self._samples.get(str(peer_id), ())
+            if positions <= 1:  # every step (hop) of a decode: no sample scales, so sort the raw times, in C (this
+                scaled = sorted(map(operator.itemgetter(0), samples))  # runs per hop, for every stream)
             else:
-                scaled = sorted(seconds * max(1.0, positions / n) for seconds, n in self._samples.get(str(peer_id), ()))
+                scaled = sorted(seconds * max(1.0, positions / n) for seconds, n in samples)
         if not scaled:
             return None
         return scaled[min(len(scaled) - 1, int(0.99 * len(scaled)))]
@@ -381,7 +381,6 @@ class StepLatency:
     def clear(self) -> None:
         with self._lock:
             self._samples.clear()
-            self._seconds.clear()
 
 
 STEP_LATENCY = StepLatency()
