@@ -7,6 +7,9 @@ takes, at which step to fail (and with what) or to hang, and which servers compu
 engine.Generation does: the cancel event is checked before each step, and a step that finishes after a cancel does
 not emit its token.
 
+A script with ``logits`` is a model instead: each step's logits come from it and the generation samples them with the
+coordinator's sampler (the request's grammar included, services/coordinator/structured.py), as engine.Generation does.
+
 ``scripted_engine(model, readiness)`` is an engine factory for ``create_app(settings, engine_factory=...)``.
 """
 
@@ -22,7 +25,8 @@ from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
                                                   RouteHop, TokenDelta)
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream
+from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
+from services.coordinator.structured import constraint_for
 
 NUM_BLOCKS = 4
 DEFAULT_ROUTE = (("QmScriptedA", 0, 2), ("QmScriptedB", 2, 4))
@@ -44,6 +48,8 @@ class Script:
     hold: Optional[threading.Event] = None  # the first step waits for this event (a slow start; bounded)
     route: tuple = DEFAULT_ROUTE  # ((peer_id, start_block, end_block), ...) computing every step
     eos: bool = True  # end with the tokenizer's EOS after the text (finish_reason "eos") when max_tokens allows
+    # a model: the next token's [vocab] logits from the tokens generated so far (then ``text`` is not used)
+    logits: Optional[Callable[[list], object]] = None
 
 
 @dataclass
@@ -67,6 +73,8 @@ class ScriptedGeneration:
         self.failovers: list[FailoverEvent] = []
         output = model.tokenizer(script.text, add_special_tokens=False).input_ids
         self._output = list(output) + ([model.tokenizer.eos_token_id] if script.eos else [])
+        self.sampler = TokenSampler(params, constraint_for(model.tokenizer, params.grammar,
+                                                           [model.tokenizer.eos_token_id]))
 
     @property
     def completion_tokens(self) -> int:
@@ -102,6 +110,8 @@ class ScriptedGeneration:
         positions = len(self.prompt_ids) if number == 1 else 1
         for peer, start, end in script.route:
             self.meter.record(peer, start, end, positions)
+        if script.logits is not None:
+            return self.sampler.sample(script.logits(list(self.token_ids)))
         return self._output[(number - 1) % len(self._output)]
 
     def __iter__(self) -> Iterator[TokenDelta]:

@@ -19,6 +19,7 @@ from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the 
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
+from services.coordinator.structured import constraint_for
 
 
 def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
@@ -154,7 +155,7 @@ class Generation:
         self.params = params
         self.meter = meter
         self.cancel = cancel
-        self.sampler = TokenSampler(params)
+        self.sampler = TokenSampler(params, constraint_for(swarm.tokenizer, params.grammar, swarm.eos_token_ids))
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None

@@ -60,6 +60,8 @@ def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, di
         body["seed"] = request.seed
     if "top_k" in request.model_fields_set and request.top_k > 0:
         body["top_k"] = request.top_k
+    if request.response_format is not None:  # the upstream enforces it (an OpenAI-compatible API)
+        body["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
     if request.messages is None:
         return "completions", {**body, "prompt": request.prompt}
     # "developer" is rendered as "system" locally too (openai_protocol.render_chat); older servers reject it

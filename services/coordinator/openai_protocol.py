@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, JsonInt, error_responses, json_int
 from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
-                                           NOT_BLANK, SOME_MESSAGE_HAS_TEXT, ChatMessage)
+                                           NOT_BLANK, SOME_MESSAGE_HAS_TEXT, ChatMessage, ResponseFormat)
 
 # The rules of GenerateRequest (what these requests become), stated in these schemas too.
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)]
@@ -56,6 +56,7 @@ class CompletionRequest(_Common):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000, json_schema_extra=SOME_MESSAGE_HAS_TEXT)
+    response_format: Optional[ResponseFormat] = None
 
 
 class ModelCard(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,33 @@ MAX_PROMPT_CHARS = 200_000  # a cheap first bound; the model's context bounds it
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters
 
 
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema`` as OpenAI shapes it. The output is always constrained to ``schema`` (with or
+    without ``strict``); a schema feature that cannot be enforced is refused (400 ``unsupported_schema``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = Field(None, max_length=10_000)
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="a JSON Schema (default: any object)")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (default), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the schema)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
 
 
 class ContentPart(BaseModel):
@@ -77,6 +104,7 @@ class GenerateRequest(BaseModel):
                                       json_schema_extra={"not": {"enum": list(RESERVED_REQUEST_IDS)}})
     user_wallet: Optional[str] = Field(None, pattern=WALLET_PATTERN)
     stream: bool = True
+    response_format: Optional[ResponseFormat] = None
 
     @field_validator("request_id")
     @classmethod

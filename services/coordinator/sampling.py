@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -31,15 +31,25 @@ class SamplingParams:
     top_k: int = 40
     seed: Optional[int] = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: Optional[str] = None  # structured output: an llguidance grammar (services/coordinator/structured.py)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
+class TokenConstraint(Protocol):
+    """The tokens a stream may produce next (structured.GrammarConstraint), told each token chosen."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+
 class TokenSampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint: Optional[TokenConstraint] = None):
         self.params = params
+        self.constraint = constraint
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -47,6 +57,18 @@ class TokenSampler:
             self.generator.seed()
 
     def sample(self, logits: torch.Tensor) -> int:
+        """The next token; with a constraint, only among the tokens it allows (the others' logits are -inf before
+        temperature, top-k and top-p), and the constraint is told the token."""
+        if self.constraint is None:
+            return self._sample(logits)
+        allowed = self.constraint.allowed(logits.numel())
+        token_id = self._sample(logits.detach().flatten().masked_fill(~allowed, float("-inf")))
+        if not allowed[token_id]:  # every allowed logit was -inf or NaN: the first allowed token
+            token_id = int(allowed.nonzero()[0])
+        self.constraint.accept(token_id)
+        return token_id
+
+    def _sample(self, logits: torch.Tensor) -> int:
         """``logits``: 1-D tensor over the vocabulary. NaN counts as -inf; if some logits are +inf, the choice is
         among those (uniformly); if all are -inf, token 0 (argmax)."""
         logits = logits.detach().flatten().to(torch.float64)

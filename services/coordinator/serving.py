@@ -37,6 +37,7 @@ from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequ
                                            TokenEvent, Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
+from services.coordinator.structured import UnsupportedSchema, grammar_for_response_format
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
@@ -65,6 +66,14 @@ def _count_failover(model_id: str, event: dict) -> None:
 
 class ServingError(ApiError):
     """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
+
+
+def _grammar(request: GenerateRequest) -> Optional[str]:
+    """The grammar that constrains the output (structured.py), or None; 400 naming what cannot be enforced."""
+    try:
+        return grammar_for_response_format(request.response_format)
+    except UnsupportedSchema as error:
+        raise ServingError(400, "unsupported_schema", f"response_format: {error}") from None
 
 
 def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
@@ -196,6 +205,7 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
+        grammar = await asyncio.to_thread(_grammar, request)
         prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
@@ -207,7 +217,7 @@ class InferenceService:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                top_k=request.top_k, seed=request.seed, stop=tuple(stops))
+                                top_k=request.top_k, seed=request.seed, stop=tuple(stops), grammar=grammar)
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
         return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
 

@@ -32,7 +32,7 @@ def _generate_request(body, prompt: Optional[str], messages=None) -> GenerateReq
                                max_tokens=body.max_completion_tokens or body.max_tokens or 16,
                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                stop=body.stop_list(), seed=body.seed, model_id=body.model,
-                               stream=body.stream)
+                               stream=body.stream, response_format=getattr(body, "response_format", None))
     except ValidationError as error:
         raise ServingError(422, "invalid_request", validation_message(error)) from None
 

@@ -1,0 +1,214 @@
+"""Structured outputs (services/coordinator/structured.py): the grammar compiled from a JSON schema masks the logits
+in the coordinator's sampler, so the output parses and validates whatever the model prefers. Fast: the real app
+(uvicorn in a thread, real PostgreSQL and Redis) over the scripted engine, whose script here is a model emitting
+logits; the official ``openai`` client, unmodified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from decimal import Decimal
+from typing import Literal
+
+import httpx
+import jsonschema_rs
+import openai
+import pydantic
+import pytest
+import torch
+
+from services.common.config import Settings
+from services.coordinator.sampling import SamplingParams, TokenSampler
+from services.coordinator.structured import (GrammarConstraint, UnsupportedSchema, grammar_for_schema,
+                                             schema_text)
+from tests.fixtures.swarm import create_api_key
+from tests.scripted_engine import Script, ScriptedModel, ScriptedReadiness, scripted_engine, serve_app
+
+MODEL_ID = "test/structured"
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12},
+                   "rank": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "capital": {"type": "boolean"},
+                   "tags": {"type": "array", "items": {"enum": ["old", "big", "cold"]}, "maxItems": 3}},
+    "required": ["city", "rank", "capital", "tags"],
+    "additionalProperties": False,
+}
+# What the scripted model would say unconstrained: not JSON at all.
+FREE_TEXT = 'Sure! The answer is {city: Paris, rank: first} as you asked.'
+
+
+def preferring(tokenizer, text: str, *, seed: int = 0, bonus: float = 8.0):
+    """A model whose logits favour the tokens of ``text`` in order (and seeded noise elsewhere)."""
+    target = tokenizer(text, add_special_tokens=False).input_ids
+    if tokenizer.convert_ids_to_tokens(target[0]) == "\u2581":  # SentencePiece's prefix space: not in the text
+        target = target[1:]
+    vocab = len(tokenizer)
+
+    def logits(generated: list) -> torch.Tensor:
+        position = len(generated)
+        noise = torch.randn(vocab, generator=torch.Generator().manual_seed(seed * 100_003 + position))
+        if position < len(target):
+            noise[target[position]] += bonus
+        return noise
+
+    return logits
+
+
+def sample_constrained(tokenizer, grammar: str, logits_of, *, max_tokens: int = 120, temperature: float = 0.0,
+                       seed: int = 0) -> tuple[str, list[int]]:
+    eos = tokenizer.eos_token_id
+    sampler = TokenSampler(SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
+                           GrammarConstraint(tokenizer, grammar, [eos]))
+    ids: list[int] = []
+    while len(ids) < max_tokens:
+        token = sampler.sample(logits_of(ids))
+        if token == eos:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# ------------------------------------------------------------------------------------------------- pure
+def test_unsupported_schema_features_are_named():
+    with pytest.raises(UnsupportedSchema, match="uniqueItems"):
+        grammar_for_schema({"type": "array", "uniqueItems": True})
+    with pytest.raises(UnsupportedSchema, match='"if", "then"'):
+        grammar_for_schema({"if": {"type": "string"}, "then": {"minLength": 2}})
+    with pytest.raises(UnsupportedSchema, match="look-around"):
+        grammar_for_schema({"type": "string", "pattern": "a(?=b)"})
+    with pytest.raises(UnsupportedSchema, match="JSON object"):
+        grammar_for_schema(["not", "a", "schema"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constrained_sampling_always_validates(tokenizer, seed, temperature):
+    """Whatever the model prefers (free text here, noise after it), the sampled text is valid JSON of the schema;
+    the same logits unconstrained give text that is not JSON."""
+    grammar = grammar_for_schema(CITY_SCHEMA)
+    model = preferring(tokenizer, FREE_TEXT, seed=seed)
+    text, _ = sample_constrained(tokenizer, grammar, model, temperature=temperature, seed=seed)
+    jsonschema_rs.validate(CITY_SCHEMA, json.loads(text))
+    unconstrained = TokenSampler(SamplingParams(temperature=0.0))
+    first = [unconstrained.sample(model(list(range(i)))) for i in range(8)]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(tokenizer.decode(first))
+
+
+def test_a_valid_preference_is_followed_exactly(tokenizer):
+    """A model that already says valid JSON (compact) is not changed by the mask."""
+    wanted = '{"city":"Oslo","rank":7,"capital":true,"tags":["cold","old"]}'
+    text, _ = sample_constrained(tokenizer, grammar_for_schema(CITY_SCHEMA), preferring(tokenizer, wanted))
+    assert text == wanted
+
+
+def test_mask_follows_only_accepted_tokens(tokenizer):
+    """Two streams over one grammar keep their own state (one constraint each)."""
+    grammar = grammar_for_schema(CITY_SCHEMA)
+    a, _ = sample_constrained(tokenizer, grammar, preferring(tokenizer, '{"city":"A"', seed=1))
+    b, _ = sample_constrained(tokenizer, grammar, preferring(tokenizer, '{"city":"Bergen"', seed=2))
+    assert a.startswith('{"city":"A"') and b.startswith('{"city":"Bergen"')
+    for text in (a, b):
+        jsonschema_rs.validate(CITY_SCHEMA, json.loads(text))
+
+
+def test_schema_text_is_compact():
+    assert schema_text({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+# ------------------------------------------------------------------------------------------ through the API
+@pytest.fixture(scope="module")
+def live(tokenizer, postgres_url, redis_url):
+    from services.coordinator.app import create_app
+
+    model = ScriptedModel(MODEL_ID, tokenizer, context_length=256)
+    readiness = ScriptedReadiness(MODEL_ID)
+    settings = Settings(POSTGRES_URL=postgres_url, REDIS_URL=redis_url, DEFAULT_MODEL_ID=MODEL_ID, JWT_SECRET="",
+                        PRICE_PER_TOKEN_FAR=Decimal("0.0001"), PRICE_PER_PROMPT_TOKEN_FAR=Decimal(0),
+                        GENERATION_TIMEOUT_S=60)
+    app = create_app(settings, coordinator_id=f"structured-{uuid.uuid4().hex[:6]}",
+                     engine_factory=scripted_engine(model, readiness))
+    with serve_app(app, "structured-coordinator") as url:
+        _, key = asyncio.run(create_api_key(postgres_url, balance="100"))
+        yield url, key, model
+
+
+@pytest.fixture
+def client(live):
+    url, key, model = live
+    model.script = Script(logits=preferring(model.tokenizer, FREE_TEXT, seed=3))
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+ASK = [{"role": "user", "content": "Name a city as JSON."}]
+
+
+def test_chat_json_schema_validates(client):
+    answer = client.chat.completions.create(
+        model=MODEL_ID, messages=ASK, max_tokens=120, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA,
+                                                                "strict": True}})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema_rs.validate(CITY_SCHEMA, json.loads(choice.message.content))
+
+
+def test_chat_json_object_streamed(client, live):
+    """json_object: any JSON object. The model's text (a JSON object after a preamble) is cut to the object."""
+    live[2].script = Script(logits=preferring(live[2].tokenizer, 'Here: {"city": "Oslo", "n": [1, 2]}'))
+    stream = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=200, temperature=0,
+                                            stream=True, response_format={"type": "json_object"})
+    chunks = [chunk for chunk in stream if chunk.choices]
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert isinstance(json.loads(text), dict) and chunks[-1].choices[0].finish_reason == "stop"
+
+
+class City(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=12)
+    size: Literal["small", "large"]
+    capital: bool
+
+
+def test_official_client_parse_returns_the_model(client):
+    completion = client.beta.chat.completions.parse(model=MODEL_ID, messages=ASK, max_tokens=120, temperature=0,
+                                                    response_format=City)
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, City)
+
+
+def test_unsupported_schema_is_a_400_naming_it(client, live):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=20,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "array", "uniqueItems": True}}})
+    assert refused.value.body["code"] == "unsupported_schema" and "uniqueItems" in refused.value.body["message"]
+    url, key, _ = live
+    native = httpx.post(f"{url}/mesh/inference/generate", headers={"Authorization": f"Bearer {key}"}, json={
+        "prompt": "x", "stream": False, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"not": {"type": "string"}}}}}, timeout=30)
+    assert native.status_code == 400 and '"not"' in native.json()["error"]["message"]
+
+
+def test_native_generate_response_format(live):
+    url, key, model = live
+    model.script = Script(logits=preferring(model.tokenizer, FREE_TEXT, seed=4))
+    answer = httpx.post(f"{url}/mesh/inference/generate", headers={"Authorization": f"Bearer {key}"}, json={
+        "prompt": "A city:", "stream": False, "max_tokens": 120, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}},
+        timeout=30)
+    assert answer.status_code == 200, answer.text
+    jsonschema_rs.validate(CITY_SCHEMA, json.loads(answer.json()["text"]))
+    bad = httpx.post(f"{url}/mesh/inference/generate", headers={"Authorization": f"Bearer {key}"}, json={
+        "prompt": "A city:", "stream": False, "response_format": {"type": "json_schema"}}, timeout=30)
+    assert bad.status_code == 422
