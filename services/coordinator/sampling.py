@@ -41,7 +41,7 @@ class SamplingParams:
 class TokenConstraint(Protocol):
     """The tokens a stream may produce next (structured.GrammarConstraint), told each token chosen."""
 
-    def allowed(self, vocab_size: int) -> torch.Tensor: ...
+    def allowed_ids(self, vocab_size: int) -> torch.Tensor: ...
 
     def accept(self, token_id: int) -> None: ...
 
@@ -57,14 +57,14 @@ class TokenSampler:
             self.generator.seed()
 
     def sample(self, logits: torch.Tensor) -> int:
-        """The next token; with a constraint, only among the tokens it allows (the others' logits are -inf before
-        temperature, top-k and top-p), and the constraint is told the token."""
+        """The next token; with a constraint, only among the tokens it allows (as if the others' logits were -inf
+        before temperature, top-k and top-p), and the constraint is told the token."""
         if self.constraint is None:
             return self._sample(logits)
-        allowed = self.constraint.allowed(logits.numel())
-        token_id = self._sample(logits.detach().flatten().masked_fill(~allowed, float("-inf")))
-        if not allowed[token_id]:  # every allowed logit was -inf or NaN: the first allowed token
-            token_id = int(allowed.nonzero()[0])
+        # sampling among the allowed tokens only is sampling the masked logits (the others have probability 0), and
+        # cheaper: a gather instead of a full-vocabulary fill, then a shorter vector
+        allowed = self.constraint.allowed_ids(logits.numel())
+        token_id = int(allowed[self._sample(logits.detach().flatten()[allowed])])
         self.constraint.accept(token_id)
         return token_id
 

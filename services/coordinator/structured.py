@@ -115,18 +115,18 @@ class GrammarConstraint:
         if matcher.is_error():
             raise RuntimeError(f"structured output: {matcher.get_error()}")
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
-        """A ``[vocab_size]`` bool tensor: the tokens the grammar allows next (ids past the tokenizer's vocabulary,
-        padding rows of the LM head, never)."""
+    def allowed_ids(self, vocab_size: int) -> torch.Tensor:
+        """The ids the grammar allows next, ascending (never one past the tokenizer's vocabulary, such as a padding
+        row of the LM head): a ``[n]`` int64 tensor, never empty (a complete output allows the end tokens)."""
         matcher = self._ready()
         words = self._words
         matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         self._raise_on_error(matcher)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-        mask = torch.from_numpy(bits[:vocab_size]).to(torch.bool)
-        if mask.numel() < vocab_size:
-            mask = torch.cat([mask, torch.zeros(vocab_size - mask.numel(), dtype=torch.bool)])
-        return mask
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size]
+        ids = np.flatnonzero(bits)
+        if ids.size == 0:
+            raise RuntimeError("structured output: the grammar allows no token")
+        return torch.from_numpy(ids)
 
     def accept(self, token_id: int) -> None:
         matcher = self._ready()
