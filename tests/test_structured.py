@@ -41,10 +41,12 @@ FREE_TEXT = 'Sure! The answer is {city: Paris, rank: first} as you asked.'
 
 
 def preferring(tokenizer, text: str, *, seed: int = 0, bonus: float = 8.0):
-    """A model whose logits favour the tokens of ``text`` in order (and seeded noise elsewhere)."""
+    """A model whose logits favour the tokens of ``text`` in order, then the end of text (and seeded noise
+    elsewhere)."""
     target = tokenizer(text, add_special_tokens=False).input_ids
     if tokenizer.convert_ids_to_tokens(target[0]) == "\u2581":  # SentencePiece's prefix space: not in the text
         target = target[1:]
+    target.append(tokenizer.eos_token_id)
     vocab = len(tokenizer)
 
     def logits(generated: list) -> torch.Tensor:

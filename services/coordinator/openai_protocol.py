@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, JsonInt, error_responses, json_int
+from services.coordinator.tools import ToolSpec, generic_turns, render_with_template, template_has_tools
 from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
                                            NOT_BLANK, SOME_MESSAGE_HAS_TEXT, ChatMessage, ResponseFormat)
 
@@ -54,9 +55,41 @@ class CompletionRequest(_Common):
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = Field(None, max_length=10_000)
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON Schema (default: any object)")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000, json_schema_extra=SOME_MESSAGE_HAS_TEXT)
     response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class ModelCard(BaseModel):
@@ -98,14 +131,17 @@ OPENAI_RESPONSES = {
 }
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> tuple[str, list[str]]:
+def render_chat(tokenizer, messages: list[ChatMessage], tools: Optional[ToolSpec] = None) -> tuple[str, list[str]]:
     """The prompt for ``messages`` and extra stop sequences. The model's own chat template when its tokenizer
-    has one; otherwise the default ``<|role|>\\ncontent\\n`` turns ending with ``<|assistant|>\\n`` (and the next
-    turn's markers as stop sequences)."""
-    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    has one (given the tools when it has a tools section; else tools, calls and results go through the generic
+    tool prompt, services/coordinator/tools.py); otherwise the default ``<|role|>\\ncontent\\n`` turns ending with
+    ``<|assistant|>\\n`` (and the next turn's markers as stop sequences)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True), []
-    turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in plain)
+        if template_has_tools(tokenizer):
+            return render_with_template(tokenizer, messages, tools), []
+        return tokenizer.apply_chat_template(generic_turns(messages, tools), tokenize=False,
+                                             add_generation_prompt=True), []
+    turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in generic_turns(messages, tools))
     return turns + "<|assistant|>\n", list(DEFAULT_CHAT_TEMPLATE_STOPS)
 
 

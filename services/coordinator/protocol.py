@@ -59,11 +59,31 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(..., max_length=64)
+    arguments: str = Field(..., description="the arguments as JSON text")
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (OpenAI's ``tool_calls`` items), sent back in the conversation."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str = Field(..., max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[MessageToolCall]] = Field(None, max_length=128, description="assistant: its calls")
+    tool_call_id: Optional[str] = Field(None, max_length=200, description="tool: the call this is the result of")
+    name: Optional[str] = Field(None, max_length=64)
 
     def text(self) -> str:
         if self.content is None:

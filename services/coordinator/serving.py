@@ -38,6 +38,7 @@ from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequ
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams
 from services.coordinator.structured import UnsupportedSchema, grammar_for_response_format
+from services.coordinator.tools import ToolSpec
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
@@ -68,19 +69,24 @@ class ServingError(ApiError):
     """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
 
 
-def _grammar(request: GenerateRequest) -> Optional[str]:
-    """The grammar that constrains the output (structured.py), or None; 400 naming what cannot be enforced."""
+def _grammar(request: GenerateRequest, tools: Optional[ToolSpec]) -> Optional[str]:
+    """The grammar that constrains the output (structured.py: response_format; tools.py: tool calls), or None;
+    400 naming what cannot be enforced."""
+    calls = tools is not None and tools.calls_allowed
+    if calls and request.response_format is not None and request.response_format.type != "text":
+        raise ServingError(400, "unsupported_parameter", "response_format together with tools that may be called "
+                           "is not supported: send one of them (or tool_choice none)", param="response_format")
     try:
-        return grammar_for_response_format(request.response_format)
+        return tools.grammar() if calls else grammar_for_response_format(request.response_format)
     except UnsupportedSchema as error:
-        raise ServingError(400, "unsupported_schema", f"response_format: {error}") from None
+        raise ServingError(400, "unsupported_schema", str(error) if calls else f"response_format: {error}") from None
 
 
-def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
+def _tokenize(model, request: GenerateRequest, tools: Optional[ToolSpec] = None) -> tuple[list, list]:
     """(prompt token ids, stop sequences of the chat template); CPU-bound, run in a worker thread."""
     if request.messages is None:
         return model.encode(request.prompt), []
-    prompt, template_stops = render_chat(model.tokenizer, request.messages)
+    prompt, template_stops = render_chat(model.tokenizer, request.messages, tools)
     return model.encode(prompt), template_stops
 
 
@@ -193,7 +199,7 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest, tools: Optional[ToolSpec] = None) -> PreparedRequest:
         """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
         template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
@@ -205,8 +211,8 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
-        grammar = await asyncio.to_thread(_grammar, request)
-        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
+        grammar = await asyncio.to_thread(_grammar, request, tools)
+        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request, tools)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
@@ -303,10 +309,12 @@ class InferenceService:
                            f"send a new request_id to try again", session_status=previous.status,
                            tokens_generated=previous.completion_tokens, cost_far=format_far(previous.cost_far))
 
-    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[StreamEvent]:
-        """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
+    async def start(self, request: GenerateRequest, principal: Principal, tools: Optional[ToolSpec] = None
+                    ) -> AsyncIterator[StreamEvent]:
+        """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream.
+        ``tools``: chat completions' tools (rendered into the prompt; their calls may constrain the output)."""
         await self.admit(principal)
-        prepared = await self.prepare(request)
+        prepared = await self.prepare(request, tools)
         if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
             # a request_id this account used before: its stored outcome, without the readiness gate and charge
             previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)

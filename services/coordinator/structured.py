@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Compact JSON (no whitespace between tokens): a small model allowed free whitespace can emit it until max_tokens.
 JSON_COMPILE_OPTIONS = {"whitespace_flexible": False}
@@ -97,10 +97,11 @@ class GrammarConstraint:
         self.grammar = grammar
         self.eos_ids = tuple(eos_ids)
         self._matcher = None
-        self._words: Optional[np.ndarray] = None
+        self._words = None  # the bitmask (numpy int32 words), allocated with the matcher
 
     def _ready(self):
         if self._matcher is None:
+            import numpy as np
             from llguidance import LLMatcher
 
             table = token_table(self.tokenizer, self.eos_ids)
@@ -115,9 +116,12 @@ class GrammarConstraint:
         if matcher.is_error():
             raise RuntimeError(f"structured output: {matcher.get_error()}")
 
-    def allowed_ids(self, vocab_size: int) -> torch.Tensor:
+    def allowed_ids(self, vocab_size: int) -> "torch.Tensor":
         """The ids the grammar allows next, ascending (never one past the tokenizer's vocabulary, such as a padding
         row of the LM head): a ``[n]`` int64 tensor, never empty (a complete output allows the end tokens)."""
+        import numpy as np
+        import torch
+
         matcher = self._ready()
         words = self._words
         matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)

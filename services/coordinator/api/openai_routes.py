@@ -22,6 +22,8 @@ from services.coordinator.openai_protocol import (OPENAI_RESPONSES, ChatCompleti
                                                   ModelList, openai_finish_reason)
 from services.coordinator.protocol import DoneEvent, GenerateRequest
 from services.coordinator.serving import InferenceService, ServingError
+from services.coordinator.structured import UnsupportedSchema
+from services.coordinator.tools import ToolCallReader, ToolSpec, tool_spec
 
 router = APIRouter(prefix="/v1")
 
@@ -97,15 +99,81 @@ async def completions(raw: Request, service: InferenceService = Depends(get_serv
                          "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
+def _tools(body: ChatCompletionRequest) -> Optional[ToolSpec]:
+    try:
+        return tool_spec(body.tools or [], body.tool_choice, body.parallel_tool_calls)
+    except UnsupportedSchema as error:
+        raise ServingError(400, "invalid_request", str(error), param="tool_choice") from None
+
+
+def _tool_finish_reason(reader: ToolCallReader, finish_reason: str) -> str:
+    finish = openai_finish_reason(finish_reason)
+    return "tool_calls" if reader.calls and finish == "stop" else finish
+
+
+async def _tool_call_stream(events, tools: ToolSpec, include_usage: bool, model: str, response_id: str):
+    """Chat chunks of an answer that may call tools: content deltas, then each call as OpenAI streams it (a delta
+    with its index, id, type and name, then one with its arguments), finish_reason ``tool_calls``."""
+    created = int(time.time())
+    reader = ToolCallReader(tools)
+    calls_sent = 0
+
+    def chunk(delta: dict, finish_reason: Optional[str] = None, **extra) -> dict:
+        return {"data": json.dumps({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                                    "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                 "finish_reason": finish_reason}], **extra})}
+
+    def deltas(content: str, calls: list) -> list[dict]:
+        nonlocal calls_sent
+        out = [chunk({"content": content})] if content else []
+        for call in calls:
+            out.append(chunk({"tool_calls": [{"index": calls_sent, "id": call.id, "type": "function",
+                                              "function": {"name": call.name, "arguments": ""}}]}))
+            out.append(chunk({"tool_calls": [{"index": calls_sent, "function": {"arguments": call.arguments}}]}))
+            calls_sent += 1
+        return out
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in events:
+            if not isinstance(event, DoneEvent):
+                for item in deltas(*reader.feed(event.token)):
+                    yield item
+                continue
+            for item in deltas(*reader.finish()):
+                yield item
+            yield chunk({}, _tool_finish_reason(reader, event.finish_reason), served_by=event.served_by)
+            if include_usage:
+                yield {"data": json.dumps({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                                           "model": model, "choices": [], "usage": _usage(event),
+                                           "served_by": event.served_by})}
+    except ServingError as error:
+        yield {"data": json.dumps(error.body())}
+    yield {"data": "[DONE]"}
+
+
+def _tool_call_message(final: DoneEvent, tools: ToolSpec) -> tuple[dict, str]:
+    """The assistant message of a whole answer that may call tools, and its finish_reason."""
+    reader = ToolCallReader(tools)
+    reader.feed(final.text)
+    reader.finish()
+    message = {"role": "assistant", "content": reader.content}
+    if reader.calls:
+        message["tool_calls"] = [call.as_openai() for call in reader.calls]
+    return message, _tool_finish_reason(reader, final.finish_reason)
+
+
 @router.post("/chat/completions", responses=OPENAI_RESPONSES, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(raw: Request, service: InferenceService = Depends(get_service),
                            principal: Principal = Depends(get_principal)):
     body = await read_body(raw, ChatCompletionRequest)  # after authentication
     model = service.model(body.model)
+    tools = _tools(body)
     request = _generate_request(body, None, body.messages)
-    events = await service.start(request, principal)
+    events = await service.start(request, principal, tools)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    reads_calls = tools is not None and tools.calls_allowed
 
     def chunk(text, finish_reason, first):
         delta = {}
@@ -118,12 +186,18 @@ async def chat_completions(raw: Request, service: InferenceService = Depends(get
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if reads_calls:
+            return EventSourceResponse(_tool_call_stream(events, tools, include_usage, model.model_id, response_id))
         return EventSourceResponse(_openai_stream(events, chunk, include_usage, model.model_id, response_id,
                                                   "chat.completion.chunk"))
     final = await _final(events)
+    message = {"role": "assistant", "content": final.text}
+    finish_reason = openai_finish_reason(final.finish_reason)
+    if reads_calls:
+        message, finish_reason = _tool_call_message(final, tools)
     return JSONResponse({"id": response_id, "object": "chat.completion", "created": created, "model": model.model_id,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
-                                      "logprobs": None, "finish_reason": openai_finish_reason(final.finish_reason)}],
+                         "choices": [{"index": 0, "message": message, "logprobs": None,
+                                      "finish_reason": finish_reason}],
                          "usage": _usage(final), "cost_far": final.cost_far, "served_by": final.served_by})
 
 
