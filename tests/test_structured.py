@@ -214,3 +214,20 @@ def test_native_generate_response_format(live):
     bad = httpx.post(f"{url}/mesh/inference/generate", headers={"Authorization": f"Bearer {key}"}, json={
         "prompt": "A city:", "stream": False, "response_format": {"type": "json_schema"}}, timeout=30)
     assert bad.status_code == 422
+
+
+# ------------------------------------------------------------------------------------------------ the swarm
+@pytest.mark.swarm
+def test_swarm_output_parses_and_validates(coordinator):
+    """The toy model (random weights) through a real swarm and the coordinator process: sampled at temperature 1,
+    its answers are still JSON valid against the schema."""
+    from tests.fixtures.swarm import MODEL_ID as TINY
+
+    client = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=coordinator.api_key, max_retries=0)
+    for seed in range(3):
+        answer = client.chat.completions.create(
+            model=TINY, messages=ASK, max_tokens=160, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA,
+                                                                    "strict": True}})
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema_rs.validate(CITY_SCHEMA, json.loads(answer.choices[0].message.content))

@@ -35,19 +35,27 @@ class JsonSchemaFormat(BaseModel):
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
-    """``text`` (default), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the schema)."""
-
+class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
+    type: Literal["text"]
 
-    @model_validator(mode="after")
-    def _schema_with_its_type(self) -> "ResponseFormat":
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only with it")
-        return self
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# ``text`` (default), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the schema)
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaResponseFormat], Field(discriminator="type")]
 
 
 class ContentPart(BaseModel):

@@ -320,7 +320,11 @@ class InferenceService:
             previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
-        fallback = await self.route(prepared.model)
+        if tools is not None and tools.calls_allowed:
+            await self.gate(prepared.model)  # calls are read from the swarm's answer: never sent to a fallback API
+            fallback = None
+        else:
+            fallback = await self.route(prepared.model)
         release = await self.take_slot(prepared.model.model_id)
         try:
             started = await self.begin(prepared, request, principal, fallback)
