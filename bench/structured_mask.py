@@ -2,6 +2,7 @@
 a mask, in one run; and the grammar libraries compared on it.
 
     .venv/bin/python bench/structured_mask.py [--model smollm2|tiny] [--tokens 48] [--rounds 5] [--outlines]
+    .venv/bin/python bench/structured_mask.py --swarm [--model smollm2|tiny] [--tokens 48] [--rounds 2]
 
 A *round* is what the coordinator does per token for N concurrent streams (services/coordinator/engine.py): one
 LM-head pass over N last hidden states (the model's real head, oneDNN-packed as served) and N samplings. The
@@ -11,6 +12,11 @@ next token) along a valid JSON instance of the schema, so every round is a real 
 Sampling is greedy (the cheapest sampler: the overhead ratio is the largest). Reported for N = 1 and 8: median ms per
 round, and the overhead ratio. ``--outlines`` also times outlines-core (its index build and per-token mask) when it
 is importable (it is not a dependency; install it in a scratch folder and put it on PYTHONPATH).
+
+``--swarm``: end to end instead. A local swarm (bootstrap + 3 batching servers, as bench/concurrency_bench.py) and
+the coordinator's client (services/coordinator/engine.py); 8 concurrent greedy streams of ``--tokens`` tokens,
+unconstrained and constrained to ``LONG_SCHEMA`` (a JSON array that cannot end before ``--tokens``, so both runs
+produce the same number of tokens), alternated ``--rounds`` times; aggregate tokens/s of each, and the ratio.
 """
 
 from __future__ import annotations
@@ -50,20 +56,87 @@ INSTANCES = [  # one per stream (compact JSON, as the grammar emits it)
 ]
 
 
+# At least 64 integers: a constrained stream cannot finish before --tokens (48), so both runs make as many tokens.
+LONG_SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "integer"},
+                                                           "minItems": 64}}, "required": ["values"]}
+PROMPTS = ["List some numbers.", "Count for me.", "Give me integers.", "Numbers, please.", "Write numbers.",
+           "Some integers:", "A list of values.", "Count up."]
+
+
+def model_path(model: str) -> tuple[Path, str, list[str], int]:
+    """(directory, model id, server spans, blocks)."""
+    if model == "smollm2":
+        from services.models.catalog import SMOLLM2, pull
+
+        return pull(SMOLLM2, progress=False), SMOLLM2.model_id, ["0:10", "10:20", "20:30"], 30
+    import tempfile
+
+    from services.common.tiny_model import build_tiny_model
+
+    path = build_tiny_model(Path(tempfile.gettempdir()) / "far-mesh-bench-tiny")
+    return path, "far-mesh/tiny-llama", ["0:2", "2:3", "3:4"], 4
+
+
+def swarm_streams(client, count: int, tokens: int, grammar) -> float:
+    """Aggregate tokens/s of ``count`` concurrent greedy streams (one thread each, started together)."""
+    import threading
+
+    from services.coordinator.metering import WorkMeter
+    from services.coordinator.sampling import SamplingParams
+
+    barrier, produced = threading.Barrier(count), []
+
+    def one(index: int) -> None:
+        ids = client.encode(PROMPTS[index % len(PROMPTS)])
+        barrier.wait()
+        produced.append(sum(1 for _ in client.start(ids, SamplingParams(max_tokens=tokens, temperature=0,
+                                                                          grammar=grammar), WorkMeter())))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return sum(produced) / (time.perf_counter() - started)
+
+
+def bench_swarm(args) -> list[str]:
+    import tempfile
+
+    from infra.swarm import LocalSwarm
+    from services.coordinator.engine import SwarmModel
+    from services.coordinator.structured import grammar_for_schema
+
+    path, model_id, spans, blocks = model_path(args.model)
+    grammar = grammar_for_schema(LONG_SCHEMA)
+    names = [f"s{i}" for i in range(len(spans))]
+    plain, constrained = [], []
+    with LocalSwarm(path, model_id, Path(tempfile.mkdtemp(prefix="structured-bench-"))) as swarm:
+        swarm.start_bootstrap()
+        for name, span in zip(names, spans):
+            swarm.start_node(name, span, extra_args=("--torch-threads", "1"))
+        swarm.wait_online(names, blocks, timeout=300)
+        client = SwarmModel(model_id, path, swarm.initial_peers, request_timeout=60)
+        try:
+            swarm_streams(client, 1, 4, grammar)  # warm-up (and the token table, built once)
+            for _ in range(args.rounds):
+                plain.append(swarm_streams(client, 8, args.tokens, None))
+                constrained.append(swarm_streams(client, 8, args.tokens, grammar))
+        finally:
+            client.shutdown()
+    base, masked = statistics.median(plain), statistics.median(constrained)
+    return ["| 8 streams | tok/s per run | median |", "|---|---|---|",
+            f"| plain | {' / '.join(f'{r:.1f}' for r in plain)} | {base:.1f} |",
+            f"| constrained | {' / '.join(f'{r:.1f}' for r in constrained)} | {masked:.1f} |",
+            f"\nper-token time, constrained vs plain: {base / masked - 1:+.1%}"]
+
+
 def load(model: str):
     from services.common import petals_adapter  # noqa: F401  (offline before transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model == "smollm2":
-        from services.models.catalog import SMOLLM2, pull
-
-        path = pull(SMOLLM2, progress=False)
-    else:
-        import tempfile
-
-        from services.common.tiny_model import build_tiny_model
-
-        path = build_tiny_model(Path(tempfile.gettempdir()) / "far-mesh-bench-tiny")
+    path = model_path(model)[0]
     return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
 
 
@@ -178,7 +251,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--outlines", action="store_true")
+    parser.add_argument("--swarm", action="store_true", help="end to end through a local swarm")
     args = parser.parse_args()
+    if args.swarm:
+        import torch
+
+        torch.set_num_threads(1)
+        lines = bench_swarm(args)
+        print(f"model {args.model}, {args.tokens} greedy tokens per stream, 8 streams, {args.rounds} rounds")
+        print("\n".join(lines))
+        return
 
     import torch
 

@@ -46,6 +46,13 @@ def test_upstream_request_maps_prompt_and_messages():
     assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
+def test_upstream_request_forwards_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    _, body = upstream_request(GenerateRequest(prompt="x", response_format={
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}), "m")
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+
+
 def test_parse_chunk_and_billing_rule():
     assert parse_chunk({"choices": [{"delta": {"content": "a"}, "finish_reason": None}]}).text == "a"
     assert parse_chunk({"choices": [{"text": "b", "finish_reason": "length"}]}).finish_reason == "length"
@@ -383,3 +390,15 @@ async def _eof_within(reader, seconds: float) -> bool:
         return await asyncio.wait_for(reader.read(1), seconds) == b""
     except asyncio.TimeoutError:
         return False
+
+
+async def test_tools_that_may_be_called_are_never_sent_to_a_fallback(harness, monkeypatch):
+    """A fallback API would not be given the tools (calls are read from the swarm's answer): 503 instead."""
+    service, client = harness
+    monkeypatch.setattr(service.model("test/fake"), "context_length", 4096)  # the tool prompt fits
+    _use(service, "http://127.0.0.1:9/v1")  # never contacted
+    _, headers = await _account(service)
+    answer = await client.post("/v1/chat/completions", headers=headers, json={
+        "model": "test/fake", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "swarm_not_ready"
