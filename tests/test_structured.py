@@ -20,8 +20,7 @@ import torch
 
 from services.common.config import Settings
 from services.coordinator.sampling import SamplingParams, TokenSampler
-from services.coordinator.structured import (GrammarConstraint, UnsupportedSchema, grammar_for_schema,
-                                             schema_text)
+from services.coordinator.structured import GrammarConstraint, UnsupportedSchema, grammar_for_schema
 from tests.fixtures.swarm import create_api_key
 from tests.scripted_engine import Script, ScriptedModel, ScriptedReadiness, scripted_engine, serve_app
 
@@ -122,10 +121,6 @@ def test_mask_follows_only_accepted_tokens(tokenizer):
     assert a.startswith('{"city":"A"') and b.startswith('{"city":"Bergen"')
     for text in (a, b):
         jsonschema_rs.validate(CITY_SCHEMA, json.loads(text))
-
-
-def test_schema_text_is_compact():
-    assert schema_text({"a": [1, "é"]}) == '{"a":[1,"é"]}'
 
 
 # ------------------------------------------------------------------------------------------ through the API

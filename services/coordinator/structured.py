@@ -11,7 +11,6 @@ The token table of a tokenizer (every token's bytes) is built once per tokenizer
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -59,11 +58,6 @@ def grammar_for_response_format(response_format) -> Optional[str]:
         return grammar_for_schema(ANY_JSON_OBJECT)
     schema = response_format.json_schema.schema_
     return grammar_for_schema(ANY_JSON_OBJECT if schema is None else schema)
-
-
-def schema_text(schema: Any) -> str:
-    """A schema as compact JSON (prompts, error messages)."""
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------- token tables
