@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import AsyncIterator, Optional
 
-from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.common.petals_adapter import SwarmUnavailable
 from services.common.states import ServedBy, SessionStatus
 from services.coordinator import metrics
+from services.coordinator.account_service import AccountService
 from services.coordinator.admission import AdmissionGate, Overloaded
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
+from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
@@ -61,10 +62,6 @@ def _count_failover(model_id: str, event: dict) -> None:
         metrics.FAILOVER_STALL.labels(model_id, event["cause"]).observe(event["stall_s"])
     log.warning("server failed a step", model_id=model_id, peer_id=event["peer_id"], blocks=event["blocks"],
                 cause=event["cause"], replaced_by=event["replaced_by"], stall_s=event["stall_s"], error=event["error"])
-
-
-class ServingError(ApiError):
-    """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
 
 
 def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
@@ -166,11 +163,7 @@ class InferenceService:
             return
         decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
         if not decision.allowed:
-            raise ServingError(429, "rate_limited",
-                               f"more than {principal.rate_limit_per_minute} requests per minute for this key; "
-                               f"retry after {decision.retry_after_s} s",
-                               headers={"Retry-After": str(decision.retry_after_s)},
-                               retry_after_s=decision.retry_after_s)
+            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
         pricing = pricing or self.pricing
@@ -667,8 +660,6 @@ class InferenceService:
 
     def account_service(self):
         """The self-service account API's logic over this service's stores (api/account_routes.py)."""
-        from services.coordinator.account_service import AccountService  # it imports ServingError from here
-
         return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
 
     async def aclose(self) -> None:
