@@ -97,7 +97,6 @@ _POST_PETALS = {
     "fast_route_repair": failover._fix_fast_route_repair,
     "failover_replay": failover._fix_failover_replay,
     "dead_peer_stream": fixes._fix_dead_peer_stream,
-    "step_latency_budget": failover._fix_step_latency_budget,
     "lean_client_step": failover._fix_lean_client_step,
 }
 
@@ -121,6 +120,9 @@ def apply() -> None:
         for name, fix in _POST_PETALS.items():
             if feature_enabled(name):
                 fix()
+        failover.patch_server_sessions(report_refusals=feature_enabled("fast_route_repair"),
+                                       step_budget=feature_enabled("step_latency_budget"),
+                                       closed_stream_error=feature_enabled("dead_peer_stream"))
         _applied = True
 
 
