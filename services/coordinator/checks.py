@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import asyncpg
 
 from services.common.logs import get_logger
+from services.common.states import SpotCheckOutcome
 from services.coordinator import metrics
 from services.coordinator.verification import FAILED, CheckResult
 
@@ -161,7 +162,7 @@ class CheckConsequences:
         await self.store.record(result)
         suspect = result.suspect_peer
         if suspect is None:
-            if verdict.outcome != "passed":
+            if verdict.outcome != SpotCheckOutcome.PASSED:
                 log.warning("spot check inconclusive: two servers disagree and no third could settle it",
                             checked=job.peer_id, verifier=result.verifier, error=verdict.error,
                             tolerance=result.tolerance)

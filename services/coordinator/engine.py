@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
 from services.common.packed_linear import PackedHead
+from services.common.states import FinishReason
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
@@ -204,13 +205,13 @@ class Generation:
                 inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
                 while True:
                     if self.cancel.is_set():
-                        self.finish_reason = "cancelled"
+                        self.finish_reason = FinishReason.CANCELLED
                         return
                     # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only
                     # for the last position, in one pass with the other generations' (lm_head.py)
                     hidden = model.transformer(input_ids=inputs).last_hidden_state[0, -1]
                     if self.cancel.is_set():  # the step finished after a cancel: its token is not used
-                        self.finish_reason = "cancelled"
+                        self.finish_reason = FinishReason.CANCELLED
                         return
                     logits = batcher.logits(member, hidden)
                     token_id = self.sampler.sample(logits)

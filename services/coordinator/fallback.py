@@ -18,6 +18,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from services.common.config import FallbackEndpoint
+from services.common.states import FinishReason
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.store import Pricing
 
@@ -89,8 +90,9 @@ def parse_chunk(data: object) -> UpstreamChunk:
                          completion if isinstance(completion, int) and completion >= 0 else None)
 
 
-def finish_reason_of(upstream: Optional[str]) -> str:
-    return "length" if upstream == "length" else "stop"
+def finish_reason_of(upstream: Optional[str]) -> FinishReason:
+    """The finish reason of a fallback answer: the upstream's "length" is ours, any other end is a stop."""
+    return FinishReason.LENGTH if upstream == "length" else FinishReason.STOP
 
 
 def billed_tokens(*, completed: bool, reported_completion: Optional[int], delivered: int, prompt_tokens: int,

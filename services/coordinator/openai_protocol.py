@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, JsonInt, error_responses, json_int
+from services.common.states import FinishReason
 from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
                                            NOT_BLANK, SOME_MESSAGE_HAS_TEXT, ChatMessage)
 
@@ -109,4 +110,4 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> tuple[str, list[str]]
 
 
 def openai_finish_reason(finish_reason: str) -> str:
-    return "length" if finish_reason == "length" else "stop"
+    return "length" if finish_reason == FinishReason.LENGTH else "stop"

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from services.common.states import FinishReason
+
 # Text of this many tokens not released yet (ending in U+FFFD) is split: see TextStream._split.
 MAX_UNRELEASED_TOKENS = 8
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -126,14 +128,14 @@ class TextStream:
         text (only what was held back is flushed) and finishes ``eos``; a stop sequence finishes ``stop``; the
         ``max_tokens``-th token finishes ``length``, with nothing held back after it."""
         if end_of_generation:
-            return self.flush() or None, "eos"
+            return self.flush() or None, FinishReason.EOS
         delta = self.push(token_id)
         last = count >= max_tokens
         if last and not self.stopped:
             delta += self.flush()
         if self.stopped:
-            return delta, "stop"
-        return delta, "length" if last else None
+            return delta, FinishReason.STOP
+        return delta, FinishReason.LENGTH if last else None
 
     def flush(self) -> str:
         """At the end of generation: whatever was held back (a stop sequence in it still stops and is cut)."""

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Optional
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.common.petals_adapter import SwarmUnavailable
-from services.common.states import ServedBy, SessionStatus
+from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.account_service import AccountService
 from services.coordinator.admission import AdmissionGate, Overloaded
@@ -410,7 +410,7 @@ class InferenceService:
         model_id = active.model_id
         try:
             await worker
-            if status == SessionStatus.COMPLETED and generation.finish_reason == "cancelled":
+            if status == SessionStatus.COMPLETED and generation.finish_reason == FinishReason.CANCELLED:
                 status = SessionStatus.CANCELLED
             final = await self._save(active, status=status, finish_reason=generation.finish_reason,
                                      prompt_tokens=active.prompt_tokens,
@@ -473,7 +473,7 @@ class InferenceService:
             raise self._fallback_error(failure.status, failure.code, failure.message, 0, Decimal(0)) from None
         except BaseException:
             await asyncio.shield(self._settle_fallback(active, status=SessionStatus.CANCELLED,
-                                                       finish_reason="cancelled",
+                                                       finish_reason=FinishReason.CANCELLED,
                                                        prompt_tokens=0, completion_tokens=0, text="", failure=None,
                                                        outcome="cancelled"))
             raise
@@ -532,7 +532,7 @@ class InferenceService:
                 completed=completed, reported_completion=reported, delivered=delivered,
                 prompt_tokens=active.prompt_tokens, max_tokens=prepared.params.max_tokens)
             cancelled = status == SessionStatus.CANCELLED
-            finish = finish_reason_of(upstream_finish) if completed else "cancelled" if cancelled else None
+            finish = finish_reason_of(upstream_finish) if completed else FinishReason.CANCELLED if cancelled else None
             settlement = asyncio.ensure_future(self._close_then_settle(
                 chunks, active, status=status, finish_reason=finish, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, text="".join(texts), failure=failure, outcome=code or status))
@@ -596,7 +596,7 @@ class InferenceService:
     @staticmethod
     def done_event(final: FinalSession) -> DoneEvent:
         return DoneEvent(
-            request_id=final.request_id, finish_reason=final.finish_reason or "cancelled", text=final.output_text or "",
+            request_id=final.request_id, finish_reason=final.finish_reason or FinishReason.CANCELLED, text=final.output_text or "",
             usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
             cost_far=format_far(final.cost_far), fee_far=format_far(final.fee_far),
             contributions=[Contribution(node_id=c.node_id, peer_id=c.peer_id, wallet_address=c.wallet_address,
