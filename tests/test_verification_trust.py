@@ -163,6 +163,18 @@ def test_an_inconclusive_check_is_held_and_settled_later():
     assert reported[-1].job.held  # the consequences release the hold
 
 
+def test_a_verifier_that_does_not_answer_proves_nothing():
+    def stall(hidden):
+        raise TimeoutError("no answer")
+
+    spot = checker({"checked": honest, "staller": stall}, {"checked": "w1", "staller": "w2"})
+    (result,) = spot.check(job_for("checked"))  # the trusted verifier checks instead
+    assert (result.verdict.outcome, result.verifier) == (PASSED, TRUSTED_VERIFIER)
+    spot.trusted = None
+    (result,) = spot.check(job_for("checked"))  # nobody else: inconclusive (held), nobody blamed
+    assert (result.verdict.outcome, result.suspect_peer) == (INCONCLUSIVE, None)
+
+
 # ------------------------------------------------------------------------------------- the money, real schema
 
 

@@ -406,7 +406,6 @@ class SpotChecker:
     def check(self, job: CheckJob) -> list[CheckResult]:
         """Run one check (blocking); [] when nobody could check the span. One result, or two when the trusted
         verifier finds both the checked server and its verifier wrong."""
-        n = job.outputs.shape[1]
         checked_dtype = job.dtype or self.forward.dtype_of(job.peer_id, job.start)
         dtype = str(checked_dtype or "unknown")
         pool = self.eligible(self.forward.candidates(job.start, job.end, {job.peer_id} | self.quarantined),
@@ -417,13 +416,16 @@ class SpotChecker:
             if expected is None:
                 self.counters["no_verifier"] += 1
                 return []
-            tolerance = tolerance_for(checked_dtype, LocalSpanVerifier.dtype)
-            error = relative_error(job.outputs, expected)
-            verdict = Verdict(PASSED, None, error) if error <= tolerance else Verdict(FAILED, "checked", error, error)
-            return self._finish(job, [CheckResult(job, verdict, TRUSTED_VERIFIER, None, tolerance, dtype)])
+            return self._finish(job, [self._checked_by_trusted(job, expected, checked_dtype, dtype)])
         (verifier, verifier_dtype, verifier_wallet), rest = order[0], order[1:]
-        found = self.forward.forward(verifier, job.start, job.end, job.history, self.timeout_s)[:, -n:]
+        found = self._server_output(verifier, job)
         tolerance = tolerance_for(checked_dtype, verifier_dtype)
+        if found is None:  # the verifier did not answer: the trusted verifier checks, else the check is held
+            expected = self._trusted_output(job)
+            if expected is not None:
+                return self._finish(job, [self._checked_by_trusted(job, expected, checked_dtype, dtype)])
+            verdict = Verdict(INCONCLUSIVE, None, float("inf"))
+            return self._finish(job, [CheckResult(job, verdict, verifier, None, tolerance, dtype)])
         verdict = adjudicate(job.outputs, found, None, tolerance)
         if verdict.outcome == PASSED:
             return self._finish(job, [CheckResult(job, verdict, verifier, None, tolerance, dtype)])
@@ -434,9 +436,28 @@ class SpotChecker:
         referee = next(((peer, d) for peer, d, wallet in rest if wallet != verifier_wallet), None)
         if referee is not None:
             tolerance = tolerance_for(checked_dtype, verifier_dtype, referee[1])
-            referee_out = self.forward.forward(referee[0], job.start, job.end, job.history, self.timeout_s)[:, -n:]
-            verdict = adjudicate(job.outputs, found, referee_out, tolerance)
+            referee_out = self._server_output(referee[0], job)
+            if referee_out is not None:
+                verdict = adjudicate(job.outputs, found, referee_out, tolerance)
         return self._finish(job, [CheckResult(job, verdict, verifier, referee and referee[0], tolerance, dtype)])
+
+    def _server_output(self, peer_id: str, job: CheckJob):
+        """A server's outputs at the checked positions, or None when it does not answer (no verdict on anyone)."""
+        try:
+            outputs = self.forward.forward(peer_id, job.start, job.end, job.history, self.timeout_s)
+        except Exception as error:  # noqa: BLE001 - a verifier that fails to answer proves nothing either way
+            log.warning("a verifier did not answer a spot check", verifier=peer_id, blocks=f"{job.start}:{job.end}",
+                        error=repr(error))
+            return None
+        return outputs[:, -job.outputs.shape[1]:]
+
+    @staticmethod
+    def _checked_by_trusted(job: CheckJob, expected, checked_dtype, dtype: str) -> CheckResult:
+        """The trusted verifier is the verifier: its output is the reference."""
+        tolerance = tolerance_for(checked_dtype, LocalSpanVerifier.dtype)
+        error = relative_error(job.outputs, expected)
+        verdict = Verdict(PASSED, None, error) if error <= tolerance else Verdict(FAILED, "checked", error, error)
+        return CheckResult(job, verdict, TRUSTED_VERIFIER, None, tolerance, dtype)
 
     @staticmethod
     def _settled_by_trusted(job: CheckJob, found, expected, verifier: str, tolerance: float,
