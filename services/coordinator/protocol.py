@@ -161,6 +161,8 @@ class InferenceStatus(BaseModel):
     served_by: ServedByWord
     route: list[dict] = Field(description="the servers of the running session: [{peer_id, blocks}]")
     replaced_servers: list[ReplacedServer]
+    refunded_far: Optional[str] = Field(None, description="the charge given back to the account because a spot "
+                                        "check proved a server's output wrong (docs/verification.md)")
 
 
 class CancelResult(BaseModel):

@@ -644,7 +644,8 @@ class InferenceService:
                 "finish_reason": final.finish_reason,
                 "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
                 "served_by": final.served_by,
-                "replaced_servers": final.replaced_servers}
+                "replaced_servers": final.replaced_servers,
+                "refunded_far": format_far(final.refunded_far) if final.refunded_far is not None else None}
 
     async def model_infos(self) -> list[ModelInfo]:
         infos = []

@@ -80,11 +80,15 @@ async def check_conservation(conn) -> Check:
                    f"carry its payment as withheld, nothing else)")
     disputes = await conn.fetchrow("""
         SELECT count(*) AS n, coalesce(sum(withheld_far), 0) AS withheld,
-               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before
+               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before,
+               count(*) FILTER (WHERE withheld_reason = 'forfeited') AS forfeited,
+               coalesce(sum(withheld_far) FILTER (WHERE withheld_reason = 'forfeited'), 0) AS forfeited_far
         FROM far_session_contributions WHERE disputed_at IS NOT NULL""")
     if disputes["n"]:
         check.notes.append(f"{disputes['n']} disputed contributions, {disputes['withheld']} FAR withheld (kept by "
-                           f"the platform); {disputes['batched_before']} were already in a payout batch when disputed")
+                           f"the platform), of which {disputes['forfeited']} forfeited by a quarantined wallet "
+                           f"({disputes['forfeited_far']} FAR); {disputes['batched_before']} were already in a "
+                           f"payout batch when disputed")
     unfinalized_paid = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
         WHERE s.finalized_at IS NULL AND c.payment_far <> 0""")
