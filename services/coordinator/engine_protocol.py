@@ -27,12 +27,22 @@ if TYPE_CHECKING:  # sampling imports torch
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """One generated token, as a generation yields it."""
 
     index: int  # 1-based count of generated tokens
     token_id: int
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
+    logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
 
 
 class FailoverEvent(TypedDict):
