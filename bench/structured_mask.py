@@ -198,7 +198,8 @@ def bench_llguidance(tokenizer, head, hidden, args) -> list[str]:
         plain, constrained = [], []
         for _ in range(args.rounds):
             samplers = [TokenSampler(params) for _ in range(streams)]
-            masked = [TokenSampler(params, GrammarConstraint(tokenizer, grammar, eos)) for _ in range(streams)]
+            masked = [TokenSampler(params, constraint=GrammarConstraint(tokenizer, grammar, eos))
+                      for _ in range(streams)]
             for sampler in masked:  # the grammar's first use (its matcher) is a start-up cost, not a token's
                 sampler.constraint.allowed_ids(len(tokenizer))
             times = run_rounds(head, hidden, streams, args.tokens, samplers, masked, paths)

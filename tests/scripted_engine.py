@@ -23,9 +23,9 @@ from typing import Callable, Iterator, Optional
 
 from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
-                                                  RouteHop, TokenDelta)
+                                                  RouteHop, TokenDelta, TokenLogprob)
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
+from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler, token_logprob
 from services.coordinator.structured import constraint_for
 
 NUM_BLOCKS = 4
@@ -73,8 +73,8 @@ class ScriptedGeneration:
         self.failovers: list[FailoverEvent] = []
         output = model.tokenizer(script.text, add_special_tokens=False).input_ids
         self._output = list(output) + ([model.tokenizer.eos_token_id] if script.eos else [])
-        self.sampler = TokenSampler(params, constraint_for(model.tokenizer, params.grammar,
-                                                           [model.tokenizer.eos_token_id]))
+        self.sampler = TokenSampler(params, prompt_ids, constraint=constraint_for(
+            model.tokenizer, params.grammar, [model.tokenizer.eos_token_id]))
 
     @property
     def completion_tokens(self) -> int:
@@ -114,6 +114,15 @@ class ScriptedGeneration:
             return self.sampler.sample(script.logits(list(self.token_ids)))
         return self._output[(number - 1) % len(self._output)]
 
+    def _logprob(self, token_id: int) -> Optional[TokenLogprob]:
+        """When asked for: the log-probabilities of ``scripted_logits`` at this step (the real computation)."""
+        if self.params.logprobs is None:
+            return None
+        if self.script.logits is not None:  # a model: what the sampler computed from its logits
+            return self.sampler.last_logprob
+        logits = scripted_logits(len(self.token_ids), token_id, len(self.model.tokenizer))
+        return token_logprob(logits, token_id, self.params.logprobs)
+
     def __iter__(self) -> Iterator[TokenDelta]:
         eos = self.model.tokenizer.eos_token_id
         while True:  # bounded: every pass appends a token and max_tokens ends it
@@ -128,10 +137,19 @@ class ScriptedGeneration:
             delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
                                              end_of_generation=token_id == eos)
             if delta is not None:
-                yield TokenDelta(len(self.token_ids), token_id, delta)
+                yield TokenDelta(len(self.token_ids), token_id, delta, self._logprob(token_id))
             if finish is not None:
                 self.finish_reason = finish
                 return
+
+
+def scripted_logits(step: int, token_id: int, vocabulary: int):
+    """The logits a scripted step "computed": seeded noise over the vocabulary, the scripted token the largest."""
+    import torch
+
+    logits = torch.randn(vocabulary, generator=torch.Generator().manual_seed(step), dtype=torch.float64) * 3
+    logits[token_id] = logits.max() + 0.5
+    return logits
 
 
 class ScriptedModel:

@@ -62,7 +62,7 @@ def sample_constrained(tokenizer, grammar: str, logits_of, *, max_tokens: int = 
                        seed: int = 0) -> tuple[str, list[int]]:
     eos = tokenizer.eos_token_id
     sampler = TokenSampler(SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
-                           GrammarConstraint(tokenizer, grammar, [eos]))
+                           constraint=GrammarConstraint(tokenizer, grammar, [eos]))
     ids: list[int] = []
     while len(ids) < max_tokens:
         token = sampler.sample(logits_of(ids))

@@ -171,7 +171,7 @@ def generic_turns(messages: list, spec: Optional[ToolSpec]) -> list[dict]:
             blocks = [call_block(c.function.name, _arguments(c.function.arguments)) for c in message.tool_calls]
             content = "\n".join(([content] if content else []) + blocks)
         if role == "tool":
-            name = names.get(message.tool_call_id) or message.name
+            name = names.get(message.tool_call_id)
             result = {"name": name, "content": content} if name else {"content": content}
             role, content = "user", f"{RESPONSE_OPEN}\n{json.dumps(result, ensure_ascii=False)}\n{RESPONSE_CLOSE}"
         turns.append({"role": role, "content": content})
@@ -206,8 +206,10 @@ def template_turns(messages: list) -> list[dict]:
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in message.tool_calls]
         if message.role == "tool":
             turn["tool_call_id"] = message.tool_call_id
-            if message.name:
-                turn["name"] = message.name
+            name = next((c["function"]["name"] for t in turns for c in t.get("tool_calls", ())
+                         if c["id"] == message.tool_call_id), None)
+            if name:
+                turn["name"] = name
         turns.append(turn)
     return turns
 
