@@ -223,6 +223,20 @@ def test_round_trip_with_the_official_client(live, stream):
     assert "<tool_response>" in prompt and '"name": "get_weather"' in prompt and "18 C and sunny" in prompt
 
 
+def test_the_returned_message_object_goes_back_as_is(live):
+    """The usual client code appends the SDK's message object itself to the conversation."""
+    client, model = live
+    model.script = Script(logits=preferring(model.tokenizer, CALL_TEXT, seed=7))
+    answer = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required",
+                                            max_tokens=120, temperature=0)
+    message = answer.choices[0].message
+    history = ASK + [message, {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "cold"}]
+    model.script = Script(logits=preferring(model.tokenizer, "Cold.", seed=7))
+    final = client.chat.completions.create(model=MODEL_ID, messages=history, tools=TOOLS, max_tokens=20,
+                                           temperature=0)
+    assert final.choices[0].message.content == "Cold." and final.choices[0].finish_reason == "stop"
+
+
 def test_auto_answers_in_text_and_none_never_calls(live):
     client, model = live
     message, finish = ask(client, model, ASK, stream=False, says="Sunny.")
