@@ -226,3 +226,41 @@ def test_swarm_output_parses_and_validates(coordinator):
                                                                     "strict": True}})
         assert answer.choices[0].finish_reason == "stop"
         jsonschema_rs.validate(CITY_SCHEMA, json.loads(answer.choices[0].message.content))
+
+
+@pytest.mark.swarm
+def test_swarm_failover_keeps_the_output_valid_and_unchanged(fresh_swarm, tiny_model_dir):
+    """A server dies mid-step during a constrained generation: the session replays on a replica (no token is
+    re-sampled), so the grammar state stays exact: the answer is the uninterrupted run's, and it validates."""
+    import os
+    import signal
+    import threading
+
+    from services.coordinator.engine import SwarmModel
+    from services.coordinator.metering import WorkMeter
+    from services.coordinator.sampling import SamplingParams
+    from tests.fixtures.swarm import MODEL_ID as TINY
+    from tests.fixtures.swarm import NUM_BLOCKS
+
+    for name, span in (("a1", "0:2"), ("b1", "2:4"), ("b2", "2:4")):
+        fresh_swarm.start_node(name, span)
+    fresh_swarm.wait_online(list(fresh_swarm.nodes), NUM_BLOCKS)
+    client = SwarmModel(TINY, tiny_model_dir, fresh_swarm.initial_peers, update_period=2, request_timeout=30)
+    params = SamplingParams(max_tokens=160, temperature=0, grammar=grammar_for_schema(CITY_SCHEMA))
+    prompt = client.encode("A city as JSON:")
+    try:
+        reference = list(client.start(prompt, params, WorkMeter()))
+        generation = client.start(prompt, params, WorkMeter())
+        deltas = []
+        for delta in generation:
+            deltas.append(delta)
+            if delta.index == 3:  # freeze the 2:4 server so the next step is in flight when the kill lands
+                route = {hop["blocks"]: hop["peer_id"] for hop in generation.route()}
+                node = next(n for n in fresh_swarm.nodes.values() if n.peer_id == route["2:4"])
+                os.killpg(node.process.pid, signal.SIGSTOP)
+                threading.Timer(0.5, node.process.kill).start()
+    finally:
+        client.shutdown()
+    assert [e["cause"] for e in generation.failovers] == ["died"]
+    assert [d.token_id for d in deltas] == [d.token_id for d in reference]
+    jsonschema_rs.validate(CITY_SCHEMA, json.loads("".join(d.text for d in deltas)))
