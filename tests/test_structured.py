@@ -123,6 +123,23 @@ def test_mask_follows_only_accepted_tokens(tokenizer):
         jsonschema_rs.validate(CITY_SCHEMA, json.loads(text))
 
 
+def test_smollm2_token_table_and_both_end_tokens(smollm2_dir):
+    """The default model's byte-level BPE tokenizer (transformers 4.34 / tokenizers 0.14) builds a token table; a
+    complete answer allows each of the model's end-of-generation tokens, and nothing else."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from services.coordinator.engine import end_of_generation_ids
+
+    smol = AutoTokenizer.from_pretrained(smollm2_dir)
+    eos = end_of_generation_ids(smol, GenerationConfig.from_pretrained(smollm2_dir))
+    wanted = '{"city":"Lima","rank":3,"capital":true,"tags":["old"]}'
+    constraint = GrammarConstraint(smol, grammar_for_schema(CITY_SCHEMA), eos)
+    for token in smol(wanted, add_special_tokens=False).input_ids:
+        assert token in set(constraint.allowed_ids(len(smol)).tolist())
+        constraint.accept(token)
+    assert constraint.complete and set(constraint.allowed_ids(len(smol)).tolist()) == set(eos) and len(eos) >= 1
+
+
 # ------------------------------------------------------------------------------------------ through the API
 @pytest.fixture(scope="module")
 def live(tokenizer, postgres_url, redis_url):

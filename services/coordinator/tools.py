@@ -16,6 +16,7 @@ calls.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
@@ -139,8 +140,11 @@ def tool_spec(tools: list, tool_choice: Any, parallel_tool_calls: Optional[bool]
 def template_has_tools(tokenizer) -> bool:
     """The tokenizer's chat template reads a ``tools`` variable (a tools section of its own)."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return False
+    return bool(template) and _reads_tools(template)
+
+
+@functools.lru_cache(maxsize=16)
+def _reads_tools(template: str) -> bool:
     from jinja2 import Environment, meta
 
     return "tools" in meta.find_undeclared_variables(Environment().parse(template))
