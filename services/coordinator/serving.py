@@ -38,9 +38,9 @@ from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequ
                                            StreamEvent, TokenEvent, TopLogprob, Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
+from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 from services.coordinator.structured import UnsupportedSchema, grammar_for_response_format
 from services.coordinator.tools import ToolSpec
-from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
 
