@@ -74,6 +74,9 @@ def test_parallel_calls(tokenizer):
     text, _ = sample_constrained(tokenizer, spec_of("required", parallel=False).grammar(),
                                  preferring(tokenizer, two), max_tokens=200)
     assert text == CALL_TEXT
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    text, _ = sample_constrained(tokenizer, spec_of(named).grammar(), preferring(tokenizer, two), max_tokens=200)
+    assert text == CALL_TEXT  # a named function is called once
 
 
 def test_auto_lets_the_model_answer_in_text_or_call(tokenizer):

@@ -93,7 +93,8 @@ class ToolSpec:
                                                             "arguments": parameters},
                            "required": ["name", "arguments"], "additionalProperties": False})
         body = {"anyOf": bodies, "x-guidance": JSON_COMPILE_OPTIONS, **definitions}
-        calls = 'call ("\\n" call)*' if self.parallel else "call"
+        # a named function is called once (OpenAI's forced function); parallel calls only under auto/required
+        calls = 'call ("\\n" call)*' if self.parallel and self.choice != "function" else "call"
         lark = f'calls: {calls}\ncall: "{CALL_OPEN}\\n" %json {json.dumps(body)} "\\n{CALL_CLOSE}"\n'
         if self.choice == "auto":  # text (not starting a call), or calls
             start = f"start: TEXT | calls\nTEXT: /(?s:.*)/ & ~/{_regex_literal(CALL_OPEN)}(?s:.*)/\n"
