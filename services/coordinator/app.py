@@ -174,7 +174,9 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
                                 int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
     checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
                           max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S,
-                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S)
+                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S,
+                          trusted_peers=frozenset(p.strip() for p in settings.SPOT_CHECK_TRUSTED_PEERS.split(",")
+                                                  if p.strip()))
     checker.quarantined.update(swarm.quarantined)
     checker.registry = await store.registry()
     swarm.spot_checker = checker
