@@ -18,7 +18,7 @@ from typing import Optional
 from services.common.money import format_far
 from services.coordinator.accounts import AccountStore, Principal
 from services.coordinator.ratelimit import RateLimiter
-from services.coordinator.serving import ServingError
+from services.coordinator.errors import ServingError, rate_limited
 
 CHAIN_IDS = {"testnet": 97, "mainnet": 56}
 
@@ -80,11 +80,7 @@ class AccountService:
             return
         decision = await self.limiter.hit(f"account:{principal.key_id}", principal.rate_limit_per_minute)
         if not decision.allowed:
-            raise ServingError(429, "rate_limited",
-                               f"more than {principal.rate_limit_per_minute} account requests per minute for this "
-                               f"key; retry after {decision.retry_after_s} s",
-                               headers={"Retry-After": str(decision.retry_after_s)},
-                               retry_after_s=decision.retry_after_s)
+            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s, "account requests")
 
     # ------------------------------------------------------------------------------------------- balance
 

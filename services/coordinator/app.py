@@ -22,7 +22,7 @@ from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.account_routes import router as account_router
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
-from services.coordinator.engine_protocol import Engine, EngineFactory
+from services.coordinator.engine_protocol import Engine, EngineFactory, Quarantinable
 from services.coordinator.fallback import FallbackClient
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
@@ -105,10 +105,11 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
         if engine.readiness is not None:
             engine.readiness.start()
         # Spot checks re-run sampled steps on other servers (docs/verification.md): for an engine with a swarm.
-        checker = await start_spot_checks(settings, model, app.state.pool) if hasattr(model, "quarantine") else None
+        quarantinable = isinstance(model, Quarantinable)
+        checker = await start_spot_checks(settings, model, app.state.pool) if quarantinable else None
         # Quarantines written by other coordinators and lifts (far-mesh nodes unquarantine) reach this one.
         quarantine_sync = None
-        if hasattr(model, "quarantine"):
+        if quarantinable:
             from services.coordinator.checks import CheckStore, keep_quarantine_synced
 
             quarantine_sync = asyncio.create_task(keep_quarantine_synced(
@@ -147,7 +148,7 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
     return http_app(settings, lifespan=lifespan)
 
 
-async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
+async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable, pool):
     """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
     the database; None when SPOT_CHECK_RATE is 0 (the quarantine is enforced either way, and kept in sync with
     the database by ``keep_quarantine_synced``)."""

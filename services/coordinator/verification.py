@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from services.common.logs import get_logger
+from services.common.states import SpotCheckOutcome
 from services.coordinator import metrics
 
 log = get_logger(__name__)
@@ -66,12 +67,13 @@ def relative_error(a, b) -> float:
     return float((torch.linalg.vector_norm(a - b, dim=-1) / norms).max())
 
 
-PASSED, FAILED, VERIFIER_FAILED, INCONCLUSIVE = "passed", "failed", "verifier_failed", "inconclusive"
+PASSED, FAILED, VERIFIER_FAILED, INCONCLUSIVE = (SpotCheckOutcome.PASSED, SpotCheckOutcome.FAILED,
+                                                  SpotCheckOutcome.VERIFIER_FAILED, SpotCheckOutcome.INCONCLUSIVE)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str
+    outcome: SpotCheckOutcome
     suspect: Optional[str]  # "checked" | "verifier" | None
     error: float  # checked vs verifier
     referee_checked: Optional[float] = None
