@@ -17,7 +17,7 @@ from services.common.config import ConfigError, Settings
 from services.coordinator.accounts import AccountStore, AuthError, check_jwt_secret, issue_jwt
 from tests.scripted_engine import Script, ScriptedModel
 
-STRONG_SECRET = "s" * 32
+STRONG_SECRET = "Jq8ZkV2wXr5NtB7mLp3HsY9cDf4GaUeW"  # 32 bytes, not a placeholder
 MODEL_ID = "test/fake"
 BODY_LIMIT = 1024 * 1024
 CONTEXT_LENGTH = 256
@@ -110,7 +110,7 @@ def test_jwt_secret_default_is_off_and_strong_secrets_start():
     assert Settings().JWT_SECRET == ""
     check_jwt_secret("")  # JWT authentication off
     check_jwt_secret(STRONG_SECRET)
-    check_jwt_secret("é" * 16)  # 32 bytes
+    check_jwt_secret("éàüöñçßøåæ€ÿîôûë")  # 33 bytes in 16 characters
 
 
 async def test_a_token_signed_with_the_old_default_spends_nothing(db_pool):

@@ -13,6 +13,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +24,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def default_state_dir() -> Path:
     """Where embedded services, the demo model and identity files live (``FAR_MESH_STATE_DIR`` overrides)."""
     return Path(os.environ.get("FAR_MESH_STATE_DIR", PROJECT_ROOT / ".far-mesh")).resolve()
+
+
+# Words of the placeholders that example files and docs put where a secret goes (deploy/env.example): a value
+# containing one was copied, not generated.
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "replace_me", "placeholder",
+                       "example", "your-secret", "your_secret", "secret-here", "<", ">")
+
+
+def placeholder_problem(name: str, value: str) -> str | None:
+    """Why ``value`` of the secret ``name`` is a copied placeholder rather than a secret (None when it is not)."""
+    lowered = value.lower()
+    marker = next((m for m in PLACEHOLDER_MARKERS if m in lowered), None)
+    if marker is not None:
+        return f"{name} is a placeholder (contains {marker!r}); generate a secret"
+    if value and len(set(value)) < 8:
+        return f"{name} has fewer than 8 distinct characters; generate a secret"
+    return None
 
 
 def _finite_non_negative(value: Decimal) -> Decimal:
@@ -73,6 +91,19 @@ class CommonSettings(BaseSettings):
                                      "from the catalog, or downloaded from the hub)")
 
     _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR")(_finite_non_negative)
+
+    @field_validator("POSTGRES_URL")
+    @classmethod
+    def _no_placeholder_password(cls, value: str) -> str:
+        """The database password of deploy/env.example must be replaced, not deployed."""
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return value
+        problem = placeholder_problem("the password in POSTGRES_URL", password) if password else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def initial_peers(self) -> list[str]:

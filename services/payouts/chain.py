@@ -31,7 +31,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 
-from services.common.config import PayoutSettings
+from services.common.config import PayoutSettings, confirmations_problem
 from services.common.logs import get_logger
 from services.common.money import to_base_units
 
@@ -279,6 +279,9 @@ def connect(settings: PayoutSettings, network: str | None = None, *, rpc_url: st
     network = network or settings.BSC_NETWORK
     if network not in NETWORKS:
         raise ChainConfigError(f"BSC_NETWORK: unknown network {network!r} (local, testnet or mainnet)")
+    too_few = confirmations_problem(network, settings.PAYOUT_CONFIRMATIONS)  # --network may differ from BSC_NETWORK
+    if too_few:
+        raise ChainConfigError(too_few)
     account = load_account(settings, network)
     rpc_url = rpc_url if rpc_url is not None else settings.BSC_RPC_URL
     token_address = token_address or settings.FAR_TOKEN_ADDRESS
