@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.proxies import parse_networks
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -254,6 +256,17 @@ class DiscoverySettings(CommonSettings):
     DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
     DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
                                                  description="GET /nodes/challenge per client address per minute")
+    DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE: int = Field(default=10, ge=1, le=100_000,
+                                                          description="GET /nodes/challenge per peer ID per minute")
+    DISCOVERY_TRUSTED_PROXIES: str = Field(default="", description="comma-separated addresses/networks of reverse "
+                                           "proxies whose X-Forwarded-For names the client ('' = none: the TCP peer "
+                                           "is the client)")
+
+    @field_validator("DISCOVERY_TRUSTED_PROXIES")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
 
 
 class Settings(CoordinatorSettings, PayoutSettings, DiscoverySettings, NodeSettings):
