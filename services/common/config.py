@@ -204,6 +204,12 @@ class CoordinatorSettings(ChainSettings):
                                   "beyond it they are dropped (a check never slows a stream)")
     SPOT_CHECK_QUARANTINE_AFTER: int = Field(default=2, ge=1, description="coordinator: failed checks that "
                                              "quarantine a peer")
+    SPOT_CHECK_TRUSTED_VERIFIER_GB: float = Field(default=2.0, ge=0, description="coordinator: memory for the "
+                                                  "trusted verifier, the coordinator recomputing a span from its "
+                                                  "own model files to settle disagreements and check spans no "
+                                                  "other server holds (0 = none; docs/verification.md)")
+    SPOT_CHECK_RETRY_S: float = Field(default=30.0, gt=0, description="coordinator: how often an inconclusive "
+                                      "check (its contribution held unpaid) is tried again")
     SPOT_CHECK_QUARANTINE_SYNC_S: float = Field(default=10.0, gt=0, description="coordinator: how often it re-reads "
                                                 "the quarantine (other coordinators' quarantines, lifts)")
     MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "
