@@ -177,6 +177,10 @@ class CoordinatorSettings(ChainSettings):
     # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
     JWT_SECRET: str = ""
     ACCOUNT_MAX_API_KEYS: int = Field(default=50, ge=1, description="active API keys an account may hold")
+    ACCOUNT_KEY_CREATIONS_PER_DAY: int = Field(default=20, ge=1, description="API keys an account may create in 24 "
+                                               "hours (revoked ones count)")
+    ACCOUNT_RATE_LIMIT_PER_MINUTE: int = Field(default=1200, ge=1, description="requests per minute of one account, "
+                                               "all of its keys together (each key also has its own limit)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
     FAR_MESH_CORS_ORIGINS: str = Field(default="*", description="origins allowed to call the coordinator from a "
                                        "browser (comma-separated; '' = none)")

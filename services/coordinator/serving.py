@@ -119,7 +119,7 @@ class InferenceService:
                  models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str,
                  pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
-                 max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
+                 max_api_keys: int = 50, key_creations_per_day: int = 20, max_running: int = 16, max_waiting: int = 32,
                  max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
                  fallbacks: Optional[dict[str, FallbackClient]] = None):
         self.store = store
@@ -138,6 +138,7 @@ class InferenceService:
         self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
         self.fallbacks = fallbacks or {}  # model_id -> FallbackClient, used while that model's swarm is not ready
         self.max_api_keys = max_api_keys
+        self.key_creations_per_day = key_creations_per_day
         self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
                                            thread_name_prefix="generation")
         self.admission = {
@@ -163,9 +164,9 @@ class InferenceService:
     async def admit(self, principal: Principal) -> None:
         if self.limiter is None:
             return
-        decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
+        decision, limit, whose = await self.limiter.admit(principal)
         if not decision.allowed:
-            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s)
+            raise rate_limited(limit, decision.retry_after_s, whose=whose)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
         pricing = pricing or self.pricing
@@ -701,7 +702,8 @@ class InferenceService:
 
     def account_service(self):
         """The self-service account API's logic over this service's stores (api/account_routes.py)."""
-        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
+        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys,
+                              key_creations_per_day=self.key_creations_per_day)
 
     async def aclose(self) -> None:
         """Cancel running generations and wait until each is finalized."""
