@@ -27,7 +27,7 @@ from services.common.petals_adapter import SwarmUnavailable
 from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.account_service import AccountService
-from services.coordinator.admission import AdmissionGate, Overloaded
+from services.coordinator.admission import AdmissionGate, Overloaded, TokenizerPool
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
 from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
@@ -141,6 +141,7 @@ class InferenceService:
         self.key_creations_per_day = key_creations_per_day
         self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
                                            thread_name_prefix="generation")
+        self.tokenizers = TokenizerPool()  # its own bounded threads, at most one per account at a time
         self.admission = {
             model_id: AdmissionGate(model_id, max_running=max_running, max_waiting=max_waiting,
                                     max_wait_s=max_queue_wait_s, retry_after_s=overloaded_retry_after_s,
@@ -180,7 +181,7 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest, account_id: Optional[str] = None) -> PreparedRequest:
         """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
         template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
@@ -192,7 +193,7 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
-        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
+        prompt_ids, template_stops = await self.tokenizers.run(account_id, _tokenize, model, request)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
@@ -284,19 +285,35 @@ class InferenceService:
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
             self.active.pop(key, None)
-            short = error.required - error.available
-            how = (self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None)
-            raise ServingError(402, "insufficient_balance",
-                               f"this request may cost up to {format_far(error.required)} FAR "
-                               f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
-                               f"FAR available: deposit at least {format_far(short)} FAR, or lower max_tokens"
-                               + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
-                               required_far=format_far(error.required), available_far=format_far(error.available),
-                               shortfall_far=format_far(short), deposit=how)
+            raise self._insufficient(account_id, prepared.params.max_tokens, error.required,
+                                     error.available) from None
         except BaseException:
             self.active.pop(key, None)
             raise
         return active
+
+    async def check_balance_floor(self, request: GenerateRequest, principal: Principal) -> None:
+        """402 at once when the account cannot pay even ``max_tokens`` at the cheapest price this model may be
+        served at, prompt not counted: a cheap query instead of a template + tokenizer run. The exact reservation
+        (prompt included) is still taken atomically by ``begin``."""
+        model_id = request.model_id or self.default_model_id
+        prices = [self.pricing] + ([self.fallbacks[model_id].pricing] if model_id in self.fallbacks else [])
+        floor = min(self.cost_of(request.max_tokens, 0, pricing) for pricing in prices)
+        row = await self.accounts.account(principal.account_id)
+        available = (row["balance_far"] - row["reserved_far"]) if row is not None else Decimal(0)
+        if available < floor:
+            raise self._insufficient(principal.account_id, request.max_tokens, floor, available)
+
+    def _insufficient(self, account_id: str, max_tokens: int, required: Decimal, available: Decimal) -> ServingError:
+        short = required - available
+        how = self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None
+        return ServingError(402, "insufficient_balance",
+                            f"this request may cost up to {format_far(required)} FAR ({max_tokens} tokens); the "
+                            f"account has {format_far(available)} FAR available: deposit at least {format_far(short)} "
+                            f"FAR, or lower max_tokens"
+                            + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
+                            required_far=format_far(required), available_far=format_far(available),
+                            shortfall_far=format_far(short), deposit=how)
 
     @staticmethod
     def replay_of(previous: FinalSession) -> Replay:
@@ -315,12 +332,13 @@ class InferenceService:
     async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[StreamEvent]:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
         await self.admit(principal)
-        prepared = await self.prepare(request)
-        if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
+        if request.request_id and (principal.account_id, request.request_id) not in self.active:
             # a request_id this account used before: its stored outcome, without the readiness gate and charge
-            previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
+            previous = await self.store.read_by_request_id(request.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
+        await self.check_balance_floor(request, principal)  # before tokenizing: an empty account costs no CPU
+        prepared = await self.prepare(request, principal.account_id)
         fallback = await self.route(prepared.model)
         release = await self.take_slot(prepared.model.model_id)
         try:
@@ -712,5 +730,6 @@ class InferenceService:
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.tokenizers.shutdown()
         for fallback in self.fallbacks.values():
             await fallback.aclose()
