@@ -193,6 +193,8 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
+        if account_id is not None:
+            await self.check_balance_floor(request, account_id)  # before tokenizing: an empty account costs no CPU
         prompt_ids, template_stops = await self.tokenizers.run(account_id, _tokenize, model, request)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
@@ -292,17 +294,17 @@ class InferenceService:
             raise
         return active
 
-    async def check_balance_floor(self, request: GenerateRequest, principal: Principal) -> None:
+    async def check_balance_floor(self, request: GenerateRequest, account_id: str) -> None:
         """402 at once when the account cannot pay even ``max_tokens`` at the cheapest price this model may be
         served at, prompt not counted: a cheap query instead of a template + tokenizer run. The exact reservation
         (prompt included) is still taken atomically by ``begin``."""
         model_id = request.model_id or self.default_model_id
         prices = [self.pricing] + ([self.fallbacks[model_id].pricing] if model_id in self.fallbacks else [])
         floor = min(self.cost_of(request.max_tokens, 0, pricing) for pricing in prices)
-        row = await self.accounts.account(principal.account_id)
+        row = await self.accounts.account(account_id)
         available = (row["balance_far"] - row["reserved_far"]) if row is not None else Decimal(0)
         if available < floor:
-            raise self._insufficient(principal.account_id, request.max_tokens, floor, available)
+            raise self._insufficient(account_id, request.max_tokens, floor, available)
 
     def _insufficient(self, account_id: str, max_tokens: int, required: Decimal, available: Decimal) -> ServingError:
         short = required - available
@@ -337,7 +339,6 @@ class InferenceService:
             previous = await self.store.read_by_request_id(request.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
-        await self.check_balance_floor(request, principal)  # before tokenizing: an empty account costs no CPU
         prepared = await self.prepare(request, principal.account_id)
         fallback = await self.route(prepared.model)
         release = await self.take_slot(prepared.model.model_id)
