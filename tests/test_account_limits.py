@@ -4,6 +4,7 @@ every coordinator sharing the Redis), and key creation has a daily quota that re
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -12,6 +13,8 @@ from services.coordinator.account_service import AccountService
 from services.coordinator.accounts import AccountStore
 from services.coordinator.errors import ServingError
 from services.coordinator.ratelimit import RateLimiter
+from tests.test_account_api import chain, coordinators  # noqa: F401  (fixtures: two replicas on one database)
+from tests.test_coordinator_hardening import tokenizer  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -69,3 +72,29 @@ async def test_key_creation_has_a_daily_quota_revoking_does_not_reset(stores):
             await service.revoke_key(principal, key_row["key_id"])
     assert refused.value.status == 429 and refused.value.code == "key_quota"
     assert len(created) == 3  # the first key counts: 4 created in the last 24 hours
+
+
+async def test_two_coordinators_on_one_database_never_overdraw_an_account(coordinators):
+    """Concurrent requests of one account through two coordinator replicas on the same PostgreSQL: each reservation
+    is taken atomically by the database, so the balance never goes below zero and the books close exactly."""
+    import asyncio
+
+    _url, pool, services, clients = coordinators
+    accounts = services[0].accounts
+    account_id = await accounts.create_account("shared", Decimal("0.025"))  # 2 requests of max_tokens 100
+    _, key = await accounts.create_key(account_id, rate_limit_per_minute=1000)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    async def generate(i: int) -> int:
+        response = await clients[i % 2].post("/mesh/inference/generate", headers=auth,
+                                             json={"prompt": f"hi {i}", "max_tokens": 100, "stream": False})
+        return response.status_code
+
+    codes = await asyncio.gather(*(generate(i) for i in range(12)))
+    assert set(codes) <= {200, 402} and 200 in codes and 402 in codes, codes
+    row = await pool.fetchrow("SELECT balance_far, reserved_far FROM far_accounts WHERE account_id = $1",
+                              uuid.UUID(account_id))
+    charged = await pool.fetchval("SELECT coalesce(sum(cost_far), 0) FROM far_mesh_sessions WHERE account_id = $1",
+                                  uuid.UUID(account_id))
+    assert row["balance_far"] >= 0 and row["reserved_far"] == 0
+    assert row["balance_far"] + charged == Decimal("0.025")
