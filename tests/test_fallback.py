@@ -57,14 +57,17 @@ def test_parse_chunk_and_billing_rule():
     assert parse_chunk({"choices": [{"delta": {"content": "a"}, "finish_reason": None}]}).text == "a"
     assert parse_chunk({"choices": [{"text": "b", "finish_reason": "length"}]}).finish_reason == "length"
     assert parse_chunk({"choices": [], "usage": {"completion_tokens": 4}}).completion_tokens == 4
-    with pytest.raises(Exception, match="mid-stream: boom"):
+    with pytest.raises(Exception, match="mid-stream") as failed:
         parse_chunk({"error": {"code": "x", "message": "boom"}})
-    # completed: the upstream's count, capped at max_tokens; else only what was delivered, nothing if nothing was
+    assert "boom" not in str(failed.value) and failed.value.detail == "boom"  # the upstream's words: log only
+    # completed: the upstream's count, but never more than was delivered nor max_tokens; else only what was
+    # delivered, nothing if nothing was
     def billed(completed, reported, delivered):
         return billed_tokens(completed=completed, reported_completion=reported, delivered=delivered, prompt_tokens=3,
                              max_tokens=8)
 
-    assert billed(True, 7, 5) == (3, 7) and billed(True, 99, 5) == (3, 8) and billed(True, None, 5) == (3, 5)
+    assert billed(True, 3, 5) == (3, 3) and billed(True, None, 5) == (3, 5)
+    assert billed(True, 7, 5) == (3, 5) and billed(True, 99, 5) == (3, 5) and billed(True, 99, 20) == (3, 8)
     assert billed(False, None, 2) == (3, 2) and billed(False, None, 0) == (0, 0)
 
 

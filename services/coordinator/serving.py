@@ -27,7 +27,7 @@ from services.common.petals_adapter import SwarmUnavailable
 from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.account_service import AccountService
-from services.coordinator.admission import AdmissionGate, Overloaded
+from services.coordinator.admission import AdmissionGate, Overloaded, TokenizerPool
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
 from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
@@ -134,7 +134,7 @@ class InferenceService:
                  models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str,
                  pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
-                 max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
+                 max_api_keys: int = 50, key_creations_per_day: int = 20, max_running: int = 16, max_waiting: int = 32,
                  max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
                  fallbacks: Optional[dict[str, FallbackClient]] = None):
         self.store = store
@@ -153,8 +153,10 @@ class InferenceService:
         self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
         self.fallbacks = fallbacks or {}  # model_id -> FallbackClient, used while that model's swarm is not ready
         self.max_api_keys = max_api_keys
+        self.key_creations_per_day = key_creations_per_day
         self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
                                            thread_name_prefix="generation")
+        self.tokenizers = TokenizerPool()  # its own bounded threads, at most one per account at a time
         self.admission = {
             model_id: AdmissionGate(model_id, max_running=max_running, max_waiting=max_waiting,
                                     max_wait_s=max_queue_wait_s, retry_after_s=overloaded_retry_after_s,
@@ -178,9 +180,9 @@ class InferenceService:
     async def admit(self, principal: Principal) -> None:
         if self.limiter is None:
             return
-        decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
+        decision, limit, whose = await self.limiter.admit(principal)
         if not decision.allowed:
-            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s)
+            raise rate_limited(limit, decision.retry_after_s, whose=whose)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
         pricing = pricing or self.pricing
@@ -194,7 +196,8 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    async def prepare(self, request: GenerateRequest, tools: Optional[ToolSpec] = None) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest, tools: Optional[ToolSpec] = None,
+                      account_id: Optional[str] = None) -> PreparedRequest:
         """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
         template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
@@ -206,8 +209,10 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
+        if account_id is not None:
+            await self.check_balance_floor(request, account_id)  # before tokenizing: an empty account costs no CPU
         grammar = await asyncio.to_thread(_grammar, request, tools)
-        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request, tools)
+        prompt_ids, template_stops = await self.tokenizers.run(account_id, _tokenize, model, request, tools)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
@@ -300,19 +305,35 @@ class InferenceService:
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
             self.active.pop(key, None)
-            short = error.required - error.available
-            how = (self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None)
-            raise ServingError(402, "insufficient_balance",
-                               f"this request may cost up to {format_far(error.required)} FAR "
-                               f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
-                               f"FAR available: deposit at least {format_far(short)} FAR, or lower max_tokens"
-                               + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
-                               required_far=format_far(error.required), available_far=format_far(error.available),
-                               shortfall_far=format_far(short), deposit=how)
+            raise self._insufficient(account_id, prepared.params.max_tokens, error.required,
+                                     error.available) from None
         except BaseException:
             self.active.pop(key, None)
             raise
         return active
+
+    async def check_balance_floor(self, request: GenerateRequest, account_id: str) -> None:
+        """402 at once when the account cannot pay even ``max_tokens`` at the cheapest price this model may be
+        served at, prompt not counted: a cheap query instead of a template + tokenizer run. The exact reservation
+        (prompt included) is still taken atomically by ``begin``."""
+        model_id = request.model_id or self.default_model_id
+        prices = [self.pricing] + ([self.fallbacks[model_id].pricing] if model_id in self.fallbacks else [])
+        floor = min(self.cost_of(request.max_tokens, 0, pricing) for pricing in prices)
+        row = await self.accounts.account(account_id)
+        available = (row["balance_far"] - row["reserved_far"]) if row is not None else Decimal(0)
+        if available < floor:
+            raise self._insufficient(account_id, request.max_tokens, floor, available)
+
+    def _insufficient(self, account_id: str, max_tokens: int, required: Decimal, available: Decimal) -> ServingError:
+        short = required - available
+        how = self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None
+        return ServingError(402, "insufficient_balance",
+                            f"this request may cost up to {format_far(required)} FAR ({max_tokens} tokens); the "
+                            f"account has {format_far(available)} FAR available: deposit at least {format_far(short)} "
+                            f"FAR, or lower max_tokens"
+                            + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
+                            required_far=format_far(required), available_far=format_far(available),
+                            shortfall_far=format_far(short), deposit=how)
 
     @staticmethod
     def replay_of(previous: FinalSession) -> Replay:
@@ -333,12 +354,12 @@ class InferenceService:
         """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream.
         ``tools``: chat completions' tools (rendered into the prompt; their calls may constrain the output)."""
         await self.admit(principal)
-        prepared = await self.prepare(request, tools)
-        if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
+        if request.request_id and (principal.account_id, request.request_id) not in self.active:
             # a request_id this account used before: its stored outcome, without the readiness gate and charge
-            previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
+            previous = await self.store.read_by_request_id(request.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
+        prepared = await self.prepare(request, tools, principal.account_id)
         if tools is not None and tools.calls_allowed:
             await self.gate(prepared.model)  # calls are read from the swarm's answer: never sent to a fallback API
             fallback = None
@@ -724,7 +745,8 @@ class InferenceService:
 
     def account_service(self):
         """The self-service account API's logic over this service's stores (api/account_routes.py)."""
-        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
+        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys,
+                              key_creations_per_day=self.key_creations_per_day)
 
     async def aclose(self) -> None:
         """Cancel running generations and wait until each is finalized."""
@@ -733,5 +755,6 @@ class InferenceService:
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.tokenizers.shutdown()
         for fallback in self.fallbacks.values():
             await fallback.aclose()
