@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Optional
 
 from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
-                                                  RouteHop, TokenDelta, TokenLogprob)
+                                                  RouteHop, TokenDelta)
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream, token_logprob
+from services.coordinator.sampling import SamplingParams, TextStream, TokenLogprob, token_logprob
 
 NUM_BLOCKS = 4
 DEFAULT_ROUTE = (("QmScriptedA", 0, 2), ("QmScriptedB", 2, 4))
