@@ -241,13 +241,14 @@ class InferenceService:
                 headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
                 loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
 
-    async def route(self, model: EngineModel) -> Optional[FallbackClient]:
-        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate)."""
+    async def route(self, model: EngineModel, *, swarm_only: bool = False) -> Optional[FallbackClient]:
+        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate).
+        ``swarm_only``: the request asks for what only the swarm gives (log-probabilities), never the fallback."""
         try:
             await self.gate(model)
         except ServingError as error:
             fallback = self.fallbacks.get(model.model_id)
-            if fallback is None:
+            if fallback is None or swarm_only:
                 raise
             log.info("swarm not ready: serving from the fallback API", model_id=model.model_id,
                      upstream=fallback.host, reason=error.message)
@@ -320,7 +321,7 @@ class InferenceService:
             previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
-        fallback = await self.route(prepared.model)
+        fallback = await self.route(prepared.model, swarm_only=prepared.params.logprobs is not None)
         release = await self.take_slot(prepared.model.model_id)
         try:
             started = await self.begin(prepared, request, principal, fallback)
