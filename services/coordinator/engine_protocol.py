@@ -34,6 +34,7 @@ class TokenDelta:
     token_id: int
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
     logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
+    choice: int = 0  # which of the request's choices (n > 1: services/coordinator/choices.py)
 
 
 class FailoverEvent(TypedDict):
