@@ -108,6 +108,17 @@ def test_penalties_bias_and_logprobs_are_sent_and_parsed(sleeps):
     assert client.chat("hi").logprobs == [farlabs.TokenLogprob.from_json(entry)]  # as the server sent it
 
 
+def test_n_choices_are_parsed_and_streams_refuse_them():
+    choices = [{"index": i, "text": f"t{i}", "finish_reason": "eos", "completion_tokens": 2} for i in range(2)]
+    client, seen = _mock(lambda request, n: httpx.Response(200, json={**DONE, "choices": choices}))
+    answer = client.chat("hi", n=2)
+    assert json.loads(seen[0].content)["n"] == 2
+    assert [(c.index, c.text, c.finish_reason, c.completion_tokens) for c in answer.choices] == [
+        (0, "t0", "eos", 2), (1, "t1", "eos", 2)]
+    with pytest.raises(ValueError, match="n > 1"):
+        client.chat_stream("hi", n=2)
+
+
 def test_replayed_request_streams_its_stored_text():
     client, _ = _mock(lambda request, n: httpx.Response(200, headers={"content-type": "text/event-stream"},
                                                         content=_sse((None, DONE))))
