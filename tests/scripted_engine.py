@@ -23,9 +23,9 @@ from typing import Callable, Iterator, Optional
 
 from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
-                                                  RouteHop, TokenDelta, TokenLogprob)
+                                                  RouteHop, TokenDelta)
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler, token_logprob
+from services.coordinator.sampling import SamplingParams, TextStream, TokenLogprob, TokenSampler, token_logprob
 from services.coordinator.structured import constraint_for
 
 NUM_BLOCKS = 4

@@ -405,3 +405,24 @@ async def test_tools_that_may_be_called_are_never_sent_to_a_fallback(harness, mo
         "model": "test/fake", "messages": [{"role": "user", "content": "hi"}],
         "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "swarm_not_ready"
+
+
+async def test_a_request_for_logprobs_is_never_sent_to_the_fallback(harness):
+    service, client = harness
+    _, headers = await _account(service)
+    _use(service, "http://127.0.0.1:9/v1", timeout_s=5)  # nothing listens there
+    body = {"prompt": "hi", "max_tokens": 2, "stream": False}
+    fell_back = await client.post("/mesh/inference/generate", headers=headers, json=body)
+    assert fell_back.json()["error"]["served_by"] == "fallback"  # tried the fallback (which failed)
+    refused = await client.post("/mesh/inference/generate", headers=headers, json={**body, "logprobs": 0})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "swarm_not_ready"  # only the swarm has them
+
+
+def test_sampling_fields_reach_the_fallback_only_when_set():
+    _, body = upstream_request(GenerateRequest(prompt="hi"), "m")
+    assert not {"temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty"} & set(body)
+    _, body = upstream_request(GenerateRequest(prompt="hi", temperature=0.5, repetition_penalty=1.2,
+                                               presence_penalty=0.5, frequency_penalty=0.1,
+                                               logit_bias={"3": -100}), "m")
+    assert (body["temperature"], body["repetition_penalty"], body["presence_penalty"], body["frequency_penalty"],
+            body["logit_bias"]) == (0.5, 1.2, 0.5, 0.1, {"3": -100})

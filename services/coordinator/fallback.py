@@ -55,11 +55,12 @@ class UpstreamChunk:
 
 def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, dict]:
     """(path under the base URL, JSON body): ``messages`` go to chat/completions, a ``prompt`` to completions.
-    Always streamed with usage. ``top_k`` is not an OpenAI parameter: sent only when the client set it (vLLM,
-    llama.cpp and far-mesh accept it)."""
+    Always streamed with usage. Sampling fields are sent only when the client set them (absent: the upstream's
+    defaults for its model); ``top_k`` and ``repetition_penalty`` are not OpenAI parameters (vLLM, llama.cpp and
+    far-mesh accept them; an upstream that does not refuses the request, which is reported, never ignored)."""
     body = {"model": model_name, "max_tokens": request.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty"):
         if getattr(request, name) is not None:  # omitted: the upstream's own default for its model
             body[name] = getattr(request, name)
     if request.stop:

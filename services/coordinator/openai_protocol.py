@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, error_responses, json_int
 from services.common.states import FinishReason
-from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
-                                           MAX_TOP_LOGPROBS, NOT_BLANK, SOME_MESSAGE_HAS_TEXT, UNSUPPORTED, ChatMessage,
-                                           LogitBias, ResponseFormat)
+from services.coordinator.protocol import (MAX_CHOICES, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES,
+                                           MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, NOT_BLANK, SOME_MESSAGE_HAS_TEXT,
+                                           ChatMessage, LogitBias, ResponseFormat)
 from services.coordinator.tools import ToolSpec, generic_turns, render_with_template, template_has_tools
 
 # The rules of GenerateRequest (what these requests become), stated in these schemas too.
@@ -58,12 +57,6 @@ def unsupported_message(param: str, field: str, detail: Optional[str] = None) ->
     return f"unsupported parameter {param!r}: {reason} (docs/generation.md lists every field)"
 
 
-def _one_choice(n: int) -> int:
-    if n > 1:
-        raise PydanticCustomError(UNSUPPORTED, "n > 1 is not implemented (one choice per request)")
-    return n
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -86,8 +79,8 @@ class _Common(BaseModel):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: LogitBias = None
-    n: Optional[Annotated[json_int(ge=1), AfterValidator(_one_choice)]] = Field(
-        None, json_schema_extra={"maximum": 1})
+    n: Optional[json_int(ge=1, le=MAX_CHOICES)] = Field(
+        None, description="choices: continuations of the prompt, each billed for its own tokens")
     stop: Union[Stop, Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     seed: Optional[json_int(ge=0, le=MAX_SAFE_INTEGER)] = None
     stream: Optional[bool] = False

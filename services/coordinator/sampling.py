@@ -17,8 +17,6 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from services.common.states import FinishReason
-from services.coordinator.engine_protocol import TokenLogprob
-
 # Text of this many tokens not released yet (ending in U+FFFD) is split: see TextStream._split.
 MAX_UNRELEASED_TOKENS = 8
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -28,6 +26,15 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # A log-probability of -inf (a token the model rules out) as OpenAI writes it: JSON has no infinity.
 MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

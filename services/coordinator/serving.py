@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import AsyncIterator, Optional
 
@@ -28,14 +28,15 @@ from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.account_service import AccountService
 from services.coordinator.admission import AdmissionGate, Overloaded, TokenizerPool
+from services.coordinator.choices import ChoiceGenerations, choice_seed
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
 from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, LogprobEntry, ReplacedServer,
-                                           StreamEvent, TokenEvent, TopLogprob, Usage)
+from services.coordinator.protocol import (ChoiceResult, Contribution, DoneEvent, GenerateRequest, LogprobEntry,
+                                           ReplacedServer, StreamEvent, TokenEvent, TopLogprob, Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
@@ -110,6 +111,12 @@ class PreparedRequest:
     model: EngineModel
     prompt_ids: list
     params: SamplingParams
+    choices: int = 1  # n: continuations of the prompt, each billed for its own tokens (choices.py)
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """What the reservation covers: every choice generating max_tokens."""
+        return self.params.max_tokens * self.choices
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,7 @@ class InferenceService:
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
         params = self.sampling_params(model, request, tuple(stops), grammar)
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
-        return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
+        return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params, request.n or 1)
 
     def sampling_params(self, model: EngineModel, request: GenerateRequest, stops: tuple,
                         grammar: Optional[str] = None) -> SamplingParams:
@@ -263,13 +270,14 @@ class InferenceService:
                 headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
                 loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
 
-    async def route(self, model: EngineModel) -> Optional[FallbackClient]:
-        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate)."""
+    async def route(self, model: EngineModel, *, swarm_only: bool = False) -> Optional[FallbackClient]:
+        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate).
+        ``swarm_only``: the request asks for what only the swarm gives (log-probabilities), never the fallback."""
         try:
             await self.gate(model)
         except ServingError as error:
             fallback = self.fallbacks.get(model.model_id)
-            if fallback is None:
+            if fallback is None or swarm_only:
                 raise
             log.info("swarm not ready: serving from the fallback API", model_id=model.model_id,
                      upstream=fallback.host, reason=error.message)
@@ -283,7 +291,7 @@ class InferenceService:
         if key in self.active:
             raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         pricing = fallback.pricing if fallback is not None else self.pricing
-        reserved = (self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids), pricing) if account_id
+        reserved = (self.cost_of(prepared.max_completion_tokens, len(prepared.prompt_ids), pricing) if account_id
                     else Decimal(0))
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
@@ -305,7 +313,7 @@ class InferenceService:
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
             self.active.pop(key, None)
-            raise self._insufficient(account_id, prepared.params.max_tokens, error.required,
+            raise self._insufficient(account_id, prepared.max_completion_tokens, error.required,
                                      error.available) from None
         except BaseException:
             self.active.pop(key, None)
@@ -318,11 +326,12 @@ class InferenceService:
         (prompt included) is still taken atomically by ``begin``."""
         model_id = request.model_id or self.default_model_id
         prices = [self.pricing] + ([self.fallbacks[model_id].pricing] if model_id in self.fallbacks else [])
-        floor = min(self.cost_of(request.max_tokens, 0, pricing) for pricing in prices)
+        max_tokens = request.max_tokens * (request.n or 1)  # every choice may run to max_tokens
+        floor = min(self.cost_of(max_tokens, 0, pricing) for pricing in prices)
         row = await self.accounts.account(account_id)
         available = (row["balance_far"] - row["reserved_far"]) if row is not None else Decimal(0)
         if available < floor:
-            raise self._insufficient(account_id, request.max_tokens, floor, available)
+            raise self._insufficient(account_id, max_tokens, floor, available)
 
     def _insufficient(self, account_id: str, max_tokens: int, required: Decimal, available: Decimal) -> ServingError:
         short = required - available
@@ -363,8 +372,9 @@ class InferenceService:
         if tools is not None and tools.calls_allowed:
             await self.gate(prepared.model)  # calls are read from the swarm's answer: never sent to a fallback API
             fallback = None
-        else:
-            fallback = await self.route(prepared.model)
+        else:  # log-probabilities and several choices only the swarm gives
+            fallback = await self.route(prepared.model,
+                                        swarm_only=prepared.params.logprobs is not None or prepared.choices > 1)
         release = await self.take_slot(prepared.model.model_id)
         try:
             started = await self.begin(prepared, request, principal, fallback)
@@ -397,7 +407,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         meter = WorkMeter()
-        generation = prepared.model.start(prepared.prompt_ids, prepared.params, meter, active.cancel)
+        generation = self.start_generation(prepared, meter, active.cancel)
         active.generation = generation
         generation.session_id = active.session_id  # spot checks dispute contributions of this session
         model_id = active.model_id
@@ -439,10 +449,7 @@ class InferenceService:
                     metrics.INTER_TOKEN_LATENCY.labels(model_id).observe(now - last_token_at)
                 last_token_at = now
                 active.tokens_generated = item.index
-                yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)),
-                                 logprobs=None if item.logprob is None else self.logprob_entry(prepared.model,
-                                                                                               item.logprob))
+                yield self.token_event(prepared, active, item)
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -473,7 +480,27 @@ class InferenceService:
             status_code = {"generation_timeout": 504, "swarm_unavailable": 503}.get(error_code, 502)
             raise ServingError(status_code, error_code, message, tokens_generated=tokens,
                                cost_far=format_far(final.cost_far), replaced_servers=generation.replaced_servers())
-        yield self.done_event(final)
+        done = self.done_event(final)
+        if isinstance(generation, ChoiceGenerations):
+            done.choices = [ChoiceResult(**result) for result in generation.choice_results()]
+        yield done
+
+    def token_event(self, prepared: PreparedRequest, active: ActiveGeneration, delta) -> TokenEvent:
+        """A generated token on the wire: its choice (n > 1), the running count and cost, its logprobs."""
+        return TokenEvent(token=delta.text, index=delta.choice if prepared.choices > 1 else None,
+                          request_id=active.request_id, tokens_generated=delta.index,
+                          cost_far=format_far(self.cost_of(delta.index, active.prompt_tokens)),
+                          logprobs=None if delta.logprob is None else self.logprob_entry(prepared.model,
+                                                                                          delta.logprob))
+
+    @staticmethod
+    def start_generation(prepared: PreparedRequest, meter: WorkMeter, cancel: threading.Event) -> EngineGeneration:
+        """The engine's generation, or for n > 1 the n generations of the choices as one (choices.py)."""
+        model, prompt_ids, params = prepared.model, prepared.prompt_ids, prepared.params
+        if prepared.choices == 1:
+            return model.start(prompt_ids, params, meter, cancel)
+        return ChoiceGenerations([model.start(prompt_ids, replace(params, seed=choice_seed(params.seed, choice)),
+                                              meter, cancel) for choice in range(prepared.choices)], cancel)
 
     def logprob_entry(self, model: EngineModel, logprob) -> LogprobEntry:
         """A sampled token's ``engine_protocol.TokenLogprob`` as the wire names tokens (text and bytes)."""
