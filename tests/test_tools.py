@@ -256,3 +256,6 @@ def test_refusals_name_the_problem(live):
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS,
                                        response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="several choices") as refused:
+        client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, n=2)
+    assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == "n"
