@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
 from services.common.logs import get_logger
 from services.common.packed_linear import PackedHead
+from services.common.states import FinishReason
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
@@ -75,6 +76,7 @@ class SwarmModel:
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
+        self.generation_config = self.model.generation_config  # its recommended sampling (sampling_defaults)
         # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
         # on a oneDNN-packed copy of the head where it can be (float32 on CPU: services/common/packed_linear.py)
         self.logits_batcher = LogitsBatcher(PackedHead(self.model.lm_head), max_wait_s=lm_head_wait_s)
@@ -157,7 +159,7 @@ class Generation:
         self.params = params
         self.meter = meter
         self.cancel = cancel
-        self.sampler = TokenSampler(params)
+        self.sampler = TokenSampler(params, prompt_ids)
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
@@ -217,13 +219,13 @@ class Generation:
                 inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
                 while True:
                     if self.cancel.is_set():
-                        self.finish_reason = "cancelled"
+                        self.finish_reason = FinishReason.CANCELLED
                         return
                     # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only
                     # for the last position, in one pass with the other generations' (lm_head.py)
                     hidden = model.transformer(input_ids=inputs).last_hidden_state[0, -1]
                     if self.cancel.is_set():  # the step finished after a cancel: its token is not used
-                        self.finish_reason = "cancelled"
+                        self.finish_reason = FinishReason.CANCELLED
                         return
                     logits = batcher.logits(member, hidden)
                     token_id = self.sampler.sample(logits)
@@ -234,7 +236,7 @@ class Generation:
                     if len(self.token_ids) == 1:
                         self._log_route()
                     if delta is not None:
-                        yield TokenDelta(len(self.token_ids), token_id, delta)
+                        yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
                     if finish is not None:
                         self.finish_reason = finish
                         return
