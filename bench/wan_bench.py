@@ -62,7 +62,7 @@ def bench_route(model_dir: Path, model_id: str, spans: list[str], num_blocks: in
     with WanLab() as lab, LocalSwarm(model_dir, model_id, workdir) as swarm:
         dht = lab.add_host("dht")
         hosts = {name: lab.add_host(name) for name in names}
-        swarm.start_bootstrap(extra_args=("--host", "0.0.0.0", "--port", str(DHT_PORT), "--announce-maddrs",
+        swarm.start_bootstrap(timeout=180, extra_args=("--host", "0.0.0.0", "--port", str(DHT_PORT), "--announce-maddrs",
                                           dht.address), argv_prefix=tuple(dht.argv([])))
         for name, span in zip(names, spans):
             swarm.start_node(name, span, argv_prefix=tuple(hosts[name].argv([])),
