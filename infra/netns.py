@@ -48,8 +48,8 @@ def unavailable_reason() -> Optional[str]:
         _ip("netns", "del", name, check=False)
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A /24 in 10.200-249.x.0 that no route of this machine covers."""
+def _free_subnet(first_octet: int = 10) -> ipaddress.IPv4Network:
+    """A /24 in <first_octet>.200-249.x.0 that no route of this machine covers."""
     used = []
     for line in _ip("-4", "route", "show", "table", "all").stdout.splitlines():
         word = line.split()[0] if line.split() else ""
@@ -58,7 +58,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
         except ValueError:
             continue
     for _ in range(64):
-        net = ipaddress.ip_network(f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24")
+        net = ipaddress.ip_network(f"{first_octet}.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24")
         if not any(net.overlaps(other) for other in used if other.prefixlen > 0):
             return net
     raise RuntimeError("no free 10.x /24 for the test network")

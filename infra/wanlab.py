@@ -48,7 +48,8 @@ from infra.netns import Host, NetnsLab, _free_subnet, _ip
 from infra.netns import unavailable_reason as netns_unavailable_reason
 
 ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4  # a frame this socket's own host sent: not one to forward
+PACKET_OUTGOING = 4
+PUBLIC_FIRST_OCTET = 11  # a frame this socket's own host sent: not one to forward
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class WanLab(NetnsLab):
 
     def __init__(self) -> None:
         super().__init__()
+        # "The internet" of the lab has public-looking addresses (a /24 of 11.0.0.0/8, routed nowhere from this
+        # machine but the lab's bridge): libp2p drops private addresses from relay (p2p-circuit) addresses and
+        # AutoNAT refuses to dial back private ones, so a 10.x internet could not show NAT traversal.
+        self.subnet = _free_subnet(first_octet=PUBLIC_FIRST_OCTET)
+        self.gateway = str(self.subnet.network_address + 1)
         self.links: dict[str, dict] = {}  # host name -> {"a", "b", "shape"}
         self.homes: dict[str, Home] = {}
         self._dir = Path(tempfile.mkdtemp(prefix=f"fm{self.tag}wan-"))

@@ -434,10 +434,12 @@ class DiscoveryAgent(threading.Thread):
     def note_reachability(self, reach: Optional[dict]) -> None:
         """Log when discovery's verdict changes: an unreachable node serves nobody and earns nothing."""
         before, self.reachability = self.reachability, reach
-        if not reach or (before or {}).get("reachable") == reach.get("reachable"):
+        if not reach or ((before or {}).get("reachable"), (before or {}).get("via_relay")) == (
+                reach.get("reachable"), reach.get("via_relay")):
             return
         if reach.get("reachable"):
-            log.info("the swarm can reach this node", addresses=reach.get("addresses"))
+            log.info("the swarm can reach this node", addresses=reach.get("addresses"),
+                     via_relay=reach.get("via_relay"))
         else:
             log.warning("the swarm CANNOT reach this node: clients cannot open sessions with it, so it serves no "
                         "tokens and earns nothing", error=reach.get("error"), fix=reach.get("hint"),
@@ -447,6 +449,8 @@ class DiscoveryAgent(threading.Thread):
     def reachability_note(self) -> Optional[str]:
         if self.reachability and self.reachability.get("reachable") is False:
             return "UNREACHABLE from the swarm (earning nothing): see `far-node status`"
+        if self.reachability and self.reachability.get("via_relay"):
+            return f"reachable: via relay {self.reachability['via_relay']}"
         return None
 
     # -- loop ---------------------------------------------------------------------------------------------

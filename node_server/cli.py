@@ -292,11 +292,11 @@ def _duration(seconds) -> str:
 
 def _reachability(reach) -> str:
     """Discovery's dial of this node: can clients open sessions with it?"""
-    if not isinstance(reach, dict) or reach.get("reachable") is None:
-        return "- (not checked yet)"
-    if reach["reachable"]:
-        return "yes" + (f" ({', '.join(reach['addresses'])})" if reach.get("addresses") else "")
-    return f"NO: {reach.get('error') or 'no answer'}\n             {reach.get('hint') or ''}".rstrip()
+    from services.discovery.reachability import describe
+
+    if isinstance(reach, dict) and reach.get("reachable") is False:
+        return f"{describe(reach)}\n             {reach.get('hint') or ''}".rstrip()
+    return describe(reach)
 
 
 def format_status(info: dict, *, peer_id: str) -> str:

@@ -9,7 +9,7 @@ every second, so the supervisor knows the span to register without running a DHT
 ``petals.server.server.Server`` keyword arguments (pure, tested without a network). The flags that are always
 set follow ../shared/SPEC.md "Petals on this stack": explicit initial peers, a numeric throughput (no
 benchmark at start), explicit host multiaddrs, an explicit DHT prefix, float32 without quantization on CPU,
-no relays, no reachability probe, no UPnP.
+no UPnP, no health.petals.dev; circuit relays when nobody can dial the server (:func:`relay_kwargs`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,22 @@ class ServerOptions:
         return cls(**data)
 
 
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def relay_kwargs(options: ServerOptions) -> dict:
+    """Relays with no flag (pure): Petals asks the peers it knows (the bootstrap, other servers) to dial it; if
+    they cannot, the server is a DHT client reached through circuit relays (the bootstrap peers and
+    FAR_MESH_RELAYS, reserved as soon as AutoNAT finds it behind NAT). A server on loopback is a local swarm:
+    nobody outside could dial it anyway, so no check and no relay reservation."""
+    from services.common.p2p_relay import trusted_relays
+
+    if options.host in LOOPBACK_HOSTS or not options.initial_peers:
+        return dict(reachable_via_relay=False, use_relay=True, use_auto_relay=False)
+    return dict(reachable_via_relay=None, use_relay=True, use_auto_relay=True,
+                trusted_relays=trusted_relays(options.initial_peers))
+
+
 def petals_server_kwargs(options: ServerOptions) -> dict:
     """Keyword arguments for ``petals.server.server.Server`` (pure)."""
     from petals.utils.convert_block import QuantType
@@ -93,11 +109,9 @@ def petals_server_kwargs(options: ServerOptions) -> dict:
         announce_maddrs=[f"/ip4/{options.announce_host}/tcp/{options.port}"] if options.announce_host else None,
         update_period=options.update_period,
         request_timeout=options.request_timeout,
-        skip_reachability_check=True,
-        reachable_via_relay=False,
-        use_relay=False,
-        use_auto_relay=False,
+        skip_reachability_check=True,  # no health.petals.dev
         mean_block_selection_delay=0.5,
+        **relay_kwargs(options),
     )
     if options.batching:
         kwargs["prefetch_batches"] = 0  # the batching pool must see every waiting step at once (batching.py)
@@ -293,6 +307,9 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
             torch.cuda.set_per_process_memory_fraction(min(1.0, options.memory_limit_gb * 1024**3 / total), index)
         from services.models.hub import hub_errors_explained
 
+        from services.common import p2p_relay
+
+        p2p_relay.install()  # bounds on the relay service it offers; static relays for its own reservation
         with hub_errors_explained(options.model_path):  # a hub model: one clear line if the hub is unreachable
             server = Server(**petals_server_kwargs(options))
         if writer is not None:

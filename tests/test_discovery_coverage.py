@@ -158,6 +158,6 @@ def test_reachability_probes_new_peers_first_then_the_oldest_verdicts():
     assert prober.due({"new", "old", "fresh"}, now=170.0) == ["new", "old"]  # fresh was checked 20 s ago
     assert prober.due({"old", "fresh"}, now=215.0) == ["old", "fresh"]
     assert prober.get("old") == {"reachable": True, "checked_at": 100.0, "error": None, "hint": None,
-                                 "addresses": ["/ip4/10.0.0.5/tcp/31330"]}
+                                 "addresses": ["/ip4/10.0.0.5/tcp/31330"], "via_relay": None}
     assert prober.get("fresh")["hint"] == HINT and "--public-address" in HINT
     assert prober.get("never") is None

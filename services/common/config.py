@@ -92,6 +92,16 @@ class CommonSettings(BaseSettings):
     FAR_MESH_MODEL_PATH: str = Field(default="", description="local directory of DEFAULT_MODEL_ID (default: built "
                                      "from the catalog, or downloaded from the hub)")
 
+    # Circuit relays (docs/multihost.md "Providers behind NAT (relays)"): what a reachable peer (the bootstrap, a
+    # provider) spends relaying for peers behind NAT.
+    FAR_MESH_RELAY_MAX_RESERVATIONS: int = Field(default=128, ge=0, description="peers it holds a relay slot for")
+    FAR_MESH_RELAY_MAX_CIRCUITS: int = Field(default=16, ge=0, description="relayed connections per peer")
+    FAR_MESH_RELAY_TIME_LIMIT_S: int = Field(default=3600, gt=0, description="one relayed connection's longest life")
+    FAR_MESH_RELAY_DATA_LIMIT_MB: int = Field(default=4096, gt=0, description="bytes relayed per connection and "
+                                              "direction before it is reset (MiB)")
+    FAR_MESH_RELAYS: str = Field(default="", description="comma-separated multiaddrs of extra relays a peer behind "
+                                 "NAT may use (the DHT bootstrap peers always are)")
+
     _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR")(_finite_non_negative)
 
     @field_validator("POSTGRES_URL")

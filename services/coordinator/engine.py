@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
+from services.common.logs import get_logger
 from services.common.packed_linear import PackedHead
 from services.common.states import FinishReason
 from services.common.swarm import dht_prefix_for
@@ -21,6 +22,8 @@ from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 from services.coordinator.structured import constraint_for
+
+log = get_logger(__name__)
 
 
 def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
@@ -179,16 +182,26 @@ class Generation:
                  "stall_ms": None if e["stall_s"] is None else round(e["stall_s"] * 1000, 1)}
                 for e in list(self.failovers)]
 
+    def _log_route(self) -> None:
+        """Once per generation (its first token): the route and its expected cost (at LOG_LEVEL=DEBUG)."""
+        from services.coordinator.route_cost import expected_ms_per_token
+
+        route = self.route()
+        log.debug("route chosen", route=route, expected_ms_per_token=expected_ms_per_token(route))
+
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
     def route(self) -> list[dict]:
-        """The servers of the current inference session: [{peer_id, blocks}]."""
+        """The servers of the current inference session: [{peer_id, blocks, rtt_ms, compute_ms}]."""
+        from services.coordinator import route_cost
+
         session = self._session
         if session is None:
             return []
-        return [{"peer_id": hop.peer_id, "blocks": hop.blocks} for hop in petals_adapter.route(session)]
+        hops = [{"peer_id": hop.peer_id, "blocks": hop.blocks} for hop in petals_adapter.route(session)]
+        return route_cost.hop_costs(hops, *route_cost.measured(session))
 
     def __iter__(self) -> Iterator[TokenDelta]:
         import torch
@@ -222,6 +235,8 @@ class Generation:
                     delta, finish = self.text.accept(token_id, count=len(self.token_ids),
                                                      max_tokens=self.params.max_tokens,
                                                      end_of_generation=token_id in self.swarm.eos_token_ids)
+                    if len(self.token_ids) == 1:
+                        self._log_route()
                     if delta is not None:
                         yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
                     if finish is not None:

@@ -58,9 +58,11 @@ class ReplacedServerInfo(TypedDict):
     stall_ms: Optional[float]
 
 
-class RouteHop(TypedDict):
-    peer_id: str
-    blocks: str  # "0:2"
+class RouteHop(TypedDict, total=False):
+    peer_id: str  # always set
+    blocks: str  # "0:2", always set
+    rtt_ms: Optional[float]  # the coordinator's ping of the server (route_cost.py); None: not measured
+    step_ms: Optional[float]  # its median decode step as the coordinator waits for it; None: no step yet
 
 
 FailureListener = Callable[[str], None]  # the peer ID of a failed server request (from the generation's thread)

@@ -279,7 +279,11 @@ class InferenceStatus(BaseModel):
     cost_far: Optional[str]
     finish_reason: Optional[str] = None
     served_by: ServedByWord
-    route: list[dict] = Field(description="the servers of the running session: [{peer_id, blocks}]")
+    route: list[dict] = Field(description="the servers of the running session: [{peer_id, blocks, rtt_ms, "
+                              "step_ms}] (rtt_ms: the coordinator's ping of it; step_ms: its median decode step "
+                              "as the coordinator waits for it, round trip included)")
+    expected_ms_per_token: Optional[float] = Field(default=None, description="the route's step times (pings "
+                                                   "before any step) per token; null when a hop has neither")
     replaced_servers: list[ReplacedServer]
     refunded_far: Optional[str] = Field(None, description="the charge given back to the account because a spot "
                                         "check proved a server's output wrong (docs/verification.md)")

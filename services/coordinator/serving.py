@@ -38,6 +38,7 @@ from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import (ChoiceResult, Contribution, DoneEvent, GenerateRequest, LogprobEntry,
                                            ReplacedServer, StreamEvent, TokenEvent, TopLogprob, Usage)
 from services.coordinator.ratelimit import RateLimiter
+from services.coordinator.route_cost import expected_ms_per_token
 from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 from services.coordinator.structured import UnsupportedSchema, grammar_for_response_format
@@ -743,17 +744,20 @@ class InferenceService:
         active = self.running(request_id, account_id)
         if active is not None:
             generation = active.generation
+            route = generation.route() if generation is not None else []
             return {"request_id": request_id, "status": SessionStatus.RUNNING,
                     "tokens_generated": active.tokens_generated,
                     "cost_far": format_far(self.cost_of(active.tokens_generated, active.prompt_tokens,
                                                         active.pricing)),
                     "served_by": active.served_by,
-                    "route": generation.route() if generation is not None else [],
+                    "route": route,
+                    "expected_ms_per_token": expected_ms_per_token(route),
                     "replaced_servers": generation.replaced_servers() if generation is not None else []}
         final = await self.owned_session(request_id, account_id)
         return {"request_id": request_id, "status": final.status, "tokens_generated": final.completion_tokens,
                 "finish_reason": final.finish_reason,
                 "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
+                "expected_ms_per_token": None,
                 "served_by": final.served_by,
                 "replaced_servers": final.replaced_servers,
                 "refunded_far": format_far(final.refunded_far) if final.refunded_far is not None else None}

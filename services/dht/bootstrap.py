@@ -1,7 +1,8 @@
 """``far-mesh dht``: the DHT bootstrap peer everyone joins through.
 
 A plain hivemind DHT peer with a persistent identity key (so its peer ID, and therefore the multiaddrs that
-operators hand out, survive restarts). On start it prints its multiaddrs and writes them to a file; on
+operators hand out, survive restarts). It is also the swarm's circuit relay for providers behind NAT and
+answers their reachability checks (services/common/p2p_relay.py). On start it prints its multiaddrs and writes them to a file; on
 SIGINT/SIGTERM it shuts the DHT (its process and its p2pd child) down before exiting.
 """
 
@@ -26,6 +27,9 @@ def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[
               announce_maddrs: list[str] | None = None):
     import hivemind
 
+    from services.common import p2p_relay
+
+    p2p_relay.install()
     identity_path.parent.mkdir(parents=True, exist_ok=True)
     return hivemind.DHT(
         start=True,
@@ -36,11 +40,20 @@ def start_dht(*, host: str, port: int, identity_path: Path, initial_peers: list[
         announce_maddrs=announce_maddrs or None,
         identity_path=str(identity_path),
         client_mode=False,
-        use_relay=False,
+        # a relay for peers behind NAT (bounded: FAR_MESH_RELAY_*); it has no relay to find itself
+        use_relay=True,
         use_auto_relay=False,
-        # the bootstrap peer has no port to map and no relay to find
         startup_timeout=60,
     )
+
+
+def serve_reachability_checks(dht):
+    """Answer a starting server's "can you dial me?" (Petals' check_direct_reachability, which asks the peers it
+    knows): a server nobody can dial runs as a DHT client reached through relays. Returns the protocol (its
+    ``shutdown()`` stops its probe peer)."""
+    from petals.server.reachability import ReachabilityProtocol
+
+    return ReachabilityProtocol.attach_to_dht(dht)
 
 
 def visible_maddrs(dht) -> list[str]:
@@ -85,6 +98,7 @@ def run_bootstrap(*, host: str, port: int, identity_path: Path | None, maddrs_fi
     maddrs_file = maddrs_file or settings.FAR_MESH_STATE_DIR / "dht" / "maddrs.txt"
     dht = start_dht(host=host, port=port, identity_path=identity_path, initial_peers=initial_peers,
                     announce_maddrs=announce_maddrs)
+    checks = serve_reachability_checks(dht)
     # Handlers are installed only after the DHT process is forked: a child must keep default signal handling.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,5 +117,6 @@ def run_bootstrap(*, host: str, port: int, identity_path: Path | None, maddrs_fi
                 raise SystemExit(1)
     finally:
         log.info("dht bootstrap stopping")
+        checks.shutdown()
         dht.shutdown()
         dht.join(timeout=10)

@@ -5,7 +5,8 @@ one that listens on 127.0.0.1 or announces the wrong ``--public-address``, shows
 client can ever open a session with it: it would serve nobody and earn nothing, silently. Petals' own check
 (petals/server/reachability.py) asks health.petals.dev or other Petals servers and only decides about relays;
 ours is a plain libp2p ping from discovery's DHT client (a fresh dial to the addresses the node announced, found
-through the libp2p DHT like any client does). The answer is shown on the node's record (``GET /nodes/...``), in
+through the libp2p DHT like any client does). A provider behind NAT is reached through a circuit relay: the
+verdict then names the relay (``via_relay``). The answer is shown on the node's record (``GET /nodes/...``), in
 each heartbeat answer (the node logs it and prints it on its status line) and by ``far-node status``.
 """
 
@@ -27,6 +28,34 @@ HINT = ("the swarm cannot open a connection to the address this node announces: 
         "<public IP>), and forward that TCP port through NAT/firewall")
 
 
+CIRCUIT = "/p2p-circuit"
+
+
+def relay_of(addresses: list) -> Optional[str]:
+    """The relay's peer ID when every address the dial used is a circuit (``…/p2p/<relay>/p2p-circuit…``)."""
+    relays = []
+    for address in addresses:
+        head, circuit, _ = str(address).partition(CIRCUIT)
+        if not circuit:
+            return None  # a direct connection exists
+        relays.append(head.rsplit("/p2p/", 1)[-1] if "/p2p/" in head else head)
+    return relays[0] if relays else None
+
+
+def describe(reach: Optional[dict]) -> str:
+    """One line for people: ``yes (direct: …)``, ``via relay <peer>`` or ``NO: <why>`` (status, logs, CLI)."""
+    if not isinstance(reach, dict) or reach.get("reachable") is None:
+        return "- (not checked yet)"
+    if not reach["reachable"]:
+        return f"NO: {reach.get('error') or 'no answer'}"
+    if reach.get("via_relay"):
+        return f"via relay {reach['via_relay']}"
+    return "yes" + (f" ({', '.join(reach['addresses'])})" if reach.get("addresses") else "")
+
+
+PROTOCOL_REFUSED = "protocols not supported"  # p2pd's words: the peer was reached but serves no such RPC
+
+
 @dataclass
 class Reachability:
     reachable: bool
@@ -36,7 +65,8 @@ class Reachability:
 
     def to_dict(self) -> dict:
         return {"reachable": self.reachable, "checked_at": self.checked_at,
-                "error": self.error, "hint": None if self.reachable else HINT, "addresses": self.addresses}
+                "error": self.error, "hint": None if self.reachable else HINT, "addresses": self.addresses,
+                "via_relay": relay_of(self.addresses) if self.reachable else None}
 
 
 async def _ping(_dht, node, peer_ids: list[str], timeout: float) -> dict[str, tuple[bool, Optional[str], list]]:
@@ -59,7 +89,9 @@ async def _ping(_dht, node, peer_ids: list[str], timeout: float) -> dict[str, tu
                            "address it announces (or its host dropped the packets)"), []
         except Exception as error:  # noqa: BLE001 - any failure to dial/answer is "unreachable"; keep the words
             text = str(error) or type(error).__name__
-            return False, f"{type(error).__name__}: {text}"[:500], []
+            if PROTOCOL_REFUSED not in text:
+                return False, f"{type(error).__name__}: {text}"[:500], []
+            # connected and negotiated: a server behind a relay is a DHT *client* and has no DHT ping to answer
         addresses = []
         try:
             for info in await protocol.p2p.list_peers():

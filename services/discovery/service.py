@@ -310,6 +310,12 @@ class Discovery:
             for peer in sorted({s.peer_id for servers in snapshot.block_servers or () for s in servers
                                 if s.state in ("JOINING", "ONLINE")})
             if (reach := self.watcher.reachability(peer)) and reach["reachable"] is False]
+        # reached only through a circuit relay (a provider behind NAT): serving, one relay hop slower
+        result["relayed"] = [
+            {"peer_id": peer, "public_name": names.get(peer), "via_relay": reach["via_relay"]}
+            for peer in sorted({s.peer_id for servers in snapshot.block_servers or () for s in servers
+                                if s.state in ("JOINING", "ONLINE")})
+            if (reach := self.watcher.reachability(peer)) and reach.get("via_relay")]
         return result
 
 

@@ -75,6 +75,10 @@ def render(coverage: dict, console: Console) -> None:
     for peer in coverage.get("unreachable") or ():
         console.print(f"Unreachable: {_peer(peer['peer_id'], names)} is announced but discovery cannot dial it "
                       f"(it serves nobody): {peer.get('error')}", highlight=False, markup=False)
+    for peer in coverage.get("relayed") or ():
+        console.print(f"Behind NAT: {_peer(peer['peer_id'], names)} reachable: via relay "
+                      f"{_peer(peer['via_relay'], names)}",
+                      highlight=False, markup=False)
 
 
 def run_status(*, url: str, model_id: str, watch: bool, interval: float,

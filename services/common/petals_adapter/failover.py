@@ -343,6 +343,13 @@ class StepLatency:
             return None
         return scaled[min(len(scaled) - 1, int(0.99 * len(scaled)))]
 
+    def median_decode(self, peer_id):
+        """The median of recent one-position (decode) step times, as the client sees them (round trip included);
+        None if no decode step of this server was seen yet."""
+        with self._lock:
+            times = sorted(seconds for seconds, n in self._samples.get(str(peer_id), ()) if n == 1)
+        return times[len(times) // 2] if times else None
+
     def budget(self, peer_id, positions: int, factor: float, floor_s: float):
         p99 = self.p99(peer_id, positions)
         if p99 is None or factor <= 0:

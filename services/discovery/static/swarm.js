@@ -105,6 +105,16 @@
     }));
   }
 
+  // Discovery's dial of the server, as far-node status words it: direct, through a relay, or not at all.
+  function reachability(reach) {
+    if (!reach || reach.reachable === null || reach.reachable === undefined) return "";
+    const text = reach.reachable === false ? "UNREACHABLE: clients cannot open sessions with it"
+      : reach.via_relay ? `reachable: via relay ${D.shortPeer(reach.via_relay)}` : "reachable: direct";
+    return el("div", { class: reach.reachable === false ? "tag warn" : "muted", text,
+      title: reach.via_relay || (reach.addresses || []).join(", "),
+      dataset: { reach: reach.reachable === false ? "no" : reach.via_relay ? "relay" : "direct" } });
+  }
+
   function renderServers(c, registered, names) {
     const peers = new Map(); // peer_id -> {loaded: Set, joining: Set, node}
     const entry = (p) => {
@@ -144,7 +154,8 @@
         el("td", { "data-label": "Server" }, el("strong", { text: names[peer] || "(no name)" }), " ",
           el("code", { class: "muted", text: D.shortPeer(peer), title: peer })),
         el("td", { "data-label": "Blocks", text: span }),
-        el("td", { "data-label": "In the swarm (DHT)", text: dht.join("; ") || "absent (not announced)" }),
+        el("td", { "data-label": "In the swarm (DHT)" }, dht.join("; ") || "absent (not announced)",
+          reachability(n && n.reachability)),
         el("td", { "data-label": "Registered" }, el("span", { class: `tag ${regClass}`, text: reg })),
         el("td", { "data-label": "Span", class: "lanes" }, lane));
     }));
