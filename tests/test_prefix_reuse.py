@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from services.common.config import Settings
+from services.payouts.audit import run_audit
 from tests.fixtures.swarm import create_api_key
 from tests.scripted_engine import Script, ScriptedModel, ScriptedReadiness, scripted_engine, serve_app
 
@@ -220,3 +221,5 @@ async def test_cached_prompt_tokens_are_reported_billed_as_prompt_tokens_and_sto
     assert chat["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
     assert chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
     assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
+    report = await run_audit(postgres_url, None, scan_logs=False, accounts=True)  # far-mesh audit's checks
+    assert report.ok, [(c.name, c.problems) for c in report.checks if not c.ok]
