@@ -16,8 +16,8 @@ from services.payouts.audit import run_audit
 from tests.fixtures.swarm import create_api_key
 from tests.scripted_engine import Script, ScriptedModel, ScriptedReadiness, scripted_engine, serve_app
 
-from services.coordinator.prefix_reuse import (SERVER_SESSION_MAX_AGE_S, ParkedSession, ParkedSessions,
-                                               reusable_length)
+from services.coordinator.prefix_reuse import (DEFAULT_PREFIX_REUSE, SERVER_SESSION_MAX_AGE_S, ParkedSession,
+                                               ParkedSessions, reusable_length)
 
 
 class FakeSession:
@@ -155,9 +155,15 @@ def test_a_failing_close_does_not_break_eviction():
     assert len(cache) == 1
 
 
-@pytest.mark.parametrize("needed, expected", [(100, 356), (1000, 1500), (3000, 4096), (5000, 5000)])
-def test_a_reusable_session_has_room_for_the_next_turn_within_the_context(needed, expected):
-    assert reusable_length(needed, context_length=4096, headroom_tokens=256) == expected
+@pytest.mark.parametrize("needed, context, expected", [
+    (100, 8192, 356),  # the headroom
+    (1000, 8192, 2000),  # doubles with the conversation
+    (3000, 8192, 4096),  # never more than the parked sessions may hold
+    (3000, 3500, 3500),  # nor than the context
+    (5000, 8192, 5000),  # too big to park: no room beyond its own
+])
+def test_a_reusable_session_has_room_for_the_next_turns_within_the_bounds(needed, context, expected):
+    assert reusable_length(needed, context, headroom_tokens=256, max_parked_tokens=4096) == expected
 
 
 # ------------------------------------------------------------------- the coordinator (scripted engine)
@@ -223,3 +229,25 @@ async def test_cached_prompt_tokens_are_reported_billed_as_prompt_tokens_and_sto
     assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
     report = await run_audit(postgres_url, None, scan_logs=False, accounts=True)  # far-mesh audit's checks
     assert report.ok, [(c.name, c.problems) for c in report.checks if not c.ok]
+
+
+def test_the_python_sdk_reads_cached_tokens():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sdk" / "python" / "src"))
+    from farlabs._types import ChatResponse
+
+    final = {"done": True, "request_id": "r", "finish_reason": "eos", "text": "hi", "cost_far": "0", "fee_far": "0",
+             "usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 7}}}
+    assert ChatResponse.from_json(final).usage.cached_tokens == 7
+    final["usage"] = {"prompt_tokens": 9, "completion_tokens": 2}  # an older coordinator
+    assert ChatResponse.from_json(final).usage.cached_tokens == 0
+
+
+def test_the_settings_defaults_are_the_engines():
+    from services.common.config import CoordinatorSettings
+
+    fields = CoordinatorSettings.model_fields
+    assert {name: fields[f"PREFIX_REUSE_{name.upper()}"].default for name in DEFAULT_PREFIX_REUSE} == \
+        DEFAULT_PREFIX_REUSE

@@ -148,8 +148,9 @@ class CoordinatorSettings(ChainSettings):
                                          "the parked sessions may hold on each server of their routes, in all "
                                          "(the sum of their max_length; 0 = prefix reuse off)")
     PREFIX_REUSE_HEADROOM_TOKENS: int = Field(default=256, ge=0, description="coordinator: a session that may be "
-                                              "reused is opened with room for this many positions (or half its "
-                                              "own, if more) beyond prompt + max_tokens, for the next turn")
+                                              "reused is opened with room for this many positions (or as many as "
+                                              "its own, if more; within PREFIX_REUSE_MAX_TOKENS and the context) "
+                                              "beyond prompt + max_tokens, for the next turns")
     SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
                                    "re-run on another server to check them (0 = off; docs/verification.md)")
     SPOT_CHECK_NEW_NODE_RATE: float = Field(default=0.25, ge=0, le=1, description="coordinator: the rate for a "

@@ -19,7 +19,7 @@ from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
-from services.coordinator.prefix_reuse import ParkedSession, ParkedSessions, reusable_length
+from services.coordinator.prefix_reuse import DEFAULT_PREFIX_REUSE, ParkedSession, ParkedSessions, reusable_length
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 
 log = get_logger(__name__)
@@ -35,10 +35,6 @@ def end_of_generation_ids(tokenizer, generation_config) -> frozenset[int]:
     if configured is not None:
         ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
     return frozenset(ids)
-
-
-# The PREFIX_REUSE_* settings' defaults (services/common/config.py).
-DEFAULT_PREFIX_REUSE = {"ttl_s": 60.0, "max_sessions": 16, "max_tokens": 4096, "headroom_tokens": 256}
 
 
 class AvoidPeers:
@@ -65,7 +61,7 @@ class SwarmModel:
                  step_budget_floor_s: float = petals_adapter.DEFAULT_STEP_BUDGET_FLOOR_S,
                  lm_head_wait_s: float = DEFAULT_MAX_WAIT_S, prefix_reuse: Optional[dict] = None):
         """``prefix_reuse``: ``ttl_s``, ``max_sessions``, ``max_tokens``, ``headroom_tokens`` of the parked sessions
-        (services/coordinator/prefix_reuse.py; the PREFIX_REUSE_* settings); None: the defaults below."""
+        (services/coordinator/prefix_reuse.py; the PREFIX_REUSE_* settings); None: their defaults."""
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
@@ -264,8 +260,8 @@ class Generation:
 
         swarm = self.swarm
         reusable = self.reuse_key is not None and swarm.parked.enabled
-        self._max_length = (reusable_length(needed, swarm.context_length, swarm.prefix_reuse_headroom_tokens)
-                            if reusable else needed)
+        self._max_length = (reusable_length(needed, swarm.context_length, swarm.prefix_reuse_headroom_tokens,
+                                            swarm.parked.max_tokens) if reusable else needed)
         self._session = petals_adapter.open_session(swarm.sequence_manager, self._max_length)
         self._opened_at = time.monotonic()
         self._processed = []

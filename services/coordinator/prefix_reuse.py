@@ -28,6 +28,8 @@ log = get_logger(__name__)
 SERVER_SESSION_MAX_AGE_S = 25 * 60
 SERVER_STEP_TIMEOUT_S = 5 * 60
 REAPER_PERIOD_S = 1.0
+# The defaults of the PREFIX_REUSE_* settings (services/common/config.py holds the same values; a test checks).
+DEFAULT_PREFIX_REUSE = {"ttl_s": 60.0, "max_sessions": 16, "max_tokens": 4096, "headroom_tokens": 256}
 
 
 @dataclass
@@ -40,11 +42,11 @@ class ParkedSession:
     parked_at: float = 0.0
 
 
-def reusable_length(needed: int, context_length: int, headroom_tokens: int) -> int:
-    """The ``max_length`` of a session meant for reuse: its own ``needed`` positions (prompt + max_tokens) plus
-    room for the next turns, ``max(headroom_tokens, needed // 2)`` (grows with the conversation, so a long chat
-    opens a fresh session only every few turns), at most the model's context."""
-    return max(needed, min(context_length, needed + max(headroom_tokens, needed // 2)))
+def reusable_length(needed: int, context_length: int, headroom_tokens: int, max_parked_tokens: int) -> int:
+    """The ``max_length`` of a session meant for reuse: its own ``needed`` positions (prompt + max_tokens) plus room
+    for the next turns, ``max(headroom_tokens, needed)`` (doubling, so a growing chat opens a fresh session only
+    every few turns); at most the model's context and what may be parked (a bigger session could not be kept)."""
+    return max(needed, min(context_length, max_parked_tokens, needed + max(headroom_tokens, needed)))
 
 
 class ParkedSessions:
