@@ -52,16 +52,10 @@ from services.common import packed_linear
 
 logger = logging.getLogger(__name__)
 
-FIX_NAME = "batching"
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_PREFILL_CHUNK_TOKENS = 64
 DEFAULT_BATCH_WAIT_MS = 50.0
 RECENT_WAIT_MS = 4.0  # the short wait for any recently active session (see load_batch_to_runtime)
-
-
-def enabled_by_env() -> bool:
-    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
-    return FIX_NAME not in disabled
 
 
 class BatchingStats:
@@ -156,7 +150,7 @@ def _pack(layer: torch.nn.Module) -> Optional[PackedProjections]:
     attn, mlp = layer.self_attn, layer.mlp
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     weights = [linear.weight for linear in linears]
-    if (not packed_linear.enabled() or not all(packed_linear.can_pack(w) for w in weights)
+    if (not all(packed_linear.can_pack(w) for w in weights)
             or any(linear.bias is not None for linear in linears)
             or getattr(getattr(mlp, "config", None), "pretraining_tp", 1) != 1):
         return None

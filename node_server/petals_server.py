@@ -146,13 +146,27 @@ def _resolve_auto_num_blocks(options: ServerOptions) -> ServerOptions:
     import psutil
 
     limit = (options.memory_limit_gb * 1024**3 if options.memory_limit_gb else psutil.virtual_memory().total / 2)
+    import torch
+
     from services.common import packed_linear
 
-    packed = (options.batching and options.device == "cpu" and options.torch_dtype == "float32"
-              and packed_linear.enabled())
+    # the batched decode keeps packed copies of the blocks' projections (node_server/batching.py)
+    packed = options.batching and packed_linear.packs(getattr(torch, options.torch_dtype), options.device)
     count = fitting_num_blocks(options.model_path, torch_dtype=options.torch_dtype, memory_limit_bytes=limit,
                                packed_copies=packed)
     return dataclasses.replace(options, num_blocks=count)
+
+
+def _resolve_batching(options: ServerOptions) -> ServerOptions:
+    """Batching asked for and not switched off by ``FAR_MESH_DISABLE_COMPAT_FIX=batching``."""
+    from services.common.features import feature_enabled
+
+    return dataclasses.replace(options, batching=options.batching and feature_enabled("batching"))
+
+
+def resolve_server_options(options: ServerOptions) -> ServerOptions:
+    """The options a server runs with: batching as the environment allows, the automatic block count, the context."""
+    return _resolve_context(_resolve_auto_num_blocks(_resolve_batching(options)))
 
 
 def _resolve_context(options: ServerOptions) -> ServerOptions:
@@ -264,17 +278,15 @@ def run_petals_server(options: ServerOptions, status_file: Optional[Path] = None
     try:
         if writer is not None:
             writer.write("STARTING")
-        options = _resolve_context(_resolve_auto_num_blocks(options))
-        from node_server import batching
+        options = resolve_server_options(options)
+        if options.batching:
+            from node_server import batching
 
-        if options.batching and batching.enabled_by_env():
             batching.install(max_sessions=options.batch_max_sessions,
                              prefill_chunk_tokens=options.prefill_chunk_tokens,
                              batch_wait_ms=options.batch_wait_ms)
             if writer is not None:
                 writer.batching = True
-        else:
-            options = dataclasses.replace(options, batching=False)
         if options.device.startswith("cuda") and options.memory_limit_gb:
             index = torch.device(options.device).index or 0
             total = torch.cuda.get_device_properties(index).total_memory

@@ -165,3 +165,32 @@ def test_dht_announce_maddrs_parsing():
         parse_announce_maddrs("/ip4/not-an-ip/tcp/1", 31337)
     with pytest.raises(ValueError, match="neither"):
         parse_announce_maddrs("two words", 31337)
+
+
+def test_auto_block_count_counts_packed_copies_only_where_the_node_batches(tiny_model_dir, monkeypatch):
+    """Batching off (by option or by FAR_MESH_DISABLE_COMPAT_FIX=batching): no packed copies, the plain count."""
+    from node_server.petals_server import ServerOptions, fitting_num_blocks, resolve_server_options
+    from services.common import packed_linear
+
+    if not packed_linear.enabled():
+        pytest.skip("this torch build has no oneDNN linear: nothing is packed")
+    monkeypatch.delenv("FAR_MESH_DISABLE_COMPAT_FIX", raising=False)
+    limits = [2**k for k in [16 + i / 8 for i in range(8 * 16)]]
+    plain = [fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=limit)
+             for limit in limits]
+    limit = next(limit for limit, count, packed in zip(limits, plain, [
+        fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=limit, packed_copies=True)
+        for limit in limits]) if packed < count)
+    expected_plain = fitting_num_blocks(str(tiny_model_dir), torch_dtype="float32", memory_limit_bytes=limit)
+
+    def resolved(**changes):
+        options = ServerOptions(model_path=str(tiny_model_dir), model_id="m", initial_peers=(), device="cpu",
+                                torch_dtype="float32", memory_limit_gb=limit / 1024**3, **changes)
+        return resolve_server_options(options)
+
+    batched = resolved()
+    assert batched.batching and batched.num_blocks < expected_plain
+    assert resolved(batching=False).num_blocks == expected_plain
+    monkeypatch.setenv("FAR_MESH_DISABLE_COMPAT_FIX", "batching")
+    switched_off = resolved()
+    assert not switched_off.batching and switched_off.num_blocks == expected_plain

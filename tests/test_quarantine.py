@@ -7,6 +7,7 @@ peer again on a real swarm is in tests/test_verification_swarm.py."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import asyncpg
 import pytest
@@ -159,3 +160,18 @@ async def test_coordinator_quarantine_follows_the_database(clean_db):
     await store.lift("QmKept", lifted_by="ops", reason="fixed")
     assert await sync_quarantine(store, swarm) == (set(), {"QmKept"})
     assert swarm.calls[-1] == ("unquarantine", "QmKept")
+
+
+def test_spot_checks_and_the_quarantine_sync_run_only_for_a_quarantinable_model():
+    """The coordinator's lifespan asks ``isinstance(model, Quarantinable)``: the swarm model's members, all of them."""
+    from services.coordinator.engine import SwarmModel
+    from services.coordinator.engine_protocol import Quarantinable
+    from tests.scripted_engine import ScriptedModel
+
+    swarm = object.__new__(SwarmModel)  # its members without a swarm: set as SwarmModel.__init__ sets them
+    swarm.model_id, swarm.quarantined, swarm.spot_checker = "m", set(), None
+    swarm.model = types.SimpleNamespace(transformer=types.SimpleNamespace(h=types.SimpleNamespace(
+        sequence_manager=object())))  # the Petals client
+    assert isinstance(swarm, Quarantinable)
+    assert not isinstance(ScriptedModel("m", tokenizer=None), Quarantinable)
+    assert not isinstance(RecordingSwarm(), Quarantinable)  # a stand-in of the quarantine surface only

@@ -4,16 +4,18 @@ less; and the executor's transition table is the one the database trigger enforc
 from __future__ import annotations
 
 import re
+import typing
 
 import asyncpg
 import pytest
 
-from services.common.states import OPEN_BATCH_STATES, BatchState, DepositState, NodeState, ServedBy, SessionStatus
+from services.common.states import (OPEN_BATCH_STATES, BatchState, DepositState, FinishReason, NodeState, ServedBy,
+                                    SessionStatus, SpotCheckOutcome)
 from services.payouts.executor import TRANSITIONS
 
 MIRRORED = [("far_mesh_sessions", "status", SessionStatus), ("far_payment_batches", "state", BatchState),
             ("far_nodes", "state", NodeState), ("far_deposits", "state", DepositState),
-            ("far_mesh_sessions", "served_by", ServedBy)]
+            ("far_mesh_sessions", "served_by", ServedBy), ("far_spot_checks", "outcome", SpotCheckOutcome)]
 
 
 @pytest.mark.parametrize("table,column,enum", MIRRORED, ids=[f"{t}.{c}" for t, c, _ in MIRRORED])
@@ -36,3 +38,23 @@ def test_transition_table_covers_every_batch_state():
     assert set(OPEN_BATCH_STATES) == set(BatchState) - terminal
     # Every open state can fail; the happy path is planned -> signed -> submitted -> confirmed.
     assert all(BatchState.FAILED in TRANSITIONS[state] for state in OPEN_BATCH_STATES)
+
+
+def test_the_wire_models_carry_the_same_words():
+    from services.coordinator.protocol import DoneEvent, InferenceStatus
+
+    def words(model, field):
+        return list(typing.get_args(model.model_fields[field].annotation))
+
+    assert words(DoneEvent, "finish_reason") == [member.value for member in FinishReason]
+    assert words(DoneEvent, "served_by") == words(InferenceStatus, "served_by") == [member.value for member in ServedBy]
+    assert words(InferenceStatus, "status") == [member.value for member in SessionStatus]
+    schema = DoneEvent.model_json_schema()["properties"]["finish_reason"]
+    assert schema == {"enum": ["length", "stop", "eos", "cancelled"], "title": "Finish Reason", "type": "string"}
+
+
+def test_every_finish_reason_has_an_openai_word():
+    from services.coordinator.openai_protocol import openai_finish_reason
+
+    assert {reason: openai_finish_reason(reason) for reason in FinishReason} == {
+        "length": "length", "stop": "stop", "eos": "stop", "cancelled": "stop"}

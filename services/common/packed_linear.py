@@ -13,27 +13,33 @@ everywhere; callers then use the modules' own ``F.linear``.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from services.common.features import feature_enabled
 
 FIX_NAME = "packed_linear"
 
 
 def enabled() -> bool:
-    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
-    return (FIX_NAME not in disabled and torch.backends.mkldnn.is_available()
+    return (feature_enabled(FIX_NAME) and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def packs(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether weights of this dtype on this kind of device get packed copies: the one rule, used for the packing
+    itself and for the memory a node counts per block."""
+    return dtype == torch.float32 and device_type == "cpu" and enabled()
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.ndim == 2
+    return weight.ndim == 2 and packs(weight.dtype, weight.device.type)
 
 
 def pack(weight: torch.Tensor) -> Optional[torch.Tensor]:
     """A oneDNN-packed copy of ``weight`` (``[out, in]``), or None where oneDNN cannot serve it."""
-    if not enabled() or not can_pack(weight):
+    if not can_pack(weight):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 

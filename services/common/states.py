@@ -5,6 +5,7 @@ parameters and JSON as the plain words."""
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 
 class SessionStatus(StrEnum):
@@ -15,6 +16,15 @@ class SessionStatus(StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # its coordinator died or stalled; settled by the stale-session sweep
+
+
+class FinishReason(StrEnum):
+    """far_mesh_sessions.finish_reason: why a generation stopped (NULL for a failed session)."""
+
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # a stop sequence, or the fallback API's own stop
+    EOS = "eos"  # the model's end-of-sequence token
+    CANCELLED = "cancelled"  # the client cancelled or went away
 
 
 class ServedBy(StrEnum):
@@ -51,3 +61,19 @@ class DepositState(StrEnum):
 
     CREDITED = "credited"
     UNMATCHED = "unmatched"
+
+
+class SpotCheckOutcome(StrEnum):
+    """far_spot_checks.outcome (docs/verification.md): PASSED (the checked server agrees with the verifier), FAILED
+    (a referee agrees with the verifier, not with the checked server), VERIFIER_FAILED (the referee agrees with the
+    checked server, not with the verifier), INCONCLUSIVE (they disagree and no referee settled it)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    VERIFIER_FAILED = "verifier_failed"
+    INCONCLUSIVE = "inconclusive"
+
+
+def wire_literal(enum: type[StrEnum]):
+    """``Literal["a", "b", ...]`` of the enum's words, for wire models: their schema lists the words themselves."""
+    return Literal[tuple(member.value for member in enum)]

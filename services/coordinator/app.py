@@ -22,7 +22,7 @@ from services.coordinator.accounts import AccountStore, check_jwt_secret
 from services.coordinator.api.account_routes import router as account_router
 from services.coordinator.api.openai_routes import router as openai_router
 from services.coordinator.api.routes import router
-from services.coordinator.engine_protocol import Engine, EngineFactory
+from services.coordinator.engine_protocol import Engine, EngineFactory, Quarantinable
 from services.coordinator.fallback import FallbackClient
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.readiness import SwarmReadiness
@@ -109,10 +109,11 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
         if engine.readiness is not None:
             engine.readiness.start()
         # Spot checks re-run sampled steps on other servers (docs/verification.md): for an engine with a swarm.
-        checker = await start_spot_checks(settings, model, app.state.pool) if hasattr(model, "quarantine") else None
+        quarantinable = isinstance(model, Quarantinable)
+        checker = await start_spot_checks(settings, model, app.state.pool) if quarantinable else None
         # Quarantines written by other coordinators and lifts (far-mesh nodes unquarantine) reach this one.
         quarantine_sync = None
-        if hasattr(model, "quarantine"):
+        if quarantinable:
             from services.coordinator.checks import CheckStore, keep_quarantine_synced
 
             quarantine_sync = asyncio.create_task(keep_quarantine_synced(
@@ -151,13 +152,13 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
     return http_app(settings, lifespan=lifespan)
 
 
-async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
+async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable, pool):
     """The model's spot checker (docs/verification.md), with the quarantine and the peers' records loaded from
     the database; None when SPOT_CHECK_RATE is 0 (the quarantine is enforced either way, and kept in sync with
     the database by ``keep_quarantine_synced``)."""
     from services.coordinator import metrics
     from services.coordinator.checks import CheckConsequences, CheckStore, sync_quarantine
-    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+    from services.coordinator.verification import LocalSpanVerifier, SamplingPolicy, SpotChecker, SwarmForward
 
     store = CheckStore(pool)
     await sync_quarantine(store, swarm)
@@ -174,9 +175,13 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm, pool):
     consequences = CheckConsequences(store, asyncio.get_running_loop(),
                                      quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
                                      on_quarantine=on_quarantine)
+    trusted = LocalSpanVerifier(swarm.model_path, swarm.model.config,
+                                int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
     checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
-                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S)
+                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S,
+                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S)
     checker.quarantined.update(swarm.quarantined)
+    checker.registry = await store.registry()
     swarm.spot_checker = checker
     return checker.start()
 

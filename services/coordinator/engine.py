@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from services.common import petals_adapter  # must precede petals (importing it applies the fixes)
 from services.common.logs import get_logger
 from services.common.packed_linear import PackedHead
+from services.common.states import FinishReason
 from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
@@ -78,6 +79,7 @@ class SwarmModel:
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
+        self.generation_config = self.model.generation_config  # its recommended sampling (sampling_defaults)
         # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
         # on a oneDNN-packed copy of the head where it can be (float32 on CPU: services/common/packed_linear.py)
         self.logits_batcher = LogitsBatcher(PackedHead(self.model.lm_head), max_wait_s=lm_head_wait_s)
@@ -167,7 +169,7 @@ class Generation:
         self.params = params
         self.meter = meter
         self.cancel = cancel
-        self.sampler = TokenSampler(params)
+        self.sampler = TokenSampler(params, prompt_ids)
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
@@ -221,20 +223,20 @@ class Generation:
         pending = self._acquire_session()
         while True:
             if self.cancel.is_set():
-                self.finish_reason = "cancelled"
+                self.finish_reason = FinishReason.CANCELLED
                 return
             # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only for the
             # last position, in one pass with the other generations' (lm_head.py)
             hidden = self._continue_or_prefill(pending) if self.cached_tokens else self._forward(pending)
             if self.cancel.is_set():  # the step finished after a cancel: its token is not used
-                self.finish_reason = "cancelled"
+                self.finish_reason = FinishReason.CANCELLED
                 return
             token_id = self.sampler.sample(batcher.logits(member, hidden))
             self.token_ids.append(token_id)
             delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
                                              end_of_generation=token_id in self.swarm.eos_token_ids)
             if delta is not None:
-                yield TokenDelta(len(self.token_ids), token_id, delta)
+                yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
             if finish is not None:
                 self.finish_reason = finish
                 return

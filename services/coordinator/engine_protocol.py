@@ -19,9 +19,20 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Optional, Protocol, TypedDict, runtime_checkable
 
+from services.common.states import FinishReason
+
 if TYPE_CHECKING:  # sampling imports torch
     from services.coordinator.metering import WorkMeter
     from services.coordinator.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class TokenDelta:
     index: int  # 1-based count of generated tokens
     token_id: int
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
+    logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
 
 
 class FailoverEvent(TypedDict):
@@ -74,7 +86,7 @@ class EmittedText(Protocol):
 class EngineGeneration(Protocol):
     """One running generation: iterate it for ``TokenDelta``; the rest is read after (or while) it runs."""
 
-    finish_reason: Optional[str]  # "length" | "stop" | "eos" | "cancelled"; None while running or after a failure
+    finish_reason: Optional[FinishReason]  # None while running or after a failure
     cancel: threading.Event
     text: EmittedText
     cached_tokens: int  # prompt positions continued from a parked session, not computed again (prefix reuse)
@@ -108,6 +120,22 @@ class EngineModel(Protocol):
         ...
 
     def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class Quarantinable(Protocol):
+    """An optional capability of an ``EngineModel`` that routes through other peers' servers (engine.SwarmModel):
+    its steps can be spot-checked, and a peer that fails the checks is quarantined (no route goes through it) until
+    the quarantine is lifted. The coordinator runs spot checks and the quarantine sync only for such a model."""
+
+    model_id: str
+    quarantined: set[str]
+    sequence_manager: Any  # the Petals client's RemoteSequenceManager (the spot checks re-run steps through it)
+    spot_checker: Any  # verification.SpotChecker, once spot checks are on
+
+    def quarantine(self, peer_id: str) -> None: ...
+
+    def unquarantine(self, peer_id: str) -> None: ...
 
 
 class Readiness(Protocol):

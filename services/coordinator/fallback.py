@@ -18,6 +18,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from services.common.config import FallbackEndpoint
+from services.common.states import FinishReason
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.store import Pricing
 
@@ -52,13 +53,16 @@ def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, di
     """(path under the base URL, JSON body): ``messages`` go to chat/completions, a ``prompt`` to completions.
     Always streamed with usage. ``top_k`` is not an OpenAI parameter: sent only when the client set it (vLLM,
     llama.cpp and far-mesh accept it)."""
-    body = {"model": model_name, "max_tokens": request.max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model_name, "max_tokens": request.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"):
+        if getattr(request, name) is not None:  # omitted: the upstream's own default for its model
+            body[name] = getattr(request, name)
     if request.stop:
         body["stop"] = list(request.stop)
     if request.seed is not None:
         body["seed"] = request.seed
-    if "top_k" in request.model_fields_set and request.top_k > 0:
+    if request.top_k:
         body["top_k"] = request.top_k
     if request.messages is None:
         return "completions", {**body, "prompt": request.prompt}
@@ -89,8 +93,9 @@ def parse_chunk(data: object) -> UpstreamChunk:
                          completion if isinstance(completion, int) and completion >= 0 else None)
 
 
-def finish_reason_of(upstream: Optional[str]) -> str:
-    return "length" if upstream == "length" else "stop"
+def finish_reason_of(upstream: Optional[str]) -> FinishReason:
+    """The finish reason of a fallback answer: the upstream's "length" is ours, any other end is a stop."""
+    return FinishReason.LENGTH if upstream == "length" else FinishReason.STOP
 
 
 def billed_tokens(*, completed: bool, reported_completion: Optional[int], delivered: int, prompt_tokens: int,

@@ -21,22 +21,24 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import AsyncIterator, Optional
 
-from services.common.http import ApiError
 from services.common.logs import get_logger
 from services.common.money import format_far, session_cost
 from services.common.petals_adapter import SwarmUnavailable
-from services.common.states import ServedBy, SessionStatus
+from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
+from services.coordinator.account_service import AccountService
 from services.coordinator.admission import AdmissionGate, Overloaded
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
+from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, PromptTokensDetails,
-                                           ReplacedServer, StreamEvent, TokenEvent, Usage)
+from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, LogprobEntry,
+                                           PromptTokensDetails, ReplacedServer, StreamEvent, TokenEvent, TopLogprob,
+                                           Usage)
 from services.coordinator.ratelimit import RateLimiter
-from services.coordinator.sampling import SamplingParams
+from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
@@ -61,10 +63,6 @@ def _count_failover(model_id: str, event: dict) -> None:
         metrics.FAILOVER_STALL.labels(model_id, event["cause"]).observe(event["stall_s"])
     log.warning("server failed a step", model_id=model_id, peer_id=event["peer_id"], blocks=event["blocks"],
                 cause=event["cause"], replaced_by=event["replaced_by"], stall_s=event["stall_s"], error=event["error"])
-
-
-class ServingError(ApiError):
-    """An error answer of the generate APIs (the shared ``{"error": {"code", "message"}}`` shape)."""
 
 
 def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
@@ -151,6 +149,8 @@ class InferenceService:
         # Running generations by (account_id, request_id): request ids are idempotency keys per account.
         self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
+        self.sampling_defaults: dict[str, dict] = {}  # model_id -> its recommended sampling (filled on first use)
+        self._token_pieces: dict[str, TokenPieces] = {}  # model_id -> token texts for logprobs
         for model in models.values():
             model.failover_listeners.append(lambda event, model_id=model.model_id: _count_failover(model_id, event))
 
@@ -166,11 +166,7 @@ class InferenceService:
             return
         decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
         if not decision.allowed:
-            raise ServingError(429, "rate_limited",
-                               f"more than {principal.rate_limit_per_minute} requests per minute for this key; "
-                               f"retry after {decision.retry_after_s} s",
-                               headers={"Retry-After": str(decision.retry_after_s)},
-                               retry_after_s=decision.retry_after_s)
+            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
         pricing = pricing or self.pricing
@@ -206,10 +202,33 @@ class InferenceService:
                 400, "max_tokens_exceeds_context",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                top_k=request.top_k, seed=request.seed, stop=tuple(stops))
+        params = self.sampling_params(model, request, tuple(stops))
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
         return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
+
+    def sampling_params(self, model: EngineModel, request: GenerateRequest, stops: tuple) -> SamplingParams:
+        """The request's sampling, each field it omits from the model's recommended settings; a logit_bias
+        token outside the vocabulary is a 400."""
+        defaults = self.sampling_defaults.get(model.model_id)
+        if defaults is None:
+            defaults = self.sampling_defaults[model.model_id] = sampling_defaults(
+                model.model_id, getattr(model, "generation_config", None))
+        bias = tuple((int(token), float(value)) for token, value in (request.logit_bias or {}).items())
+        vocabulary = len(model.tokenizer) if bias else 0
+        outside = [token for token, _ in bias if token >= vocabulary]
+        if outside:
+            raise ServingError(400, "invalid_logit_bias", f"logit_bias names token ids outside the vocabulary of "
+                                                          f"{vocabulary} tokens: {outside[:5]}", param="logit_bias")
+
+        def pick(name):
+            value = getattr(request, name)
+            return defaults[name] if value is None else value
+
+        return SamplingParams(max_tokens=request.max_tokens, temperature=pick("temperature"), top_p=pick("top_p"),
+                              top_k=pick("top_k"), repetition_penalty=pick("repetition_penalty"),
+                              presence_penalty=request.presence_penalty or 0.0,
+                              frequency_penalty=request.frequency_penalty or 0.0, logit_bias=bias,
+                              logprobs=request.logprobs, seed=request.seed, stop=stops)
 
     async def gate(self, model: EngineModel) -> None:
         readiness = self.readiness.get(model.model_id)
@@ -380,7 +399,9 @@ class InferenceService:
                 last_token_at = now
                 active.tokens_generated = item.index
                 yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)))
+                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)),
+                                 logprobs=None if item.logprob is None else self.logprob_entry(prepared.model,
+                                                                                               item.logprob))
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -413,13 +434,26 @@ class InferenceService:
                                cost_far=format_far(final.cost_far), replaced_servers=generation.replaced_servers())
         yield self.done_event(final)
 
+    def logprob_entry(self, model: EngineModel, logprob) -> LogprobEntry:
+        """A sampled token's ``engine_protocol.TokenLogprob`` as the wire names tokens (text and bytes)."""
+        pieces = self._token_pieces.get(model.model_id)
+        if pieces is None:
+            pieces = self._token_pieces[model.model_id] = TokenPieces(model.tokenizer)
+
+        def named(token_id: int, value: float) -> dict:
+            text, raw = pieces.piece(token_id)
+            return {"token": text, "logprob": value, "bytes": raw}
+
+        return LogprobEntry(**named(logprob.token_id, logprob.logprob),
+                            top_logprobs=[TopLogprob(**named(i, v)) for i, v in logprob.top])
+
     async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
                         failure: Optional[BaseException], worker) -> FinalSession:
         """Wait for the generation thread to stop, then checkpoint, finalize once and record metrics."""
         model_id = active.model_id
         try:
             await worker
-            if status == SessionStatus.COMPLETED and generation.finish_reason == "cancelled":
+            if status == SessionStatus.COMPLETED and generation.finish_reason == FinishReason.CANCELLED:
                 status = SessionStatus.CANCELLED
             final = await self._save(active, status=status, finish_reason=generation.finish_reason,
                                      prompt_tokens=active.prompt_tokens,
@@ -484,7 +518,7 @@ class InferenceService:
             raise self._fallback_error(failure.status, failure.code, failure.message, 0, Decimal(0)) from None
         except BaseException:
             await asyncio.shield(self._settle_fallback(active, status=SessionStatus.CANCELLED,
-                                                       finish_reason="cancelled",
+                                                       finish_reason=FinishReason.CANCELLED,
                                                        prompt_tokens=0, completion_tokens=0, text="", failure=None,
                                                        outcome="cancelled"))
             raise
@@ -543,7 +577,7 @@ class InferenceService:
                 completed=completed, reported_completion=reported, delivered=delivered,
                 prompt_tokens=active.prompt_tokens, max_tokens=prepared.params.max_tokens)
             cancelled = status == SessionStatus.CANCELLED
-            finish = finish_reason_of(upstream_finish) if completed else "cancelled" if cancelled else None
+            finish = finish_reason_of(upstream_finish) if completed else FinishReason.CANCELLED if cancelled else None
             settlement = asyncio.ensure_future(self._close_then_settle(
                 chunks, active, status=status, finish_reason=finish, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, text="".join(texts), failure=failure, outcome=code or status))
@@ -607,7 +641,7 @@ class InferenceService:
     @staticmethod
     def done_event(final: FinalSession) -> DoneEvent:
         return DoneEvent(
-            request_id=final.request_id, finish_reason=final.finish_reason or "cancelled", text=final.output_text or "",
+            request_id=final.request_id, finish_reason=final.finish_reason or FinishReason.CANCELLED, text=final.output_text or "",
             usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
                         prompt_tokens_details=PromptTokensDetails(cached_tokens=final.cached_prompt_tokens)),
             cost_far=format_far(final.cost_far), fee_far=format_far(final.fee_far),
@@ -656,7 +690,8 @@ class InferenceService:
                 "finish_reason": final.finish_reason,
                 "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
                 "served_by": final.served_by,
-                "replaced_servers": final.replaced_servers}
+                "replaced_servers": final.replaced_servers,
+                "refunded_far": format_far(final.refunded_far) if final.refunded_far is not None else None}
 
     async def model_infos(self) -> list[ModelInfo]:
         infos = []
@@ -672,8 +707,6 @@ class InferenceService:
 
     def account_service(self):
         """The self-service account API's logic over this service's stores (api/account_routes.py)."""
-        from services.coordinator.account_service import AccountService  # it imports ServingError from here
-
         return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
 
     async def aclose(self) -> None:

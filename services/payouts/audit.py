@@ -14,7 +14,7 @@ Checks (each reported as ok / problem with details):
    (A contribution has one ``payment_batch_id`` column, so it belongs to at most one batch by construction.)
 3. **items** — for every batch: per wallet, the item's ``amount_far`` equals the sum of the attached contributions,
    ``amount_base = amount_far × 10^18``, and ``total_far`` / ``recipient_count`` match the items.
-4. **chain** — for every confirmed batch: the receipt of its ``tx_hash`` succeeded in ``block_number``, the payout
+4. **chain** — for every confirmed batch: the receipt of the transaction that paid it (``paid_tx_hash``: its first send or a re-send) succeeded in ``block_number``, the payout
    contract emitted ``BatchPaid(batch_number, …)`` in it, and the token ``Transfer`` events of that transaction are
    exactly the batch's items (same wallets, same base-unit amounts, nothing else); ``paid(batch_number)`` is true
    on the contract. For every failed batch the contract says ``paid(batch_number) == false`` (else a batch was paid
@@ -25,44 +25,18 @@ Checks (each reported as ok / problem with details):
 from __future__ import annotations
 
 from collections import Counter as Multiset
-from dataclasses import dataclass, field
 from decimal import Decimal
 
 import asyncpg
 from eth_utils import to_checksum_address
 
-from services.payouts.chain import Chain
+from services.common.audit import AuditReport, Check, block_chunks
 from services.common.money import to_base_units
 from services.common.states import BatchState
+from services.deposits.audit import check_accounts, check_deposits_chain
+from services.payouts.chain import Chain
 
 TRANSFER_TOPIC = "0x" + "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
-LOG_CHUNK = 5_000
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class AuditReport:
-    checks: list[Check]
-
-    @property
-    def ok(self) -> bool:
-        return all(check.ok for check in self.checks)
-
-
-def _problem(check: Check, message: str, limit: int = 50) -> None:
-    check.ok = False
-    if len(check.problems) < limit:
-        check.problems.append(message)
-    elif len(check.problems) == limit:
-        check.problems.append("… more problems not shown")
 
 
 async def check_conservation(conn) -> Check:
@@ -77,8 +51,8 @@ async def check_conservation(conn) -> Check:
                                            + coalesce(sum(c.withheld_far), 0)""")
     check.checked = await conn.fetchval("SELECT count(*) FROM far_mesh_sessions WHERE finalized_at IS NOT NULL")
     for row in rows:
-        _problem(check, f"session {row['session_id']}: cost {row['cost_far']} != fee {row['fee_far']} "
-                        f"+ payments {row['paid']} + withheld {row['withheld']}")
+        check.fail(f"session {row['session_id']}: cost {row['cost_far']} != fee {row['fee_far']} "
+                   f"+ payments {row['paid']} + withheld {row['withheld']}")
     fallback = await conn.fetch("""
         SELECT s.session_id, s.cost_far, s.fee_far, s.platform_fee_bps, count(c.peer_id) AS contributions
         FROM far_mesh_sessions s LEFT JOIN far_session_contributions c ON c.session_id = s.session_id
@@ -86,9 +60,9 @@ async def check_conservation(conn) -> Check:
         GROUP BY s.session_id""")
     for row in fallback:
         if row["contributions"] or row["fee_far"] != row["cost_far"] or row["platform_fee_bps"] != 10_000:
-            _problem(check, f"fallback session {row['session_id']}: {row['contributions']} contributions, cost "
-                            f"{row['cost_far']}, fee {row['fee_far']} (bps {row['platform_fee_bps']}); a session "
-                            "served by the fallback API pays no provider")
+            check.fail(f"fallback session {row['session_id']}: {row['contributions']} contributions, cost "
+                       f"{row['cost_far']}, fee {row['fee_far']} (bps {row['platform_fee_bps']}); a session "
+                       "served by the fallback API pays no provider")
     if fallback:
         charged = sum((row["cost_far"] for row in fallback), Decimal(0))
         check.notes.append(f"{len(fallback)} sessions served by the fallback API: {charged} FAR charged, all fee")
@@ -101,16 +75,20 @@ async def check_conservation(conn) -> Check:
            OR (c.disputed_at IS NOT NULL AND s.finalized_at IS NOT NULL AND c.payment_far <> 0
                AND c.payment_batch_id IS NULL)""")
     for row in bad_withheld:
-        _problem(check, f"contribution ({row['session_id']}, {row['peer_id']}): disputed {row['disputed_at']}, "
-                        f"payment {row['payment_far']}, withheld {row['withheld_far']} (a disputed contribution must "
-                        f"carry its payment as withheld, nothing else)")
+        check.fail(f"contribution ({row['session_id']}, {row['peer_id']}): disputed {row['disputed_at']}, "
+                   f"payment {row['payment_far']}, withheld {row['withheld_far']} (a disputed contribution must "
+                   f"carry its payment as withheld, nothing else)")
     disputes = await conn.fetchrow("""
         SELECT count(*) AS n, coalesce(sum(withheld_far), 0) AS withheld,
-               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before
+               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before,
+               count(*) FILTER (WHERE withheld_reason = 'forfeited') AS forfeited,
+               coalesce(sum(withheld_far) FILTER (WHERE withheld_reason = 'forfeited'), 0) AS forfeited_far
         FROM far_session_contributions WHERE disputed_at IS NOT NULL""")
     if disputes["n"]:
         check.notes.append(f"{disputes['n']} disputed contributions, {disputes['withheld']} FAR withheld (kept by "
-                           f"the platform); {disputes['batched_before']} were already in a payout batch when disputed")
+                           f"the platform), of which {disputes['forfeited']} forfeited by a quarantined wallet "
+                           f"({disputes['forfeited_far']} FAR); {disputes['batched_before']} were already in a "
+                           f"payout batch when disputed")
     unfinalized_paid = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
         WHERE s.finalized_at IS NULL AND c.payment_far <> 0""")
@@ -134,7 +112,7 @@ async def check_attachment(conn) -> Check:
     for row in bad:
         why = ("its batch failed but it was not released" if row["state"] == BatchState.FAILED
                else "it is not payable (unfinalized session, unregistered node, no wallet or no payment)")
-        _problem(check, f"contribution ({row['session_id']}, {row['peer_id']}) in batch {row['batch_number']}: {why}")
+        check.fail(f"contribution ({row['session_id']}, {row['peer_id']}) in batch {row['batch_number']}: {why}")
     orphans = await conn.fetch("""
         SELECT c.session_id, c.peer_id, c.wallet_address, b.batch_number
         FROM far_session_contributions c
@@ -143,8 +121,8 @@ async def check_attachment(conn) -> Check:
                                            AND lower(i.wallet_address) = lower(c.wallet_address)
         WHERE i.batch_id IS NULL""")
     for row in orphans:
-        _problem(check, f"contribution ({row['session_id']}, {row['peer_id']}) is attached to batch "
-                        f"{row['batch_number']} which has no item for {row['wallet_address']}")
+        check.fail(f"contribution ({row['session_id']}, {row['peer_id']}) is attached to batch "
+                   f"{row['batch_number']} which has no item for {row['wallet_address']}")
     in_flight = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_payment_batches b ON b.batch_id = c.payment_batch_id
         WHERE b.state IN ('planned', 'signed', 'submitted')""")
@@ -171,8 +149,8 @@ async def check_items(conn) -> Check:
         WHERE a.amount IS DISTINCT FROM i.amount
            OR i.amount_base IS DISTINCT FROM i.amount * 1000000000000000000""")
     for row in mismatched:
-        _problem(check, f"batch {row['batch_id']} wallet {row['wallet']}: item {row['item']} "
-                        f"(base {row['amount_base']}) vs attached contributions {row['attached']}")
+        check.fail(f"batch {row['batch_id']} wallet {row['wallet']}: item {row['item']} "
+                   f"(base {row['amount_base']}) vs attached contributions {row['attached']}")
     totals = await conn.fetch("""
         SELECT b.batch_number, b.total_far, b.recipient_count, coalesce(sum(i.amount_far), 0) AS items_total,
                count(i.wallet_address) AS items_count
@@ -180,8 +158,8 @@ async def check_items(conn) -> Check:
         GROUP BY b.batch_id
         HAVING b.total_far <> coalesce(sum(i.amount_far), 0) OR b.recipient_count <> count(i.wallet_address)""")
     for row in totals:
-        _problem(check, f"batch {row['batch_number']}: total {row['total_far']} / {row['recipient_count']} recipients "
-                        f"but items sum to {row['items_total']} / {row['items_count']}")
+        check.fail(f"batch {row['batch_number']}: total {row['total_far']} / {row['recipient_count']} recipients "
+                   f"but items sum to {row['items_total']} / {row['items_count']}")
     return check
 
 
@@ -203,21 +181,22 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
         paid_on_chain = payout.functions.paid(number).call()
         if batch["state"] == BatchState.FAILED:
             if paid_on_chain:
-                _problem(check, f"batch {number} is failed (contributions released) but the contract says it is "
-                                "paid: those contributions may be paid twice")
+                check.fail(f"batch {number} is failed (contributions released) but the contract says it is "
+                           "paid: those contributions may be paid twice")
             continue
         confirmed_numbers.add(number)
         if not paid_on_chain:
-            _problem(check, f"batch {number} is confirmed but paid({number}) is false on chain")
+            check.fail(f"batch {number} is confirmed but paid({number}) is false on chain")
             continue
+        paid_by = batch["paid_tx_hash"] or batch["tx_hash"]  # the first send or a re-send (same batchId)
         try:
-            receipt = w3.eth.get_transaction_receipt(batch["tx_hash"])
+            receipt = w3.eth.get_transaction_receipt(paid_by)
         except Exception as error:  # noqa: BLE001
-            _problem(check, f"batch {number}: no receipt for {batch['tx_hash']}: {error}")
+            check.fail(f"batch {number}: no receipt for {paid_by}: {error}")
             continue
         if receipt["status"] != 1 or receipt["blockNumber"] != batch["block_number"]:
-            _problem(check, f"batch {number}: receipt status {receipt['status']} in block {receipt['blockNumber']}, "
-                            f"database says block {batch['block_number']}")
+            check.fail(f"batch {number}: receipt status {receipt['status']} in block {receipt['blockNumber']}, "
+                       f"database says block {batch['block_number']}")
         transfers: Multiset = Multiset()
         closed = False
         for entry in receipt["logs"]:
@@ -228,7 +207,7 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
             elif entry["address"].lower() == payout.address.lower() and topics and topics[0] == batch_paid_topic:
                 closed = int(topics[1], 16) == number
         if not closed:
-            _problem(check, f"batch {number}: no BatchPaid({number}) event in {batch['tx_hash']}")
+            check.fail(f"batch {number}: no BatchPaid({number}) event in {paid_by}")
         items = await conn.fetch("SELECT wallet_address, amount_far, amount_base FROM far_payment_batch_items "
                                  "WHERE batch_id = $1", batch["batch_id"])
         expected = Multiset((to_checksum_address(row["wallet_address"]), to_base_units(Decimal(row["amount_far"])))
@@ -236,23 +215,23 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
         if transfers != expected:
             missing = expected - transfers
             extra = transfers - expected
-            _problem(check, f"batch {number}: on-chain transfers differ from items (missing {dict(missing)}, "
-                            f"unexpected {dict(extra)})")
+            check.fail(f"batch {number}: on-chain transfers differ from items (missing {dict(missing)}, "
+                       f"unexpected {dict(extra)})")
     if scan_logs:
         start = from_block if from_block is not None else chain.deploy_block
         latest = w3.eth.block_number
         seen: Multiset = Multiset()
-        for chunk_start in range(start, latest + 1, LOG_CHUNK):
+        for first, last in block_chunks(start, latest):
             logs = w3.eth.get_logs({"address": payout.address, "topics": [batch_paid_topic],
-                                    "fromBlock": chunk_start, "toBlock": min(chunk_start + LOG_CHUNK - 1, latest)})
+                                    "fromBlock": first, "toBlock": last})
             for entry in logs:
                 seen[int("0x" + bytes(entry["topics"][1]).hex(), 16)] += 1
         for number, count in seen.items():
             if count > 1:
-                _problem(check, f"batchId {number} paid {count} times on chain")
+                check.fail(f"batchId {number} paid {count} times on chain")
             if number not in confirmed_numbers:
-                _problem(check, f"batchId {number} was paid on chain (BatchPaid event) but is not a confirmed "
-                                "batch of this database")
+                check.fail(f"batchId {number} was paid on chain (BatchPaid event) but is not a confirmed "
+                           "batch of this database")
         check.notes.append(f"scanned BatchPaid events in blocks {start}..{latest}: {sum(seen.values())} batches")
     return check
 
@@ -269,8 +248,6 @@ async def run_audit(postgres_url: str, chain: Chain | None, *, scan_logs: bool =
             if chain is not None:
                 checks.append(await check_chain(conn, chain, scan_logs=scan_logs, from_block=from_block))
             if accounts:
-                from services.deposits.audit import check_accounts, check_deposits_chain
-
                 checks.append(await check_accounts(conn))
                 if chain is not None and getattr(chain, "deposit", None) is not None:
                     checks.append(await check_deposits_chain(conn, chain, start_block=deposit_start_block))

@@ -26,10 +26,10 @@ What is where:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import warnings
 
+from services.common.features import feature_enabled
 from services.common.petals_adapter import failover, fixes
 from services.common.petals_adapter.failover import (
     DEFAULT_STEP_BUDGET_FACTOR,
@@ -87,11 +87,6 @@ _applied = False
 _lock = threading.Lock()
 
 
-def _enabled(name: str) -> bool:
-    disabled = {item.strip() for item in os.environ.get("FAR_MESH_DISABLE_COMPAT_FIX", "").split(",")}
-    return name not in disabled
-
-
 _PRE_PETALS = {
     "hf_no_telemetry": fixes._fix_hf_no_telemetry,
     "grad_scaler_location": fixes._fix_grad_scaler_location,
@@ -106,7 +101,6 @@ _POST_PETALS = {
     "fast_route_repair": failover._fix_fast_route_repair,
     "failover_replay": failover._fix_failover_replay,
     "dead_peer_stream": fixes._fix_dead_peer_stream,
-    "step_latency_budget": failover._fix_step_latency_budget,
     "lean_client_step": failover._fix_lean_client_step,
 }
 
@@ -122,14 +116,17 @@ def apply() -> None:
         warnings.filterwarnings("ignore", message=r".*_register_pytree_node.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter.*", category=UserWarning)
         for name, fix in _PRE_PETALS.items():
-            if _enabled(name):
+            if feature_enabled(name):
                 fix()
         fixes.ROOT_LOGGER_LEVEL = logging.getLogger().level  # before petals' import changes it
         import petals  # noqa: F401  (only after the pre-import fixes)
 
         for name, fix in _POST_PETALS.items():
-            if _enabled(name):
+            if feature_enabled(name):
                 fix()
+        failover.patch_server_sessions(report_refusals=feature_enabled("fast_route_repair"),
+                                       step_budget=feature_enabled("step_latency_budget"),
+                                       closed_stream_error=feature_enabled("dead_peer_stream"))
         _applied = True
 
 

@@ -48,7 +48,6 @@ from services.common.petals_adapter.session import hooks_of
 
 
 def _fix_fast_route_repair() -> None:
-    from petals.client import inference_session as inf
     from petals.client.routing import sequence_manager as sm
     from petals.client.routing.sequence_info import RemoteSequenceInfo
 
@@ -62,36 +61,8 @@ def _fix_fast_route_repair() -> None:
             info = self.state.sequence_info
             info.spans_by_priority, info.spans_containing_block = RemoteSequenceInfo._sort_spans(info.block_infos)
 
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-    from petals.data_structures import CHAIN_DELIMITER
-
-    def _enter_server_sessions(self, chosen_spans):
-        """Upstream's loop, but a server that fails to open its session is reported (and so avoided)."""
-        server_sessions = []
-        try:
-            for span in chosen_spans:
-                span_uids = CHAIN_DELIMITER.join(self._sequence_manager.block_uids[span.start : span.end])
-                metadata = self._sequence_manager.get_request_metadata("rpc_inference", span_uids, peer_id=span.peer_id)
-                try:
-                    session = RemoteExpertWorker.run_coroutine(
-                        inf._ServerInferenceSession.create(
-                            self._sequence_manager.config, self._sequence_manager.state.p2p, span, span_uids,
-                            rpc_info=self._sequence_manager.rpc_info, max_length=self._max_length, **metadata,
-                        )
-                    )
-                except Exception as error:
-                    self._sequence_manager.on_request_failure(span.peer_id)
-                    error._far_mesh_span = span  # the failover report names the server that refused
-                    raise
-                server_sessions.append(session)
-                session.__enter__()
-            return server_sessions
-        except BaseException:
-            self._exit_server_sessions(server_sessions)
-            raise
-
     sm.RemoteSequenceManager.on_request_failure = on_request_failure
-    inf.InferenceSession._enter_server_sessions = _enter_server_sessions
+    # the other half (a server that refuses a session is reported) is in patch_server_sessions
 
 
 class SwarmUnavailable(RuntimeError):
@@ -404,20 +375,73 @@ def has_alternative(manager, span) -> bool:
     return True
 
 
-def _fix_step_latency_budget() -> None:
+def patch_server_sessions(*, report_refusals: bool, step_budget: bool, closed_stream_error: bool) -> None:
+    """Patch ``InferenceSession._enter_server_sessions`` and ``_ServerInferenceSession._step`` once each, with the
+    parts of the enabled fixes that change them: ``fast_route_repair`` (``report_refusals``: a server that fails to
+    open its session is reported, so the next route avoids it), ``step_latency_budget`` (``step_budget``: each
+    server session knows its manager, and a step has a deadline) and ``dead_peer_stream``
+    (``closed_stream_error``: a stream that ends mid-step raises ``ServerStreamClosed``)."""
     import asyncio
-    import time
 
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
     from petals.client import inference_session as inf
+    from petals.data_structures import CHAIN_DELIMITER
 
-    original_enter = inf.InferenceSession._enter_server_sessions
-    original_step = inf._ServerInferenceSession._step
+    from services.common.petals_adapter.fixes import ServerStreamClosed
 
     def _enter_server_sessions(self, chosen_spans):
-        sessions = original_enter(self, chosen_spans)
-        for session in sessions:
-            session._far_mesh_manager = self._sequence_manager
-        return sessions
+        """Upstream's loop, with the reports and the manager of the enabled fixes."""
+        server_sessions = []
+        try:
+            for span in chosen_spans:
+                span_uids = CHAIN_DELIMITER.join(self._sequence_manager.block_uids[span.start : span.end])
+                metadata = self._sequence_manager.get_request_metadata("rpc_inference", span_uids, peer_id=span.peer_id)
+                try:
+                    session = RemoteExpertWorker.run_coroutine(
+                        inf._ServerInferenceSession.create(
+                            self._sequence_manager.config, self._sequence_manager.state.p2p, span, span_uids,
+                            rpc_info=self._sequence_manager.rpc_info, max_length=self._max_length, **metadata,
+                        )
+                    )
+                except Exception as error:
+                    if report_refusals:
+                        self._sequence_manager.on_request_failure(span.peer_id)
+                        error._far_mesh_span = span  # the failover report names the server that refused
+                    raise
+                if step_budget:
+                    session._far_mesh_manager = self._sequence_manager
+                server_sessions.append(session)
+                session.__enter__()
+            return server_sessions
+        except BaseException:
+            self._exit_server_sessions(server_sessions)
+            raise
+
+    async def exchange(self, inputs_serialized):
+        """Upstream's step: one request in, one response out."""
+        await self._inputs_queue.put(inputs_serialized)
+        self.stepped = True
+        try:
+            return await asyncio.wait_for(inf.anext(self._outputs_stream), self.config.request_timeout)
+        except StopAsyncIteration:
+            if not closed_stream_error:
+                raise
+            raise ServerStreamClosed(f"server {self.span.peer_id} closed the inference stream before answering "
+                                     f"(it died or dropped the session)") from None
+
+    if report_refusals or step_budget:
+        inf.InferenceSession._enter_server_sessions = _enter_server_sessions
+    if step_budget:
+        inf._ServerInferenceSession._step = _budgeted(exchange)
+    elif closed_stream_error:
+        inf._ServerInferenceSession._step = exchange
+
+
+def _budgeted(exchange):
+    """``exchange`` under the step latency budget: given up with ``StepDeadlineExceeded`` after
+    ``max(floor_s, factor x p99)`` of the server's recent steps when another live server holds its blocks."""
+    import asyncio
+    import time
 
     async def _step(self, request):
         manager = getattr(self, "_far_mesh_manager", None)
@@ -428,9 +452,9 @@ def _fix_step_latency_budget() -> None:
         budget = STEP_LATENCY.budget(self.span.peer_id, positions, factor, floor_s)
         started = time.perf_counter()
         if manager is None or budget is None or budget >= self.config.request_timeout:
-            response = await original_step(self, request)
+            response = await exchange(self, request)
         else:
-            task = asyncio.ensure_future(original_step(self, request))
+            task = asyncio.ensure_future(exchange(self, request))
             while True:
                 done, _ = await asyncio.wait({task}, timeout=budget)
                 if done:
@@ -447,6 +471,5 @@ def _fix_step_latency_budget() -> None:
         STEP_LATENCY.record(self.span.peer_id, time.perf_counter() - started, positions)
         return response
 
-    inf.InferenceSession._enter_server_sessions = _enter_server_sessions
-    inf._ServerInferenceSession._step = _step
+    return _step
 

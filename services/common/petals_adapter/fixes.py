@@ -197,7 +197,6 @@ def _fix_dead_peer_stream() -> None:
 
     from hivemind.p2p import p2p_daemon
     from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
-    from petals.client import inference_session as inf
 
     P2P = p2p_daemon.P2P
 
@@ -241,15 +240,6 @@ def _fix_dead_peer_stream() -> None:
         return _read_from_stream()
 
     P2P._iterate_protobuf_stream_handler = _iterate_protobuf_stream_handler
-
-    async def _step(self, inputs_serialized):
-        await self._inputs_queue.put(inputs_serialized)
-        self.stepped = True
-        try:
-            return await asyncio.wait_for(inf.anext(self._outputs_stream), self.config.request_timeout)
-        except StopAsyncIteration:
-            raise ServerStreamClosed(f"server {self.span.peer_id} closed the inference stream before answering "
-                                     f"(it died or dropped the session)") from None
-
-    inf._ServerInferenceSession._step = _step
+    # the step's half (a stream that ends mid-step raises ServerStreamClosed) is in failover.patch_server_sessions,
+    # which patches _ServerInferenceSession._step once for every fix that changes it
 
