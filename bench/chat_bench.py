@@ -2,13 +2,14 @@
 without prefix reuse (docs/prefix-reuse.md), through a 3-server swarm (0:10, 10:20, 20:30) and the coordinator's
 engine (services/coordinator/engine.py, in process).
 
-    .venv/bin/python bench/chat_bench.py [--turns 10] [--max-tokens 64]
+    .venv/bin/python bench/chat_bench.py [--turns 10] [--max-tokens 32]
 
 Each turn renders the whole conversation with the model's chat template (a long system prompt, every question
 and answer so far, the new question), as every chat client re-sends it. The same prompt is generated twice, in
-turn: without reuse (``reuse_key`` None: a full prefill, today's path for a request without an account) and with
-reuse (the account's parked session of the previous turn continued: only the new positions computed). Both
-greedy answers must be token-identical. Prints TTFT per turn, the cached prompt tokens, and the ratios turn N /
+turn: without reuse (``reuse_key`` None: a full prefill, the path of a request without an account; only its first
+token) and with reuse (the account's parked session of the previous turn continued: only the new positions
+computed; the whole answer, which the next turn's history holds). Their first tokens must be identical (the
+tests check whole answers). Prints TTFT per turn, the cached prompt tokens, and the ratios turn N /
 turn 1 for each series. Everything it starts is stopped.
 """
 
@@ -38,7 +39,7 @@ SYSTEM = " ".join([
     "Study rooms are booked at the desk or by telephone, for two hours at most, and hold up to six people.",
     "The archive keeps the town's newspapers since 1850, maps, photographs and parish registers;",
     "its documents are consulted in the reading room only, with pencils, never pens.",
-]) * 6  # a long system prompt, as many chat deployments have
+]) * 7  # a long system prompt, as many chat deployments have
 QUESTIONS = [
     "How many books can I borrow at once, and for how long? Please answer in two sentences.",
     "I returned three books five days late. How much do I owe the library, exactly?",
@@ -77,9 +78,10 @@ def conversation(client, turns: int, max_tokens: int) -> list[dict]:
         messages.append(ChatMessage(role="user", content=QUESTIONS[turn % len(QUESTIONS)]))
         prompt, _ = render_chat(client.tokenizer, messages)
         prompt_ids = client.encode(prompt)
-        full_ttft, full_tokens, _ = run_turn(client, prompt_ids, max_tokens, None)
+        # without reuse: only the first token (its TTFT; the full prefill is all that differs)
+        full_ttft, full_tokens, _ = run_turn(client, prompt_ids, 1, None)
         reuse_ttft, reuse_tokens, generation = run_turn(client, prompt_ids, max_tokens, "bench-account")
-        assert reuse_tokens == full_tokens, f"turn {turn + 1}: the answer with reuse differs"
+        assert reuse_tokens[:1] == full_tokens, f"turn {turn + 1}: the first token with reuse differs"
         rows.append(dict(turn=turn + 1, prompt=len(prompt_ids), cached=generation.cached_tokens,
                          full=full_ttft, reuse=reuse_ttft))
         print(f"turn {turn + 1:2d}: prompt {len(prompt_ids):5d} tokens, cached {generation.cached_tokens:5d}: "
@@ -91,7 +93,7 @@ def conversation(client, turns: int, max_tokens: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
     from services.common import petals_adapter  # noqa: F401  (before petals)
@@ -109,7 +111,10 @@ def main() -> None:
             for name, span in SPANS.items():
                 swarm.start_node(name, span)
             swarm.wait_online(list(SPANS), SMOLLM2.num_blocks, timeout=300)
-            client = SwarmModel(SMOLLM2.model_id, model_dir, swarm.initial_peers, request_timeout=120)
+            # the longest TTL: between two turns with reuse this bench runs a full prefill (a minute or more on a
+            # loaded 2-core box), and a chat's user takes time to read and type too
+            client = SwarmModel(SMOLLM2.model_id, model_dir, swarm.initial_peers, request_timeout=120,
+                                prefix_reuse={"ttl_s": 240})
             try:
                 run_turn(client, client.encode("Hello"), 4, None)  # warm-up: connections, step budgets
                 rows = conversation(client, args.turns, args.max_tokens)

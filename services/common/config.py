@@ -161,10 +161,10 @@ class CoordinatorSettings(ChainSettings):
                                "head of concurrent generations is one memory-bound pass; raise it on a dedicated "
                                "host serving a large model)")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
-    PREFIX_REUSE_TTL_S: float = Field(default=60.0, ge=0, le=150, description="coordinator: a finished "
+    PREFIX_REUSE_TTL_S: float = Field(default=120.0, ge=0, le=240, description="coordinator: a finished "
                                       "generation's inference session stays open this long for its account's next "
                                       "request that starts with the same tokens (prefix reuse, docs/prefix-reuse.md; "
-                                      "0 = off; at most half the servers' 5-minute step timeout)")
+                                      "0 = off; at most 240 s: servers end a session idle for 5 minutes)")
     PREFIX_REUSE_MAX_SESSIONS: int = Field(default=16, ge=0, description="coordinator: parked sessions kept at "
                                            "most (least recently used closed first; 0 = prefix reuse off)")
     PREFIX_REUSE_MAX_TOKENS: int = Field(default=4096, ge=0, description="coordinator: attention-cache positions "

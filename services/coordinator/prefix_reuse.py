@@ -27,9 +27,10 @@ log = get_logger(__name__)
 # step_timeout): a parked session older than this, or parked longer than the TTL (bounded below), is not reused.
 SERVER_SESSION_MAX_AGE_S = 25 * 60
 SERVER_STEP_TIMEOUT_S = 5 * 60
+MAX_TTL_S = SERVER_STEP_TIMEOUT_S - 60  # a minute of margin for the reaper, a slow close, clocks
 REAPER_PERIOD_S = 1.0
 # The defaults of the PREFIX_REUSE_* settings (services/common/config.py holds the same values; a test checks).
-DEFAULT_PREFIX_REUSE = {"ttl_s": 60.0, "max_sessions": 16, "max_tokens": 4096, "headroom_tokens": 256}
+DEFAULT_PREFIX_REUSE = {"ttl_s": 120.0, "max_sessions": 16, "max_tokens": 4096, "headroom_tokens": 256}
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ParkedSessions:
     def __init__(self, *, ttl_s: float, max_sessions: int, max_tokens: int,
                  close: Callable[[Any], None] = lambda session: session.close(),
                  clock: Callable[[], float] = time.monotonic):
-        self.ttl_s = min(float(ttl_s), SERVER_STEP_TIMEOUT_S / 2)
+        self.ttl_s = min(float(ttl_s), MAX_TTL_S)
         self.max_sessions = int(max_sessions)
         self.max_tokens = int(max_tokens)
         self._close, self._clock = close, clock
