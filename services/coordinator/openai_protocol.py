@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, JsonInt, error_responses, json_int
+from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, error_responses, json_int
 from services.common.states import FinishReason
 from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
                                            MAX_TOP_LOGPROBS, NOT_BLANK, SOME_MESSAGE_HAS_TEXT, UNSUPPORTED, ChatMessage,
