@@ -7,6 +7,9 @@ takes, at which step to fail (and with what) or to hang, and which servers compu
 engine.Generation does: the cancel event is checked before each step, and a step that finishes after a cancel does
 not emit its token.
 
+A script with ``logits`` is a model instead: each step's logits come from it and the generation samples them with the
+coordinator's sampler (the request's grammar included, services/coordinator/structured.py), as engine.Generation does.
+
 ``scripted_engine(model, readiness)`` is an engine factory for ``create_app(settings, engine_factory=...)``.
 """
 
@@ -20,9 +23,10 @@ from typing import Callable, Iterator, Optional
 
 from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
-                                                  RouteHop, TokenDelta, TokenLogprob)
+                                                  RouteHop, TokenDelta)
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream, token_logprob
+from services.coordinator.sampling import SamplingParams, TextStream, TokenLogprob, TokenSampler, token_logprob
+from services.coordinator.structured import constraint_for
 
 NUM_BLOCKS = 4
 DEFAULT_ROUTE = (("QmScriptedA", 0, 2), ("QmScriptedB", 2, 4))
@@ -45,6 +49,8 @@ class Script:
     route: tuple = DEFAULT_ROUTE  # ((peer_id, start_block, end_block), ...) computing every step
     eos: bool = True  # end with the tokenizer's EOS after the text (finish_reason "eos") when max_tokens allows
     cached_tokens: int = 0  # prompt positions reused from a parked session (prefix reuse): not metered
+    # a model: the next token's [vocab] logits from the tokens generated so far (then ``text`` is not used)
+    logits: Optional[Callable[[list], object]] = None
 
 
 @dataclass
@@ -70,6 +76,8 @@ class ScriptedGeneration:
         self.cached_tokens = min(script.cached_tokens, len(prompt_ids) - 1)
         output = model.tokenizer(script.text, add_special_tokens=False).input_ids
         self._output = list(output) + ([model.tokenizer.eos_token_id] if script.eos else [])
+        self.sampler = TokenSampler(params, prompt_ids, constraint=constraint_for(
+            model.tokenizer, params.grammar, [model.tokenizer.eos_token_id]))
 
     @property
     def completion_tokens(self) -> int:
@@ -105,12 +113,16 @@ class ScriptedGeneration:
         positions = len(self.prompt_ids) - self.cached_tokens if number == 1 else 1
         for peer, start, end in script.route:
             self.meter.record(peer, start, end, positions)
+        if script.logits is not None:
+            return self.sampler.sample(script.logits(list(self.token_ids)))
         return self._output[(number - 1) % len(self._output)]
 
     def _logprob(self, token_id: int) -> Optional[TokenLogprob]:
         """When asked for: the log-probabilities of ``scripted_logits`` at this step (the real computation)."""
         if self.params.logprobs is None:
             return None
+        if self.script.logits is not None:  # a model: what the sampler computed from its logits
+            return self.sampler.last_logprob
         logits = scripted_logits(len(self.token_ids), token_id, len(self.model.tokenizer))
         return token_logprob(logits, token_id, self.params.logprobs)
 

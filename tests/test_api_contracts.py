@@ -41,9 +41,12 @@ FAKE_MODEL_ID = "contract/fake"
 
 
 # Refusals of schema-valid input for what no schema can state: a prompt's length in tokens (the model's context,
-# 400 with these codes, documented), a logit_bias token id beyond its vocabulary (400) and a mixed-case wallet
-# failing its EIP-55 checksum (422, in the schema's description). Only the positive-data check is waived for them; every other check still runs.
-UNSTATEABLE = ("prompt_too_long", "max_tokens_exceeds_context", "EIP-55", "invalid_logit_bias")
+# 400 with these codes, documented), a logit_bias token id beyond its vocabulary (400), a mixed-case wallet failing
+# its EIP-55 checksum (422, in the schema's description), a JSON schema (response_format, a tool's parameters) using
+# what the grammar library cannot enforce, a tool_choice naming no tool of the request, response_format with tools.
+# Only the positive-data check is waived for them; every other check still runs.
+UNSTATEABLE = ("prompt_too_long", "max_tokens_exceeds_context", "EIP-55", "invalid_logit_bias", "unsupported_schema",
+               "which is not in tools", "response_format together with tools")
 
 
 def validate(case, headers=None) -> None:

@@ -78,6 +78,20 @@ def test_logprobs_at_temperature_zero_are_the_local_models_log_softmax(coordinat
     assert all(entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) for entry in content)  # greedy
 
 
+def test_n_choices_through_the_swarm(coordinator, reference):
+    _, text = reference
+    client = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=coordinator.api_key, max_retries=0)
+    greedy = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=12, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and all(c.text == text(12) for c in greedy.choices)
+    assert greedy.usage.completion_tokens == 36  # each choice billed for its own 12 tokens
+    sampled = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=8, temperature=1.0, seed=11, n=3)
+    again = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=8, temperature=1.0, seed=11, n=3)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in sampled.choices}) > 1  # seed, seed + 1, seed + 2
+
+
 def test_openai_client_chat_and_models(coordinator):
     client = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=coordinator.api_key, max_retries=0)
     models = client.models.list()

@@ -17,7 +17,7 @@ from services.common.config import ConfigError, Settings
 from services.coordinator.accounts import AccountStore, AuthError, check_jwt_secret, issue_jwt
 from tests.scripted_engine import Script, ScriptedModel
 
-STRONG_SECRET = "s" * 32
+STRONG_SECRET = "Jq8ZkV2wXr5NtB7mLp3HsY9cDf4GaUeW"  # 32 bytes, not a placeholder
 MODEL_ID = "test/fake"
 BODY_LIMIT = 1024 * 1024
 CONTEXT_LENGTH = 256
@@ -110,7 +110,7 @@ def test_jwt_secret_default_is_off_and_strong_secrets_start():
     assert Settings().JWT_SECRET == ""
     check_jwt_secret("")  # JWT authentication off
     check_jwt_secret(STRONG_SECRET)
-    check_jwt_secret("é" * 16)  # 32 bytes
+    check_jwt_secret("éàüöñçßøåæ€ÿîôûë")  # 33 bytes in 16 characters
 
 
 async def test_a_token_signed_with_the_old_default_spends_nothing(db_pool):
@@ -143,15 +143,16 @@ async def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_token
 
 
 async def test_the_prompt_is_tokenized_off_the_event_loop(harness):
-    _, headers = await harness.account(balance="0")
+    _, headers = await harness.account(balance="100")
     response = await harness.client.post("/mesh/inference/generate", headers=headers,
                                          json={"prompt": "word " * 300, "stream": False})
     assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"  # by tokens
-    response = await harness.client.post("/mesh/inference/generate", headers=headers,
+    _, empty = await harness.account(balance="0")
+    response = await harness.client.post("/mesh/inference/generate", headers=empty,
                                          json={"prompt": "hello", "max_tokens": 4, "stream": False})
-    assert response.status_code == 402  # zero balance: refused after tokenizing, which ran in a thread
-    assert len(harness.model.encode_threads) == 2
-    assert threading.main_thread().name not in harness.model.encode_threads
+    assert response.status_code == 402  # zero balance: refused by the balance floor, before tokenizing
+    assert len(harness.model.encode_threads) == 1
+    assert all(name.startswith("far-tokenize") for name in harness.model.encode_threads)  # the tokenizer pool
 
 
 @pytest.mark.parametrize("path", ["/mesh/inference/generate", "/v1/completions", "/v1/chat/completions"])

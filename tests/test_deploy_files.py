@@ -255,6 +255,15 @@ def test_env_example_is_a_valid_configuration(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "testnet"
+    # ...but its secrets are placeholders, refused until replaced: the coordinator does not start with the JWT
+    # secret, and no service accepts the database password in POSTGRES_URL.
+    from services.common.config import CommonSettings
+    from services.coordinator.accounts import jwt_secret_problem
+
+    assert "placeholder" in jwt_secret_problem(env["JWT_SECRET"])
+    url = f"postgresql://farmesh:{env['POSTGRES_PASSWORD']}@postgres:5432/farmesh"
+    with pytest.raises(ValueError, match="placeholder"):
+        CommonSettings(POSTGRES_URL=url)
 
 
 def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:

@@ -35,7 +35,8 @@ def identities(tmp_path_factory):
 async def api(clean_db, postgres_url, redis_url):
     settings = load_settings(POSTGRES_URL=postgres_url, REDIS_URL=redis_url, FAR_MESH_DHT_BOOTSTRAP="",
                              NODE_HEARTBEAT_TTL_S=TTL_S, DISCOVERY_FLUSH_INTERVAL_S=0.3,
-                             DISCOVERY_CHALLENGES_PER_MINUTE=100_000)  # one client address for every test
+                             DISCOVERY_CHALLENGES_PER_MINUTE=100_000,  # one client address for every test
+                             DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE=100_000)
     app = create_app(settings, models={MODEL_ID: 4, "org/big": 32})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -305,6 +306,40 @@ async def test_challenges_are_rate_limited_per_client(api):
         assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
         assert 1 <= int(r.headers["Retry-After"]) <= 60
         assert (await other.get("/nodes/challenge", params={"peer_id": peer})).status_code == 200
+
+
+async def test_challenge_limit_is_keyed_on_the_real_client_behind_a_trusted_proxy(api):
+    """Behind the deploy's reverse proxy every request comes from the proxy's address: one client must not exhaust
+    the challenges of everyone. X-Forwarded-For is honoured only from a trusted proxy (a client sending it directly
+    cannot pick a fresh address per request), and a peer ID has a limit of its own."""
+    from services.common.proxies import TrustedProxies
+
+    discovery = api.app.state.discovery
+    discovery.settings = discovery.settings.model_copy(update={"DISCOVERY_CHALLENGES_PER_MINUTE": 3,
+                                                               "DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE": 2})
+    discovery.proxies = TrustedProxies("10.9.0.0/16")
+
+    def client_at(address: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app, client=(address, 4000)),
+                                 base_url="http://discovery")
+
+    def peer(i: int) -> str:
+        return "Qm" + "a" * 43 + "bcdefghijkmnpqrstuvwxyz"[i]
+
+    async def challenge(client, i, forwarded=None):
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        return (await client.get("/nodes/challenge", params={"peer_id": peer(i)}, headers=headers)).status_code
+
+    async with client_at("10.9.0.2") as proxy, client_at("203.0.113.50") as direct:
+        # One noisy client behind the proxy is limited; another client behind the same proxy is not.
+        assert [await challenge(proxy, i, "198.51.100.1") for i in range(4)] == [200, 200, 200, 429]
+        assert await challenge(proxy, 5, "198.51.100.2") == 200
+        # A spoofed header in front of the proxy's own entry changes nothing: the rightmost untrusted hop counts.
+        assert await challenge(proxy, 6, "1.2.3.4, 198.51.100.1") == 429
+        # Not from a trusted proxy: the header is ignored, the TCP peer is the client.
+        assert [await challenge(direct, 7 + i, f"192.0.2.{i}") for i in range(4)] == [200, 200, 200, 429]
+        # Per peer ID: at most 2 a minute, whoever asks.
+        assert [await challenge(proxy, 12, f"198.51.100.{10 + i}") for i in range(3)] == [200, 200, 429]
 
 
 def _identity_with(key) -> NodeIdentity:

@@ -46,18 +46,28 @@ def test_upstream_request_maps_prompt_and_messages():
     assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
+def test_upstream_request_forwards_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    _, body = upstream_request(GenerateRequest(prompt="x", response_format={
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}), "m")
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+
+
 def test_parse_chunk_and_billing_rule():
     assert parse_chunk({"choices": [{"delta": {"content": "a"}, "finish_reason": None}]}).text == "a"
     assert parse_chunk({"choices": [{"text": "b", "finish_reason": "length"}]}).finish_reason == "length"
     assert parse_chunk({"choices": [], "usage": {"completion_tokens": 4}}).completion_tokens == 4
-    with pytest.raises(Exception, match="mid-stream: boom"):
+    with pytest.raises(Exception, match="mid-stream") as failed:
         parse_chunk({"error": {"code": "x", "message": "boom"}})
-    # completed: the upstream's count, capped at max_tokens; else only what was delivered, nothing if nothing was
+    assert "boom" not in str(failed.value) and failed.value.detail == "boom"  # the upstream's words: log only
+    # completed: the upstream's count, but never more than was delivered nor max_tokens; else only what was
+    # delivered, nothing if nothing was
     def billed(completed, reported, delivered):
         return billed_tokens(completed=completed, reported_completion=reported, delivered=delivered, prompt_tokens=3,
                              max_tokens=8)
 
-    assert billed(True, 7, 5) == (3, 7) and billed(True, 99, 5) == (3, 8) and billed(True, None, 5) == (3, 5)
+    assert billed(True, 3, 5) == (3, 3) and billed(True, None, 5) == (3, 5)
+    assert billed(True, 7, 5) == (3, 5) and billed(True, 99, 5) == (3, 5) and billed(True, 99, 20) == (3, 8)
     assert billed(False, None, 2) == (3, 2) and billed(False, None, 0) == (0, 0)
 
 
@@ -384,3 +394,36 @@ async def _eof_within(reader, seconds: float) -> bool:
         return await asyncio.wait_for(reader.read(1), seconds) == b""
     except asyncio.TimeoutError:
         return False
+
+
+async def test_tools_that_may_be_called_are_never_sent_to_a_fallback(harness, monkeypatch):
+    """A fallback API would not be given the tools (calls are read from the swarm's answer): 503 instead."""
+    service, client = harness
+    monkeypatch.setattr(service.model("test/fake"), "context_length", 4096)  # the tool prompt fits
+    _use(service, "http://127.0.0.1:9/v1")  # never contacted
+    _, headers = await _account(service)
+    answer = await client.post("/v1/chat/completions", headers=headers, json={
+        "model": "test/fake", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "swarm_not_ready"
+
+
+async def test_a_request_for_logprobs_is_never_sent_to_the_fallback(harness):
+    service, client = harness
+    _, headers = await _account(service)
+    _use(service, "http://127.0.0.1:9/v1", timeout_s=5)  # nothing listens there
+    body = {"prompt": "hi", "max_tokens": 2, "stream": False}
+    fell_back = await client.post("/mesh/inference/generate", headers=headers, json=body)
+    assert fell_back.json()["error"]["served_by"] == "fallback"  # tried the fallback (which failed)
+    refused = await client.post("/mesh/inference/generate", headers=headers, json={**body, "logprobs": 0})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "swarm_not_ready"  # only the swarm has them
+
+
+def test_sampling_fields_reach_the_fallback_only_when_set():
+    _, body = upstream_request(GenerateRequest(prompt="hi"), "m")
+    assert not {"temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty"} & set(body)
+    _, body = upstream_request(GenerateRequest(prompt="hi", temperature=0.5, repetition_penalty=1.2,
+                                               presence_penalty=0.5, frequency_penalty=0.1,
+                                               logit_bias={"3": -100}), "m")
+    assert (body["temperature"], body["repetition_penalty"], body["presence_penalty"], body["frequency_penalty"],
+            body["logit_bias"]) == (0.5, 1.2, 0.5, 0.1, {"3": -100})

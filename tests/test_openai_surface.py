@@ -19,9 +19,11 @@ from services.common.config import Settings
 from services.coordinator.openai_protocol import REFUSED_FIELDS
 from services.coordinator.sampling import GENERIC_SAMPLING_DEFAULTS
 from tests.fixtures.swarm import create_api_key
+from tests.test_coordinator_scripted import account_row
 from tests.scripted_engine import Script, ScriptedModel, ScriptedReadiness, scripted_engine, scripted_logits, serve_app
 
 MODEL_ID = "test/scripted-openai"
+PRICE = Decimal("0.0001")
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 TEXT = "hello world, hello mesh"
 
@@ -38,11 +40,12 @@ def live(tiny_model_dir, postgres_url, redis_url):
 
     model = ScriptedModel(MODEL_ID, AutoTokenizer.from_pretrained(tiny_model_dir), script=Script(text=TEXT))
     settings = Settings(POSTGRES_URL=postgres_url, REDIS_URL=redis_url, DEFAULT_MODEL_ID=MODEL_ID, JWT_SECRET="",
-                        PRICE_PER_TOKEN_FAR=Decimal("0.0001"), PRICE_PER_PROMPT_TOKEN_FAR=Decimal(0),
+                        PRICE_PER_TOKEN_FAR=PRICE, PRICE_PER_PROMPT_TOKEN_FAR=Decimal(0),
                         PLATFORM_FEE_BPS=1000, GENERATION_TIMEOUT_S=60)
     app = create_app(settings, coordinator_id=f"openai-{uuid.uuid4().hex[:6]}",
                      engine_factory=scripted_engine(model, ScriptedReadiness(MODEL_ID)))
-    _, key = asyncio.run(create_api_key(postgres_url))
+    account_id, key = asyncio.run(create_api_key(postgres_url))
+    model.account_id = account_id
     with serve_app(app, "openai-surface") as url:
         yield url, key, model
 
@@ -94,9 +97,6 @@ def test_nested_fields_not_implemented_are_named_too(live, body, param):
 
 
 def test_the_official_client_raises_bad_request_and_user_and_metadata_are_accepted(client):
-    with pytest.raises(openai.BadRequestError) as several:
-        client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, n=3)
-    assert several.value.body["param"] == "n" and "n > 1" in several.value.body["message"]
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, modalities=["text", "audio"],
                                        audio={"voice": "alloy", "format": "wav"})
@@ -190,3 +190,54 @@ def test_omitted_sampling_fields_take_the_model_defaults_and_given_ones_pass_thr
     for body in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"logit_bias": {"1": 101}},
                  {"logit_bias": {"x": 1}}, {"repetition_penalty": 0}):
         assert post(live, "/v1/chat/completions", {"messages": MESSAGES, **body}).status_code == 422, body
+
+
+# ---------------------------------------------------------------------------------------------------------- n
+async def test_n_choices_one_reservation_each_billed_for_its_tokens(live, client, db_pool):
+    url, key, model = live
+    ids, _ = _scripted_ids(live)
+    before = await account_row(db_pool, model.account_id)
+    started = len(model.started)
+    answer = await asyncio.to_thread(client.chat.completions.create, model=MODEL_ID, messages=MESSAGES, n=3,
+                                     max_tokens=40, seed=5, logprobs=True)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.message.content == TEXT and c.finish_reason == "stop" for c in answer.choices)
+    assert all(len(c.logprobs.content) == len(ids) for c in answer.choices)
+    assert [s.params.seed for s in model.started[started:]] == [5, 6, 7]  # one generation per choice
+    per_choice = len(ids) + 1  # its tokens and its EOS
+    assert answer.usage.completion_tokens == 3 * per_choice
+    session = await db_pool.fetchrow("SELECT * FROM far_mesh_sessions WHERE account_id = $1 "
+                                     "ORDER BY created_at DESC LIMIT 1", uuid.UUID(model.account_id))
+    assert session["completion_tokens"] == 3 * per_choice and session["cost_far"] == 3 * per_choice * PRICE
+    paid = await db_pool.fetchval("SELECT sum(payment_far) FROM far_session_contributions WHERE session_id = $1",
+                                  session["session_id"])
+    assert paid + session["fee_far"] == session["cost_far"]  # Σ contributions + fee = charge, exactly
+    after = await account_row(db_pool, model.account_id)
+    assert after["reserved_far"] == 0 and after["balance_far"] == before["balance_far"] - session["cost_far"]
+
+    stream = await asyncio.to_thread(lambda: list(client.completions.create(
+        model=MODEL_ID, prompt="Say", n=2, max_tokens=40, stream=True, logprobs=1,
+        stream_options={"include_usage": True})))
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {0: TEXT, 1: TEXT} and finishes == {0: "stop", 1: "stop"}
+    assert stream[-1].usage.completion_tokens == 2 * per_choice
+    native = post(live, "/mesh/inference/generate", {"prompt": "Hi", "n": 2, "max_tokens": 3, "stream": False})
+    assert [c["completion_tokens"] for c in native.json()["choices"]] == [3, 3]
+    assert native.json()["usage"]["completion_tokens"] == 6
+    assert post(live, "/v1/chat/completions", {"messages": MESSAGES, "n": 9}).status_code == 422
+
+
+async def test_a_request_over_the_balance_for_all_choices_is_402(live, postgres_url):
+    url, _, _ = live
+    _, key = await create_api_key(postgres_url, balance="0.005")  # 50 tokens at 0.0001
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as http:
+        one = await http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 30})
+        assert one.status_code == 200
+        several = await http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 30, "n": 2})
+    assert several.status_code == 402 and "60 tokens" in several.json()["error"]["message"]

@@ -83,6 +83,42 @@ def test_stream_parsing_tokens_final_and_payload(sleeps):
     assert seen[0].headers["authorization"] == "Bearer fl_test" and seen[0].url.path == "/mesh/inference/generate"
 
 
+def test_penalties_bias_and_logprobs_are_sent_and_parsed(sleeps):
+    entry = {"token": " world", "logprob": -0.5, "bytes": list(b" world"),
+             "top_logprobs": [{"token": " world", "logprob": -0.5, "bytes": list(b" world")}]}
+
+    def handler(request, _n):
+        if json.loads(request.content)["stream"]:
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(
+                (None, {"token": " world", "request_id": "r1", "tokens_generated": 1, "cost_far": "0.0001",
+                        "logprobs": entry}), (None, DONE)))
+        return httpx.Response(200, json={**DONE, "logprobs": [entry]})
+
+    client, seen = _mock(handler)
+    answer = client.chat("hi", presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1,
+                         logit_bias={42: -100}, logprobs=1)
+    body = json.loads(seen[0].content)
+    assert (body["presence_penalty"], body["frequency_penalty"], body["repetition_penalty"], body["logit_bias"],
+            body["logprobs"]) == (0.5, 0.25, 1.1, {"42": -100}, 1)
+    assert "temperature" not in body  # omitted: the model's recommended value
+    assert answer.logprobs[0].token == " world" and answer.logprobs[0].top_logprobs[0].logprob == -0.5
+    stream = client.chat_stream("hi", logprobs=1)
+    assert list(stream) == [" world"]
+    assert stream.response.logprobs == [farlabs.TokenLogprob.from_json(entry)]
+    assert client.chat("hi").logprobs == [farlabs.TokenLogprob.from_json(entry)]  # as the server sent it
+
+
+def test_n_choices_are_parsed_and_streams_refuse_them():
+    choices = [{"index": i, "text": f"t{i}", "finish_reason": "eos", "completion_tokens": 2} for i in range(2)]
+    client, seen = _mock(lambda request, n: httpx.Response(200, json={**DONE, "choices": choices}))
+    answer = client.chat("hi", n=2)
+    assert json.loads(seen[0].content)["n"] == 2
+    assert [(c.index, c.text, c.finish_reason, c.completion_tokens) for c in answer.choices] == [
+        (0, "t0", "eos", 2), (1, "t1", "eos", 2)]
+    with pytest.raises(ValueError, match="n > 1"):
+        client.chat_stream("hi", n=2)
+
+
 def test_replayed_request_streams_its_stored_text():
     client, _ = _mock(lambda request, n: httpx.Response(200, headers={"content-type": "text/event-stream"},
                                                         content=_sse((None, DONE))))

@@ -13,9 +13,12 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.common.proxies import parse_networks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +26,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def default_state_dir() -> Path:
     """Where embedded services, the demo model and identity files live (``FAR_MESH_STATE_DIR`` overrides)."""
     return Path(os.environ.get("FAR_MESH_STATE_DIR", PROJECT_ROOT / ".far-mesh")).resolve()
+
+
+# Words of the placeholders that example files and docs put where a secret goes (deploy/env.example): a value
+# containing one was copied, not generated.
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "replace_me", "placeholder",
+                       "example", "your-secret", "your_secret", "secret-here", "<", ">")
+
+
+def placeholder_problem(name: str, value: str) -> str | None:
+    """Why ``value`` of the secret ``name`` is a copied placeholder rather than a secret (None when it is not)."""
+    lowered = value.lower()
+    marker = next((m for m in PLACEHOLDER_MARKERS if m in lowered), None)
+    if marker is not None:
+        return f"{name} is a placeholder (contains {marker!r}); generate a secret"
+    if value and len(set(value)) < 8:
+        return f"{name} has fewer than 8 distinct characters; generate a secret"
+    return None
 
 
 def _finite_non_negative(value: Decimal) -> Decimal:
@@ -73,6 +93,19 @@ class CommonSettings(BaseSettings):
                                      "from the catalog, or downloaded from the hub)")
 
     _non_negative = field_validator("PRICE_PER_TOKEN_FAR", "PRICE_PER_PROMPT_TOKEN_FAR")(_finite_non_negative)
+
+    @field_validator("POSTGRES_URL")
+    @classmethod
+    def _no_placeholder_password(cls, value: str) -> str:
+        """The database password of deploy/env.example must be replaced, not deployed."""
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return value
+        problem = placeholder_problem("the password in POSTGRES_URL", password) if password else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def initial_peers(self) -> list[str]:
@@ -144,6 +177,10 @@ class CoordinatorSettings(ChainSettings):
     # with a secret shorter than 32 bytes or the old published development value (docs/generation.md).
     JWT_SECRET: str = ""
     ACCOUNT_MAX_API_KEYS: int = Field(default=50, ge=1, description="active API keys an account may hold")
+    ACCOUNT_KEY_CREATIONS_PER_DAY: int = Field(default=20, ge=1, description="API keys an account may create in 24 "
+                                               "hours (revoked ones count)")
+    ACCOUNT_RATE_LIMIT_PER_MINUTE: int = Field(default=1200, ge=1, description="requests per minute of one account, "
+                                               "all of its keys together (each key also has its own limit)")
     PETALS_REQUEST_TIMEOUT_S: float = Field(default=30.0, gt=0)
     FAR_MESH_CORS_ORIGINS: str = Field(default="*", description="origins allowed to call the coordinator from a "
                                        "browser (comma-separated; '' = none)")
@@ -188,6 +225,9 @@ class CoordinatorSettings(ChainSettings):
                                                   "trusted verifier, the coordinator recomputing a span from its "
                                                   "own model files to settle disagreements and check spans no "
                                                   "other server holds (0 = none; docs/verification.md)")
+    SPOT_CHECK_TRUSTED_PEERS: str = Field(default="", description="coordinator: comma-separated peer IDs of "
+                                          "operator-run servers whose outputs settle disagreements like the "
+                                          "coordinator's own recomputation (for spans it cannot hold)")
     SPOT_CHECK_RETRY_S: float = Field(default=30.0, gt=0, description="coordinator: how often an inconclusive "
                                       "check (its contribution held unpaid) is tried again")
     SPOT_CHECK_QUARANTINE_SYNC_S: float = Field(default=10.0, gt=0, description="coordinator: how often it re-reads "
@@ -242,6 +282,17 @@ class DiscoverySettings(CommonSettings):
     DISCOVERY_MODELS: str = Field(default="", description="more models discovery knows: model_id=num_blocks,...")
     DISCOVERY_CHALLENGES_PER_MINUTE: int = Field(default=30, ge=1, le=100_000,
                                                  description="GET /nodes/challenge per client address per minute")
+    DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE: int = Field(default=10, ge=1, le=100_000,
+                                                          description="GET /nodes/challenge per peer ID per minute")
+    DISCOVERY_TRUSTED_PROXIES: str = Field(default="", description="comma-separated addresses/networks of reverse "
+                                           "proxies whose X-Forwarded-For names the client ('' = none: the TCP peer "
+                                           "is the client)")
+
+    @field_validator("DISCOVERY_TRUSTED_PROXIES")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
 
 
 class Settings(CoordinatorSettings, PayoutSettings, DiscoverySettings, NodeSettings):

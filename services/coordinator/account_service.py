@@ -68,19 +68,20 @@ def _uuid(value: str, what: str) -> uuid.UUID:
 
 class AccountService:
     def __init__(self, accounts: AccountStore, limiter: Optional[RateLimiter], deposit_info: Optional[DepositInfo],
-                 *, max_keys: int = 50):
+                 *, max_keys: int = 50, key_creations_per_day: int = 20):
         self.accounts = accounts
         self.pool = accounts.pool
         self.limiter = limiter
         self.deposit_info = deposit_info
         self.max_keys = max_keys
+        self.key_creations_per_day = key_creations_per_day
 
     async def admit(self, principal: Principal) -> None:
         if self.limiter is None:
             return
-        decision = await self.limiter.hit(f"account:{principal.key_id}", principal.rate_limit_per_minute)
+        decision, limit, whose = await self.limiter.admit(principal, scope="account:")
         if not decision.allowed:
-            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s, "account requests")
+            raise rate_limited(limit, decision.retry_after_s, "account requests", whose=whose)
 
     # ------------------------------------------------------------------------------------------- balance
 
@@ -218,6 +219,13 @@ class AccountService:
             if active >= self.max_keys:
                 raise ServingError(409, "too_many_keys", f"the account has {active} active keys (at most "
                                                          f"{self.max_keys}); revoke one first")
+            # Revoked keys count too: creating and revoking keys in a loop is not a way around any limit.
+            created = await conn.fetchval("SELECT count(*) FROM far_api_keys WHERE account_id = $1 AND created_at > "
+                                          "now() - interval '1 day'", uuid.UUID(principal.account_id))
+            if created >= self.key_creations_per_day:
+                raise ServingError(429, "key_quota", f"the account created {created} keys in the last 24 hours (at "
+                                                     f"most {self.key_creations_per_day}); retry tomorrow",
+                                   headers={"Retry-After": "3600"}, retry_after_s=3600)
             key_id, key = await AccountStore(conn).create_key(principal.account_id, name=name,
                                                               rate_limit_per_minute=limit)
             row = await conn.fetchrow("SELECT * FROM far_api_keys WHERE key_id = $1", uuid.UUID(key_id))

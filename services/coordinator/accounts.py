@@ -18,6 +18,8 @@ from typing import Optional
 import asyncpg
 import jwt
 
+from services.common.config import placeholder_problem
+
 KEY_PREFIX = "fl_"
 DEFAULT_JWT_RATE_LIMIT_PER_MINUTE = 600
 MIN_JWT_SECRET_BYTES = 32
@@ -31,6 +33,9 @@ def jwt_secret_problem(secret: str) -> Optional[str]:
         return None
     if secret in PUBLISHED_JWT_SECRETS:
         return "JWT_SECRET is a published development default; anyone could sign tokens with it"
+    placeholder = placeholder_problem("JWT_SECRET", secret)
+    if placeholder:
+        return f"{placeholder}; anyone who read the example could sign tokens with it"
     size = len(secret.encode())
     if size < MIN_JWT_SECRET_BYTES:
         return f"JWT_SECRET has {size} bytes; at least {MIN_JWT_SECRET_BYTES} are required"

@@ -89,3 +89,37 @@ class AdmissionGate:
                 return
         self.running -= 1
         self._on_change(self)
+
+
+class TokenizerPool:
+    """Tokenizing (chat template + tokenizer) off the event loop, in a pool of its own: a flood of requests cannot
+    hold the threads every other part of the coordinator uses, and one account holds at most ``per_account`` of
+    the ``workers`` threads at a time (its further requests wait for its own turn, not for everyone's)."""
+
+    def __init__(self, *, workers: int = 4, per_account: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="far-tokenize")
+        self.per_account = per_account
+        self._accounts: dict[Optional[str], asyncio.Semaphore] = {}
+        self._users: dict[Optional[str], int] = {}
+
+    async def run(self, account_id: Optional[str], function, *args):
+        loop = asyncio.get_running_loop()
+        if account_id is None:  # internal callers (no account): the pool's bound only
+            return await loop.run_in_executor(self.executor, function, *args)
+        semaphore = self._accounts.get(account_id)
+        if semaphore is None:
+            semaphore = self._accounts[account_id] = asyncio.Semaphore(self.per_account)
+        self._users[account_id] = self._users.get(account_id, 0) + 1
+        try:
+            async with semaphore:
+                return await loop.run_in_executor(self.executor, function, *args)
+        finally:
+            self._users[account_id] -= 1
+            if not self._users[account_id]:  # nobody of this account waits: forget it (bounded memory)
+                del self._users[account_id]
+                del self._accounts[account_id]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -122,12 +122,14 @@ def create_app(settings: CoordinatorSettings, *, model_path: Optional[Path] = No
                           settings.PLATFORM_FEE_BPS)
         fallbacks = fallback_clients(settings, [model.model_id])
         app.state.service = InferenceService(
-            store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(app.state.redis),
+            store=store, accounts=AccountStore(app.state.pool), limiter=RateLimiter(
+                app.state.redis, account_limit_per_minute=settings.ACCOUNT_RATE_LIMIT_PER_MINUTE),
             models={model.model_id: model},
             readiness={model.model_id: engine.readiness} if engine.readiness is not None else {},
             default_model_id=settings.DEFAULT_MODEL_ID, pricing=pricing, coordinator_id=coordinator_id,
             jwt_secret=settings.JWT_SECRET, generation_timeout_s=settings.GENERATION_TIMEOUT_S,
             deposit_info=DepositInfo.from_settings(settings), max_api_keys=settings.ACCOUNT_MAX_API_KEYS,
+            key_creations_per_day=settings.ACCOUNT_KEY_CREATIONS_PER_DAY,
             max_running=settings.MAX_RUNNING_GENERATIONS, max_waiting=settings.MAX_QUEUED_GENERATIONS,
             max_queue_wait_s=settings.MAX_QUEUE_WAIT_S, overloaded_retry_after_s=settings.OVERLOADED_RETRY_AFTER_S,
             fallbacks=fallbacks)
@@ -175,11 +177,15 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable,
     consequences = CheckConsequences(store, asyncio.get_running_loop(),
                                      quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
                                      on_quarantine=on_quarantine)
-    trusted = LocalSpanVerifier(swarm.model_path, swarm.model.config,
-                                int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
+    # the trusted verifier recomputes spans from the model files the coordinator itself loaded
+    config = getattr(getattr(swarm, "model", None), "config", None)
+    trusted = None if config is None else LocalSpanVerifier(
+        getattr(swarm, "model_path", ""), config, int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
     checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
                           max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S,
-                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S)
+                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S,
+                          trusted_peers=frozenset(p.strip() for p in settings.SPOT_CHECK_TRUSTED_PEERS.split(",")
+                                                  if p.strip()))
     checker.quarantined.update(swarm.quarantined)
     checker.registry = await store.registry()
     swarm.spot_checker = checker

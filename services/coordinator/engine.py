@@ -22,6 +22,7 @@ from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
 from services.coordinator.prefix_reuse import DEFAULT_PREFIX_REUSE, ParkedSession, ParkedSessions, reusable_length
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
+from services.coordinator.structured import constraint_for
 
 log = get_logger(__name__)
 
@@ -169,7 +170,8 @@ class Generation:
         self.params = params
         self.meter = meter
         self.cancel = cancel
-        self.sampler = TokenSampler(params, prompt_ids)
+        self.sampler = TokenSampler(params, prompt_ids, constraint=constraint_for(swarm.tokenizer, params.grammar,
+                                                                                  swarm.eos_token_ids))
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None

@@ -23,16 +23,7 @@ from services.common.states import FinishReason
 
 if TYPE_CHECKING:  # sampling imports torch
     from services.coordinator.metering import WorkMeter
-    from services.coordinator.sampling import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+    from services.coordinator.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -43,6 +34,7 @@ class TokenDelta:
     token_id: int
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
     logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
+    choice: int = 0  # which of the request's choices (n > 1: services/coordinator/choices.py)
 
 
 class FailoverEvent(TypedDict):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
-from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import EventSource, SSEError
 
 from services.common.config import FallbackEndpoint
+from services.common.logs import get_logger
+from services.common.redact import redact_url, scrub_secrets
 from services.common.states import FinishReason
 from services.coordinator.protocol import GenerateRequest
 from services.coordinator.store import Pricing
@@ -25,7 +26,9 @@ from services.coordinator.store import Pricing
 # No provider computed anything: the platform keeps the whole charge (and pays the upstream itself), so
 # finalize_session() sets fee = cost and "cost = fee + Σ payments" holds (database/migrations/0008).
 FALLBACK_FEE_BPS = 10_000
-ERROR_BODY_LIMIT = 2_000  # characters of an upstream error body quoted in our message
+ERROR_BODY_LIMIT = 300  # characters of an upstream error body written to the log (users get a summary)
+
+log = get_logger(__name__)
 
 
 class FallbackFailed(Exception):
@@ -33,9 +36,10 @@ class FallbackFailed(Exception):
 
     STATUS = {"fallback_error": 502, "fallback_timeout": 504}
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, detail: str = ""):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message = code, message  # message: shown to the user (no upstream text, no credentials)
+        self.detail = detail  # the upstream's own words, for the log only
 
     @property
     def status(self) -> int:
@@ -51,11 +55,12 @@ class UpstreamChunk:
 
 def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, dict]:
     """(path under the base URL, JSON body): ``messages`` go to chat/completions, a ``prompt`` to completions.
-    Always streamed with usage. ``top_k`` is not an OpenAI parameter: sent only when the client set it (vLLM,
-    llama.cpp and far-mesh accept it)."""
+    Always streamed with usage. Sampling fields are sent only when the client set them (absent: the upstream's
+    defaults for its model); ``top_k`` and ``repetition_penalty`` are not OpenAI parameters (vLLM, llama.cpp and
+    far-mesh accept them; an upstream that does not refuses the request, which is reported, never ignored)."""
     body = {"model": model_name, "max_tokens": request.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty"):
         if getattr(request, name) is not None:  # omitted: the upstream's own default for its model
             body[name] = getattr(request, name)
     if request.stop:
@@ -64,6 +69,8 @@ def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, di
         body["seed"] = request.seed
     if request.top_k:
         body["top_k"] = request.top_k
+    if request.response_format is not None:  # the upstream enforces it (an OpenAI-compatible API)
+        body["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
     if request.messages is None:
         return "completions", {**body, "prompt": request.prompt}
     # "developer" is rendered as "system" locally too (openai_protocol.render_chat); older servers reject it
@@ -79,7 +86,9 @@ def parse_chunk(data: object) -> UpstreamChunk:
     if data.get("error"):
         error = data["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
-        raise FallbackFailed("fallback_error", f"the fallback API failed mid-stream: {message}")
+        # The upstream's own words may name its internals or credentials: logged (scrubbed by the client), the
+        # user gets a summary.
+        raise FallbackFailed("fallback_error", "the fallback API failed mid-stream", detail=str(message))
     text, finish_reason = "", None
     choices = data.get("choices") or []
     if choices and isinstance(choices[0], dict):
@@ -102,13 +111,16 @@ def billed_tokens(*, completed: bool, reported_completion: Optional[int], delive
                   max_tokens: int) -> tuple[int, int]:
     """(prompt tokens, completion tokens) charged for an upstream answer.
 
-    Prompt tokens are the coordinator's own count (what the balance was reserved for). A completed answer is
-    billed on the upstream's usage (else the chunks delivered: one token each for vLLM, llama.cpp and far-mesh);
-    a cancelled or failed one only for the chunks delivered, and nothing at all when none was. Never more than
-    ``max_tokens``: the reservation covers that much."""
+    Prompt tokens are the coordinator's own count (what the balance was reserved for). Never more than what was
+    delivered (the chunks the user received: one token each for vLLM, llama.cpp and far-mesh) — an upstream's usage
+    report may claim more — nor than ``max_tokens`` (what the reservation covers). A completed answer whose upstream
+    reports fewer tokens than chunks is billed the upstream's count; a cancelled or failed one the chunks delivered,
+    and nothing at all when none was."""
     if delivered == 0 and not completed:
         return 0, 0
-    completion = reported_completion if completed and reported_completion is not None else delivered
+    completion = delivered
+    if completed and reported_completion is not None:
+        completion = min(reported_completion, delivered)
     return prompt_tokens, min(completion, max_tokens)
 
 
@@ -116,7 +128,7 @@ class FallbackClient:
     def __init__(self, endpoint: FallbackEndpoint, model_id: str):
         self.endpoint = endpoint
         self.model_name = endpoint.model or model_id
-        self.host = urlsplit(endpoint.url).netloc  # named in error messages (never the key)
+        self.host = redact_url(endpoint.url)  # scheme and host: named in messages and logs (never a credential)
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self.http = httpx.AsyncClient(base_url=endpoint.url.rstrip("/") + "/", headers=headers,
                                       timeout=httpx.Timeout(endpoint.timeout_s))
@@ -131,16 +143,22 @@ class FallbackClient:
             raise FallbackFailed("fallback_timeout", f"the fallback API at {self.host} did not answer within "
                                                      f"{self.endpoint.timeout_s:g} s") from None
         except httpx.HTTPError as error:
+            self._log_failure("unreachable", f"{type(error).__name__}: {error}")
             raise FallbackFailed("fallback_error", f"the fallback API at {self.host} could not be reached "
-                                                   f"({type(error).__name__}: {error})") from None
+                                                   f"({type(error).__name__})") from None
         if response.status_code != 200:
             try:
-                detail = await self._error_detail(response)
+                self._log_failure(f"HTTP {response.status_code}", await self._error_detail(response))
             finally:
                 await response.aclose()
-            raise FallbackFailed("fallback_error",
-                                 f"the fallback API at {self.host} answered HTTP {response.status_code}: {detail}")
+            raise FallbackFailed("fallback_error", f"the fallback API at {self.host} answered HTTP "
+                                                   f"{response.status_code} {response.reason_phrase}".rstrip())
         return response
+
+    def _log_failure(self, what: str, detail: str) -> None:
+        """The upstream's words go to the log, truncated and without the endpoint's URL secrets or API key."""
+        log.warning("fallback upstream failed", upstream=self.host, failure=what,
+                    detail=scrub_secrets(detail[:ERROR_BODY_LIMIT], self.endpoint.url, self.endpoint.api_key))
 
     @staticmethod
     async def _error_detail(response: httpx.Response) -> str:
@@ -168,14 +186,19 @@ class FallbackClient:
                     data = json.loads(sse.data)
                 except ValueError:
                     raise FallbackFailed("fallback_error", "the fallback API sent an event that is not JSON") from None
-                yield parse_chunk(data)
+                try:
+                    chunk = parse_chunk(data)
+                except FallbackFailed as error:
+                    self._log_failure("in-band error", error.detail)
+                    raise
+                yield chunk
             raise FallbackFailed("fallback_error", "the fallback API closed the stream before it finished")
         except httpx.TimeoutException:
             raise FallbackFailed("fallback_timeout", f"the fallback API at {self.host} sent nothing for "
                                                      f"{self.endpoint.timeout_s:g} s") from None
         except SSEError as error:  # before HTTPError: httpx-sse's error is a TransportError
-            raise FallbackFailed("fallback_error", f"the fallback API did not answer with an event stream "
-                                                   f"({error})") from None
+            self._log_failure("not an event stream", str(error))
+            raise FallbackFailed("fallback_error", "the fallback API did not answer with an event stream") from None
         except httpx.HTTPError as error:
             raise FallbackFailed("fallback_error", f"the connection to the fallback API at {self.host} was lost "
                                                    f"mid-stream ({type(error).__name__})") from None

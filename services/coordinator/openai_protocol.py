@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.http import MAX_SAFE_INTEGER, SSE_EVENT, error_responses, json_int
 from services.common.states import FinishReason
-from services.coordinator.protocol import (MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
-                                           MAX_TOP_LOGPROBS, NOT_BLANK, SOME_MESSAGE_HAS_TEXT, UNSUPPORTED, ChatMessage,
-                                           LogitBias)
+from services.coordinator.protocol import (MAX_CHOICES, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES,
+                                           MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, NOT_BLANK, SOME_MESSAGE_HAS_TEXT,
+                                           ChatMessage, LogitBias, ResponseFormat)
+from services.coordinator.tools import ToolSpec, generic_turns, render_with_template, template_has_tools
 
 # The rules of GenerateRequest (what these requests become), stated in these schemas too.
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)]
@@ -36,10 +36,10 @@ REFUSED_FIELDS = {
     "prompt_cache_key": "there is no prompt cache to route by",
     "functions": "the deprecated functions API is not implemented (use tools)",
     "function_call": "the deprecated functions API is not implemented (use tool_choice)",
-    "response_format": "structured outputs are not implemented",
-    "tools": "tool calling is not implemented",
-    "tool_choice": "tool calling is not implemented",
-    "parallel_tool_calls": "tool calling is not implemented",
+    "response_format": "structured outputs are on chat completions and the native generate API",
+    "tools": "tool calling is on chat completions",
+    "tool_choice": "tool calling is on chat completions",
+    "parallel_tool_calls": "tool calling is on chat completions",
     "suffix": "insertion (a suffix after the completion) is not implemented",
     "echo": "echoing the prompt is not implemented",
     "best_of": "best_of is not implemented (n returns every choice)",
@@ -55,12 +55,6 @@ def unsupported_message(param: str, field: str, detail: Optional[str] = None) ->
     """The message of a 400 ``unsupported_parameter`` for ``param`` (its path, e.g. ``messages[0].name``)."""
     reason = detail or REFUSED_FIELDS.get(field, "it is not a parameter of this endpoint here")
     return f"unsupported parameter {param!r}: {reason} (docs/generation.md lists every field)"
-
-
-def _one_choice(n: int) -> int:
-    if n > 1:
-        raise PydanticCustomError(UNSUPPORTED, "n > 1 is not implemented (one choice per request)")
-    return n
 
 
 class StreamOptions(BaseModel):
@@ -85,8 +79,8 @@ class _Common(BaseModel):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: LogitBias = None
-    n: Optional[Annotated[json_int(ge=1), AfterValidator(_one_choice)]] = Field(
-        None, json_schema_extra={"maximum": 1})
+    n: Optional[json_int(ge=1, le=MAX_CHOICES)] = Field(
+        None, description="choices: continuations of the prompt, each billed for its own tokens")
     stop: Union[Stop, Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     seed: Optional[json_int(ge=0, le=MAX_SAFE_INTEGER)] = None
     stream: Optional[bool] = False
@@ -124,10 +118,43 @@ _TOP_NEEDS_LOGPROBS = {"if": {"required": ["top_logprobs"], "properties": {"top_
                        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = Field(None, max_length=10_000)
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON Schema (default: any object)")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Common):
     model_config = ConfigDict(json_schema_extra=_TOP_NEEDS_LOGPROBS)
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000, json_schema_extra=SOME_MESSAGE_HAS_TEXT)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
     logprobs: Optional[bool] = Field(None, description="the log-probability of every generated token")
     top_logprobs: Optional[json_int(ge=0, le=MAX_TOP_LOGPROBS)] = Field(
         None, description="and of this many most likely tokens at each step (needs logprobs: true)")
@@ -181,14 +208,17 @@ OPENAI_RESPONSES = {
 }
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> tuple[str, list[str]]:
+def render_chat(tokenizer, messages: list[ChatMessage], tools: Optional[ToolSpec] = None) -> tuple[str, list[str]]:
     """The prompt for ``messages`` and extra stop sequences. The model's own chat template when its tokenizer
-    has one; otherwise the default ``<|role|>\\ncontent\\n`` turns ending with ``<|assistant|>\\n`` (and the next
-    turn's markers as stop sequences)."""
-    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    has one (given the tools when it has a tools section; else tools, calls and results go through the generic
+    tool prompt, services/coordinator/tools.py); otherwise the default ``<|role|>\\ncontent\\n`` turns ending with
+    ``<|assistant|>\\n`` (and the next turn's markers as stop sequences)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True), []
-    turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in plain)
+        if template_has_tools(tokenizer):
+            return render_with_template(tokenizer, messages, tools), []
+        return tokenizer.apply_chat_template(generic_turns(messages, tools), tokenize=False,
+                                             add_generation_prompt=True), []
+    turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in generic_turns(messages, tools))
     return turns + "<|assistant|>\n", list(DEFAULT_CHAT_TEMPLATE_STOPS)
 
 

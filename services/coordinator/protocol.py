@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -27,7 +27,8 @@ MAX_STOP_SEQUENCES = 8
 MAX_PROMPT_CHARS = 200_000  # a cheap first bound; the model's context bounds it further (serving.py)
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs
-MAX_LOGIT_BIAS = 1024  # entries of logit_bias (each is applied to every step's logits)
+MAX_LOGIT_BIAS = 1024
+MAX_CHOICES = 8  # n  # entries of logit_bias (each is applied to every step's logits)
 # A validation error of this type is a field or value the API does not implement (400 unsupported_parameter on
 # the OpenAI routes), not a malformed one.
 UNSUPPORTED = "unsupported_parameter"
@@ -52,6 +53,41 @@ LogitBias = Annotated[Optional[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$"
 
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema`` as OpenAI shapes it. The output is always constrained to ``schema`` (with or
+    without ``strict``); a schema feature that cannot be enforced is refused (400 ``unsupported_schema``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = Field(None, max_length=10_000)
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="a JSON Schema (default: any object)")
+    strict: Optional[bool] = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# ``text`` (default), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the schema)
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaResponseFormat], Field(discriminator="type")]
+
+
 class ContentPart(BaseModel):
     """An OpenAI content part: only ``{"type": "text", "text": ...}`` parts exist here (another type is refused)."""
 
@@ -61,11 +97,30 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., max_length=64)
+    arguments: str = Field(..., description="the arguments as JSON text")
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (OpenAI's ``tool_calls`` items), sent back in the conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(..., max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[MessageToolCall]] = Field(None, max_length=128, description="assistant: its calls")
+    tool_call_id: Optional[str] = Field(None, max_length=200, description="tool: the call this is the result of")
 
     def text(self) -> str:
         if self.content is None:
@@ -105,6 +160,8 @@ class GenerateRequest(BaseModel):
     logit_bias: LogitBias = None
     logprobs: Optional[json_int(ge=0, le=MAX_TOP_LOGPROBS)] = Field(
         None, description="the log-probability of every generated token and of this many most likely ones")
+    n: Optional[json_int(ge=1, le=MAX_CHOICES)] = Field(
+        None, description="continuations of the prompt (choices), each billed for its own tokens")
     stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
                                                                          max_length=MAX_STOP_SEQUENCES)
     seed: Optional[json_int(ge=0, le=MAX_SAFE_INTEGER)] = None
@@ -113,6 +170,7 @@ class GenerateRequest(BaseModel):
                                       json_schema_extra={"not": {"enum": list(RESERVED_REQUEST_IDS)}})
     user_wallet: Optional[str] = Field(None, pattern=WALLET_PATTERN)
     stream: bool = True
+    response_format: Optional[ResponseFormat] = None
 
     @field_validator("request_id")
     @classmethod
@@ -167,6 +225,7 @@ class LogprobEntry(TopLogprob):
 
 class TokenEvent(BaseModel):
     token: str
+    index: Optional[int] = None  # the choice (only when the request asked for n > 1)
     request_id: str
     tokens_generated: int
     cost_far: str
@@ -183,6 +242,15 @@ class ReplacedServer(BaseModel):
     stall_ms: Optional[float]
 
 
+class ChoiceResult(BaseModel):
+    """One choice of a request with n > 1."""
+
+    index: int
+    text: str
+    finish_reason: Optional[FinishReasonWord]  # None: the request failed
+    completion_tokens: int
+
+
 class DoneEvent(BaseModel):
     done: Literal[True] = True
     request_id: str
@@ -195,6 +263,12 @@ class DoneEvent(BaseModel):
     replaced_servers: list[ReplacedServer] = []
     # "fallback": generated by the upstream API of FALLBACK_ENDPOINTS while the swarm was not ready (no contributions)
     served_by: ServedByWord = "swarm"
+    # n > 1: every choice (text and finish_reason above are the first choice's; usage counts all)
+    choices: Optional[list[ChoiceResult]] = None
+
+    def wire(self) -> dict:
+        """The JSON object sent (``choices`` only when there are several)."""
+        return self.model_dump(exclude={"choices"} if self.choices is None else None)
 
 
 # What InferenceService.start yields: token events, then one final event (routes serialize them at the edge).

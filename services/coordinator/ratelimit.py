@@ -1,4 +1,5 @@
-"""Per-key request rate limit in Redis (fixed one-minute windows, shared by every coordinator replica)."""
+"""Request rate limits in Redis (fixed one-minute windows, shared by every coordinator replica): per API key, and per
+account across all of its keys (an account does not multiply its limit by creating keys)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,28 @@ class RateDecision:
     remaining: int = 0
 
 
+# Requests per minute of one account, all of its keys and JWTs together (ACCOUNT_RATE_LIMIT_PER_MINUTE).
+DEFAULT_ACCOUNT_LIMIT_PER_MINUTE = 1200
+
+
 class RateLimiter:
-    def __init__(self, redis, *, prefix: str = "farmesh:rl"):
+    def __init__(self, redis, *, prefix: str = "farmesh:rl",
+                 account_limit_per_minute: int = DEFAULT_ACCOUNT_LIMIT_PER_MINUTE):
         self.redis = redis
         self.prefix = prefix
+        self.account_limit_per_minute = account_limit_per_minute
+
+    async def admit(self, principal, *, scope: str = "") -> tuple[RateDecision, int, str]:
+        """Count one request of ``principal`` against its key's limit and its account's. Returns the first refusal
+        (decision, the limit it broke, "key" or "account"), else the key's decision. ``scope`` separates counters
+        (the account API counts apart from inference)."""
+        decision = await self.hit(f"{scope}{principal.key_id}", principal.rate_limit_per_minute)
+        if not decision.allowed:
+            return decision, principal.rate_limit_per_minute, "key"
+        account = await self.hit(f"{scope}account-wide:{principal.account_id}", self.account_limit_per_minute)
+        if not account.allowed:
+            return account, self.account_limit_per_minute, "account"
+        return decision, principal.rate_limit_per_minute, "key"
 
     async def hit(self, key_id: str, limit_per_minute: int, *, now: float | None = None) -> RateDecision:
         now = time.time() if now is None else now

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
 from services.common.states import FinishReason
-from services.coordinator.engine_protocol import TokenLogprob
-
 # Text of this many tokens not released yet (ending in U+FFFD) is split: see TextStream._split.
 MAX_UNRELEASED_TOKENS = 8
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -31,6 +29,15 @@ MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 100
     temperature: float = 0.7
@@ -38,6 +45,7 @@ class SamplingParams:
     top_k: int = 40
     seed: Optional[int] = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: Optional[str] = None  # structured output: an llguidance grammar (services/coordinator/structured.py)
     # OpenAI's: subtracted from a token's logit once it occurred in the output (presence), and per occurrence
     # (frequency); -2..2.
     presence_penalty: float = 0.0
@@ -58,14 +66,25 @@ class SamplingParams:
                     or self.logit_bias)
 
 
+class TokenConstraint(Protocol):
+    """The tokens a stream may produce next (structured.GrammarConstraint), told each token chosen."""
+
+    def allowed_ids(self, vocab_size: int) -> torch.Tensor: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+
 class TokenSampler:
     """Samples one generation's tokens. ``prompt_ids`` count for the repetition penalty (as in transformers'
     ``RepetitionPenaltyLogitsProcessor``); the presence and frequency penalties count the output only (as OpenAI
     and vLLM do). After each ``sample``, ``last_logprob`` holds the log-probabilities when they were asked for:
-    the log-softmax of the model's logits, before bias, penalties and temperature (vLLM's raw logprobs)."""
+    the log-softmax of the model's logits, before bias, penalties, temperature and a constraint (vLLM's raw
+    logprobs). With a ``constraint`` (structured outputs), only the tokens it allows are sampled."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (), *,
+                 constraint: Optional[TokenConstraint] = None):
         self.params = params
+        self.constraint = constraint
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -77,14 +96,21 @@ class TokenSampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """``logits``: 1-D tensor over the vocabulary. NaN counts as -inf; if some logits are +inf, the choice is
-        among those (uniformly); if all are -inf, token 0 (argmax)."""
+        among those (uniformly); if all are -inf, token 0 (argmax). With a constraint, the choice is among the
+        tokens it allows only (as if the others' logits were -inf before temperature, top-k and top-p), and the
+        constraint is told the token."""
         logits = logits.detach().flatten().to(torch.float64)
         negative_inf = torch.tensor(float("-inf"), dtype=torch.float64)
         logits = torch.where(torch.isnan(logits), negative_inf, logits)
         raw = logits
         if self.params.penalized:
             logits = self._processed(logits)
-        token_id = self._choose(logits)
+        if self.constraint is None:
+            token_id = self._choose(logits)
+        else:  # sampling the allowed ids only: a gather, then a shorter vector, instead of a vocabulary-wide fill
+            allowed = self.constraint.allowed_ids(logits.numel())
+            token_id = int(allowed[self._choose(logits[allowed])])
+            self.constraint.accept(token_id)
         if self.params.logprobs is not None:
             self.last_logprob = token_logprob(raw, token_id, self.params.logprobs)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import AsyncIterator, Optional
 
@@ -27,19 +27,22 @@ from services.common.petals_adapter import SwarmUnavailable
 from services.common.states import FinishReason, ServedBy, SessionStatus
 from services.coordinator import metrics
 from services.coordinator.account_service import AccountService
-from services.coordinator.admission import AdmissionGate, Overloaded
+from services.coordinator.admission import AdmissionGate, Overloaded, TokenizerPool
+from services.coordinator.choices import ChoiceGenerations, choice_seed
 from services.coordinator.engine_protocol import EngineGeneration, EngineModel, Readiness
 from services.coordinator.errors import ServingError, rate_limited
 from services.coordinator.accounts import AccountStore, AuthError, Principal, jwt_secret_problem
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, LogprobEntry,
+from services.coordinator.protocol import (ChoiceResult, Contribution, DoneEvent, GenerateRequest, LogprobEntry,
                                            PromptTokensDetails, ReplacedServer, StreamEvent, TokenEvent, TopLogprob,
                                            Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
+from services.coordinator.structured import UnsupportedSchema, grammar_for_response_format
+from services.coordinator.tools import ToolSpec
 
 log = get_logger(__name__)
 
@@ -65,11 +68,24 @@ def _count_failover(model_id: str, event: dict) -> None:
                 cause=event["cause"], replaced_by=event["replaced_by"], stall_s=event["stall_s"], error=event["error"])
 
 
-def _tokenize(model, request: GenerateRequest) -> tuple[list, list]:
+def _grammar(request: GenerateRequest, tools: Optional[ToolSpec]) -> Optional[str]:
+    """The grammar that constrains the output (structured.py: response_format; tools.py: tool calls), or None;
+    400 naming what cannot be enforced."""
+    calls = tools is not None and tools.calls_allowed
+    if calls and request.response_format is not None and request.response_format.type != "text":
+        raise ServingError(400, "unsupported_parameter", "response_format together with tools that may be called "
+                           "is not supported: send one of them (or tool_choice none)", param="response_format")
+    try:
+        return tools.grammar() if calls else grammar_for_response_format(request.response_format)
+    except UnsupportedSchema as error:
+        raise ServingError(400, "unsupported_schema", str(error) if calls else f"response_format: {error}") from None
+
+
+def _tokenize(model, request: GenerateRequest, tools: Optional[ToolSpec] = None) -> tuple[list, list]:
     """(prompt token ids, stop sequences of the chat template); CPU-bound, run in a worker thread."""
     if request.messages is None:
         return model.encode(request.prompt), []
-    prompt, template_stops = render_chat(model.tokenizer, request.messages)
+    prompt, template_stops = render_chat(model.tokenizer, request.messages, tools)
     return model.encode(prompt), template_stops
 
 
@@ -96,6 +112,12 @@ class PreparedRequest:
     model: EngineModel
     prompt_ids: list
     params: SamplingParams
+    choices: int = 1  # n: continuations of the prompt, each billed for its own tokens (choices.py)
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """What the reservation covers: every choice generating max_tokens."""
+        return self.params.max_tokens * self.choices
 
 
 @dataclass(frozen=True)
@@ -120,7 +142,7 @@ class InferenceService:
                  models: dict[str, EngineModel], readiness: dict[str, Readiness], default_model_id: str,
                  pricing: Pricing, coordinator_id: str, jwt_secret: str,
                  generation_timeout_s: float = 600.0, max_workers: int = 64, deposit_info=None,
-                 max_api_keys: int = 50, max_running: int = 16, max_waiting: int = 32,
+                 max_api_keys: int = 50, key_creations_per_day: int = 20, max_running: int = 16, max_waiting: int = 32,
                  max_queue_wait_s: float = 10.0, overloaded_retry_after_s: int = 2,
                  fallbacks: Optional[dict[str, FallbackClient]] = None):
         self.store = store
@@ -139,8 +161,10 @@ class InferenceService:
         self.deposit_info = deposit_info  # account_service.DepositInfo: how to top up, shown in a 402
         self.fallbacks = fallbacks or {}  # model_id -> FallbackClient, used while that model's swarm is not ready
         self.max_api_keys = max_api_keys
+        self.key_creations_per_day = key_creations_per_day
         self.executor = ThreadPoolExecutor(max_workers=max(max_workers, max_running * len(models) + 4),
                                            thread_name_prefix="generation")
+        self.tokenizers = TokenizerPool()  # its own bounded threads, at most one per account at a time
         self.admission = {
             model_id: AdmissionGate(model_id, max_running=max_running, max_waiting=max_waiting,
                                     max_wait_s=max_queue_wait_s, retry_after_s=overloaded_retry_after_s,
@@ -164,9 +188,9 @@ class InferenceService:
     async def admit(self, principal: Principal) -> None:
         if self.limiter is None:
             return
-        decision = await self.limiter.hit(principal.key_id, principal.rate_limit_per_minute)
+        decision, limit, whose = await self.limiter.admit(principal)
         if not decision.allowed:
-            raise rate_limited(principal.rate_limit_per_minute, decision.retry_after_s)
+            raise rate_limited(limit, decision.retry_after_s, whose=whose)
 
     def cost_of(self, completion_tokens: int, prompt_tokens: int, pricing: Optional[Pricing] = None) -> Decimal:
         pricing = pricing or self.pricing
@@ -180,7 +204,8 @@ class InferenceService:
             raise ServingError(404, "model_not_found", f"unknown model {model_id!r}; known: {sorted(self.models)}")
         return model
 
-    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerateRequest, tools: Optional[ToolSpec] = None,
+                      account_id: Optional[str] = None) -> PreparedRequest:
         """Validate the input against the model. The prompt is bounded by characters first (cheap), then the chat
         template and the tokenizer run in a worker thread, never on the event loop."""
         model = self.model(request.model_id)
@@ -192,7 +217,10 @@ class InferenceService:
                                f"the prompt has {chars} characters; the model's context of {context} tokens holds "
                                f"at most {max_chars} characters ({MAX_CHARS_PER_TOKEN} per token)",
                                max_prompt_chars=max_chars)
-        prompt_ids, template_stops = await asyncio.to_thread(_tokenize, model, request)
+        if account_id is not None:
+            await self.check_balance_floor(request, account_id)  # before tokenizing: an empty account costs no CPU
+        grammar = await asyncio.to_thread(_grammar, request, tools)
+        prompt_ids, template_stops = await self.tokenizers.run(account_id, _tokenize, model, request, tools)
         stops = list(request.stop) + [s for s in template_stops if s not in request.stop]
         if len(prompt_ids) >= context:
             raise ServingError(400, "prompt_too_long",
@@ -202,13 +230,14 @@ class InferenceService:
                 400, "max_tokens_exceeds_context",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
-        params = self.sampling_params(model, request, tuple(stops))
+        params = self.sampling_params(model, request, tuple(stops), grammar)
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
-        return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
+        return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params, request.n or 1)
 
-    def sampling_params(self, model: EngineModel, request: GenerateRequest, stops: tuple) -> SamplingParams:
+    def sampling_params(self, model: EngineModel, request: GenerateRequest, stops: tuple,
+                        grammar: Optional[str] = None) -> SamplingParams:
         """The request's sampling, each field it omits from the model's recommended settings; a logit_bias
-        token outside the vocabulary is a 400."""
+        token outside the vocabulary is a 400. ``grammar``: the output's constraint (structured outputs, tools)."""
         defaults = self.sampling_defaults.get(model.model_id)
         if defaults is None:
             defaults = self.sampling_defaults[model.model_id] = sampling_defaults(
@@ -228,7 +257,7 @@ class InferenceService:
                               top_k=pick("top_k"), repetition_penalty=pick("repetition_penalty"),
                               presence_penalty=request.presence_penalty or 0.0,
                               frequency_penalty=request.frequency_penalty or 0.0, logit_bias=bias,
-                              logprobs=request.logprobs, seed=request.seed, stop=stops)
+                              logprobs=request.logprobs, seed=request.seed, stop=stops, grammar=grammar)
 
     async def gate(self, model: EngineModel) -> None:
         readiness = self.readiness.get(model.model_id)
@@ -242,13 +271,14 @@ class InferenceService:
                 headers={"Retry-After": str(SWARM_RETRY_AFTER_S)}, missing_blocks=coverage.missing_blocks,
                 loading_blocks=coverage.loading_blocks, retry_after_s=SWARM_RETRY_AFTER_S)
 
-    async def route(self, model: EngineModel) -> Optional[FallbackClient]:
-        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate)."""
+    async def route(self, model: EngineModel, *, swarm_only: bool = False) -> Optional[FallbackClient]:
+        """None when the swarm serves; the model's fallback when its swarm is not ready; else 503 (gate).
+        ``swarm_only``: the request asks for what only the swarm gives (log-probabilities), never the fallback."""
         try:
             await self.gate(model)
         except ServingError as error:
             fallback = self.fallbacks.get(model.model_id)
-            if fallback is None:
+            if fallback is None or swarm_only:
                 raise
             log.info("swarm not ready: serving from the fallback API", model_id=model.model_id,
                      upstream=fallback.host, reason=error.message)
@@ -262,7 +292,7 @@ class InferenceService:
         if key in self.active:
             raise ServingError(409, "request_in_progress", f"request {prepared.request_id!r} is running")
         pricing = fallback.pricing if fallback is not None else self.pricing
-        reserved = (self.cost_of(prepared.params.max_tokens, len(prepared.prompt_ids), pricing) if account_id
+        reserved = (self.cost_of(prepared.max_completion_tokens, len(prepared.prompt_ids), pricing) if account_id
                     else Decimal(0))
         # Registered before the row is written, so a DELETE racing the start is never lost.
         active = ActiveGeneration(prepared.request_id, str(uuid.uuid4()), prepared.model.model_id,
@@ -284,19 +314,36 @@ class InferenceService:
                                f"request_id {prepared.request_id!r} is already in use (it is an idempotency key)")
         except InsufficientBalance as error:
             self.active.pop(key, None)
-            short = error.required - error.available
-            how = (self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None)
-            raise ServingError(402, "insufficient_balance",
-                               f"this request may cost up to {format_far(error.required)} FAR "
-                               f"({prepared.params.max_tokens} tokens); the account has {format_far(error.available)} "
-                               f"FAR available: deposit at least {format_far(short)} FAR, or lower max_tokens"
-                               + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
-                               required_far=format_far(error.required), available_far=format_far(error.available),
-                               shortfall_far=format_far(short), deposit=how)
+            raise self._insufficient(account_id, prepared.max_completion_tokens, error.required,
+                                     error.available) from None
         except BaseException:
             self.active.pop(key, None)
             raise
         return active
+
+    async def check_balance_floor(self, request: GenerateRequest, account_id: str) -> None:
+        """402 at once when the account cannot pay even ``max_tokens`` at the cheapest price this model may be
+        served at, prompt not counted: a cheap query instead of a template + tokenizer run. The exact reservation
+        (prompt included) is still taken atomically by ``begin``."""
+        model_id = request.model_id or self.default_model_id
+        prices = [self.pricing] + ([self.fallbacks[model_id].pricing] if model_id in self.fallbacks else [])
+        max_tokens = request.max_tokens * (request.n or 1)  # every choice may run to max_tokens
+        floor = min(self.cost_of(max_tokens, 0, pricing) for pricing in prices)
+        row = await self.accounts.account(account_id)
+        available = (row["balance_far"] - row["reserved_far"]) if row is not None else Decimal(0)
+        if available < floor:
+            raise self._insufficient(account_id, max_tokens, floor, available)
+
+    def _insufficient(self, account_id: str, max_tokens: int, required: Decimal, available: Decimal) -> ServingError:
+        short = required - available
+        how = self.deposit_info.for_account(account_id, short) if self.deposit_info is not None else None
+        return ServingError(402, "insufficient_balance",
+                            f"this request may cost up to {format_far(required)} FAR ({max_tokens} tokens); the "
+                            f"account has {format_far(available)} FAR available: deposit at least {format_far(short)} "
+                            f"FAR, or lower max_tokens"
+                            + ("" if how else " (ask the operator for credit: deposits are not configured here)"),
+                            required_far=format_far(required), available_far=format_far(available),
+                            shortfall_far=format_far(short), deposit=how)
 
     @staticmethod
     def replay_of(previous: FinalSession) -> Replay:
@@ -312,16 +359,23 @@ class InferenceService:
                            f"send a new request_id to try again", session_status=previous.status,
                            tokens_generated=previous.completion_tokens, cost_far=format_far(previous.cost_far))
 
-    async def start(self, request: GenerateRequest, principal: Principal) -> AsyncIterator[StreamEvent]:
-        """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream."""
+    async def start(self, request: GenerateRequest, principal: Principal, tools: Optional[ToolSpec] = None
+                    ) -> AsyncIterator[StreamEvent]:
+        """Admission in order (rate limit, input, idempotent replay, readiness, balance) → the event stream.
+        ``tools``: chat completions' tools (rendered into the prompt; their calls may constrain the output)."""
         await self.admit(principal)
-        prepared = await self.prepare(request)
-        if prepared.request_id_given and (principal.account_id, prepared.request_id) not in self.active:
+        if request.request_id and (principal.account_id, request.request_id) not in self.active:
             # a request_id this account used before: its stored outcome, without the readiness gate and charge
-            previous = await self.store.read_by_request_id(prepared.request_id, principal.account_id)
+            previous = await self.store.read_by_request_id(request.request_id, principal.account_id)
             if previous is not None:
                 return self.replay_events(self.replay_of(previous))
-        fallback = await self.route(prepared.model)
+        prepared = await self.prepare(request, tools, principal.account_id)
+        if tools is not None and tools.calls_allowed:
+            await self.gate(prepared.model)  # calls are read from the swarm's answer: never sent to a fallback API
+            fallback = None
+        else:  # log-probabilities and several choices only the swarm gives
+            fallback = await self.route(prepared.model,
+                                        swarm_only=prepared.params.logprobs is not None or prepared.choices > 1)
         release = await self.take_slot(prepared.model.model_id)
         try:
             started = await self.begin(prepared, request, principal, fallback)
@@ -355,8 +409,7 @@ class InferenceService:
         queue: asyncio.Queue = asyncio.Queue()
         meter = WorkMeter()
         # the account may continue its own parked session (prefix reuse), never another account's
-        generation = prepared.model.start(prepared.prompt_ids, prepared.params, meter, active.cancel,
-                                          reuse_key=active.account_id)
+        generation = self.start_generation(prepared, meter, active.cancel, reuse_key=active.account_id)
         active.generation = generation
         generation.session_id = active.session_id  # spot checks dispute contributions of this session
         model_id = active.model_id
@@ -398,10 +451,7 @@ class InferenceService:
                     metrics.INTER_TOKEN_LATENCY.labels(model_id).observe(now - last_token_at)
                 last_token_at = now
                 active.tokens_generated = item.index
-                yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)),
-                                 logprobs=None if item.logprob is None else self.logprob_entry(prepared.model,
-                                                                                               item.logprob))
+                yield self.token_event(prepared, active, item)
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -432,7 +482,29 @@ class InferenceService:
             status_code = {"generation_timeout": 504, "swarm_unavailable": 503}.get(error_code, 502)
             raise ServingError(status_code, error_code, message, tokens_generated=tokens,
                                cost_far=format_far(final.cost_far), replaced_servers=generation.replaced_servers())
-        yield self.done_event(final)
+        done = self.done_event(final)
+        if isinstance(generation, ChoiceGenerations):
+            done.choices = [ChoiceResult(**result) for result in generation.choice_results()]
+        yield done
+
+    def token_event(self, prepared: PreparedRequest, active: ActiveGeneration, delta) -> TokenEvent:
+        """A generated token on the wire: its choice (n > 1), the running count and cost, its logprobs."""
+        return TokenEvent(token=delta.text, index=delta.choice if prepared.choices > 1 else None,
+                          request_id=active.request_id, tokens_generated=delta.index,
+                          cost_far=format_far(self.cost_of(delta.index, active.prompt_tokens)),
+                          logprobs=None if delta.logprob is None else self.logprob_entry(prepared.model,
+                                                                                          delta.logprob))
+
+    @staticmethod
+    def start_generation(prepared: PreparedRequest, meter: WorkMeter, cancel: threading.Event,
+                         reuse_key: Optional[str] = None) -> EngineGeneration:
+        """The engine's generation, or for n > 1 the n generations of the choices as one (choices.py; they do not
+        continue parked sessions: prefix reuse is for one stream per request)."""
+        model, prompt_ids, params = prepared.model, prepared.prompt_ids, prepared.params
+        if prepared.choices == 1:
+            return model.start(prompt_ids, params, meter, cancel, reuse_key=reuse_key)
+        return ChoiceGenerations([model.start(prompt_ids, replace(params, seed=choice_seed(params.seed, choice)),
+                                              meter, cancel) for choice in range(prepared.choices)], cancel)
 
     def logprob_entry(self, model: EngineModel, logprob) -> LogprobEntry:
         """A sampled token's ``engine_protocol.TokenLogprob`` as the wire names tokens (text and bytes)."""
@@ -707,7 +779,8 @@ class InferenceService:
 
     def account_service(self):
         """The self-service account API's logic over this service's stores (api/account_routes.py)."""
-        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys)
+        return AccountService(self.accounts, self.limiter, self.deposit_info, max_keys=self.max_api_keys,
+                              key_creations_per_day=self.key_creations_per_day)
 
     async def aclose(self) -> None:
         """Cancel running generations and wait until each is finalized."""
@@ -716,5 +789,6 @@ class InferenceService:
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.tokenizers.shutdown()
         for fallback in self.fallbacks.values():
             await fallback.aclose()

@@ -25,6 +25,7 @@ from services.common.coverage import RegisteredNode, compute_coverage
 from services.common.identity import public_key_problem, registration_message, verify_signature
 from services.common.logs import get_logger
 from services.common.money import format_far
+from services.common.proxies import TrustedProxies
 from services.common.states import NodeState
 from services.discovery.hot import HotStore, new_token, token_hash
 from services.discovery.metrics import DiscoveryMetrics
@@ -61,6 +62,7 @@ class Discovery:
         self.settings = settings
         self.store = NodeStore(pool)
         self.hot = hot
+        self.proxies = TrustedProxies(settings.DISCOVERY_TRUSTED_PROXIES)
         self.models = models
         self.metrics = DiscoveryMetrics()
         self._heartbeats_ok = self.metrics.heartbeats.labels("ok")
@@ -313,16 +315,19 @@ class Discovery:
 
     # --- registration --------------------------------------------------------------------------------------
     async def challenge(self, peer_id: str, client: str = "unknown") -> dict:
-        """A single-use nonce; at most DISCOVERY_CHALLENGES_PER_MINUTE per client address (each is a Redis key for
-        CHALLENGE_TTL_S), else 429 with Retry-After."""
+        """A single-use nonce; at most DISCOVERY_CHALLENGES_PER_MINUTE per client address (the real client behind a
+        trusted proxy: ``client_of``) and DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE per peer ID (each is a Redis key
+        for CHALLENGE_TTL_S), else 429 with Retry-After."""
         check_peer_id(peer_id)
-        retry_after = await self.hot.rate_limit(f"challenge:{client}", self.settings.DISCOVERY_CHALLENGES_PER_MINUTE,
-                                                CHALLENGE_WINDOW_S)
-        if retry_after is not None:
-            self.metrics.registrations.labels("rate_limited").inc()
-            raise ApiError(429, "rate_limited", f"too many challenges from {client} (at most "
-                                                f"{self.settings.DISCOVERY_CHALLENGES_PER_MINUTE} per minute); retry "
-                                                f"in {retry_after} s", headers={"Retry-After": str(retry_after)})
+        settings = self.settings
+        for key, limit, whom in ((f"challenge:{client}", settings.DISCOVERY_CHALLENGES_PER_MINUTE, f"from {client}"),
+                                 (f"challenge-peer:{peer_id}", settings.DISCOVERY_CHALLENGES_PER_PEER_PER_MINUTE,
+                                  "for this peer ID")):
+            retry_after = await self.hot.rate_limit(key, limit, CHALLENGE_WINDOW_S)
+            if retry_after is not None:
+                self.metrics.registrations.labels("rate_limited").inc()
+                raise ApiError(429, "rate_limited", f"too many challenges {whom} (at most {limit} per minute); "
+                                                    f"retry in {retry_after} s", headers={"Retry-After": str(retry_after)})
         nonce = await self.hot.issue_nonce(peer_id, CHALLENGE_TTL_S)
         return {"nonce": nonce, "expires_in_s": CHALLENGE_TTL_S}
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 
-from services.common.config import PayoutSettings
+from services.common.config import PayoutSettings, confirmations_problem
 from services.common.logs import get_logger
+from services.common.redact import redact_url, scrub_url  # noqa: F401 - re-exported (payouts server, CLI)
 from services.common.money import to_base_units
 
 log = get_logger(__name__)
@@ -49,38 +49,6 @@ LOCAL_INITIAL_SUPPLY_FAR = Decimal("1000000000")
 
 class ChainConfigError(RuntimeError):
     """A configuration problem detected while connecting (bad network, key, chain id, addresses)."""
-
-
-def redact_url(url: str) -> str:
-    """Scheme and host (and port) of an RPC URL, nothing else: providers put API keys in the path, the query or the
-    user info (``https://bsc.example/v1/<key>``, ``?apikey=``, ``https://user:key@host``)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}" if parts.scheme and host else "<redacted URL>"
-
-
-def scrub_url(text: str, url: str | None) -> str:
-    """``text`` (an error message) without any secret part of ``url``: the whole URL becomes its scheme + host, and the
-    path, query, fragment and user info are removed wherever they appear alone (requests quotes ``url: /path?query``)."""
-    if not url:
-        return text
-    text = text.replace(url, redact_url(url))
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return text
-    path_query = parts.path + (f"?{parts.query}" if parts.query else "")
-    secrets = [path_query, parts.path, parts.query, parts.fragment, parts.username, parts.password,
-               parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""]
-    for secret in sorted({s for s in secrets if s and s != "/"}, key=len, reverse=True):
-        text = text.replace(secret, "/<redacted>" if secret.startswith("/") else "<redacted>")
-    return text
 
 
 def load_artifact(name: str) -> dict[str, Any]:
@@ -279,6 +247,9 @@ def connect(settings: PayoutSettings, network: str | None = None, *, rpc_url: st
     network = network or settings.BSC_NETWORK
     if network not in NETWORKS:
         raise ChainConfigError(f"BSC_NETWORK: unknown network {network!r} (local, testnet or mainnet)")
+    too_few = confirmations_problem(network, settings.PAYOUT_CONFIRMATIONS)  # --network may differ from BSC_NETWORK
+    if too_few:
+        raise ChainConfigError(too_few)
     account = load_account(settings, network)
     rpc_url = rpc_url if rpc_url is not None else settings.BSC_RPC_URL
     token_address = token_address or settings.FAR_TOKEN_ADDRESS

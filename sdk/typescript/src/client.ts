@@ -88,6 +88,7 @@ const OPTION_FIELDS: Record<string, string> = {
   frequencyPenalty: "frequency_penalty",
   logitBias: "logit_bias",
   logprobs: "logprobs",
+  n: "n",
   stop: "stop",
   seed: "seed",
   model: "model_id",
@@ -105,6 +106,7 @@ export function buildBody(input: PromptOrMessages, options: ChatOptions, stream:
     const value = (options as Record<string, unknown>)[option];
     if (value !== undefined && value !== null) body[field] = option === "stop" && typeof value === "string" ? [value] : value;
   }
+  if (stream && Number(body.n ?? 1) > 1) throw new TypeError("n > 1 is for chat() (response.choices); a stream carries one choice");
   body.request_id ??= newRequestId();
   body.stream = stream;
   return body;

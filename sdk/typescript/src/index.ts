@@ -32,6 +32,7 @@ export type {
   ChatMessage,
   ChatOptions,
   ChatResponse,
+  Choice,
   Contribution,
   DailyUsage,
   DepositInfo,

@@ -28,6 +28,8 @@ export interface ChatOptions {
   logitBias?: Record<number | string, number>;
   /** 0..20: each token's log-probability and this many most likely tokens (ChatResponse.logprobs). */
   logprobs?: number;
+  /** 1..8 choices (ChatResponse.choices), each billed for its own tokens; chat() only, not streams. */
+  n?: number;
   /** Up to 8 stop sequences (never emitted). */
   stop?: string | string[];
   /** Same seed, same text. */
@@ -71,6 +73,15 @@ export interface TokenLogprob extends TopLogprob {
   topLogprobs: TopLogprob[];
 }
 
+/** One of the choices of a request with n > 1. */
+export interface Choice {
+  index: number;
+  text: string;
+  finishReason: FinishReason | null;
+  completionTokens: number;
+  logprobs?: TokenLogprob[];
+}
+
 export interface ChatResponse {
   text: string;
   requestId: string;
@@ -81,6 +92,8 @@ export interface ChatResponse {
   contributions: Contribution[];
   /** One per generated token when the request set `logprobs`. */
   logprobs?: TokenLogprob[];
+  /** n > 1: every choice (text, finishReason and logprobs above are the first one's; usage counts all). */
+  choices?: Choice[];
 }
 
 /** One streamed step: `token` may be "" while text is held back (a possible stop sequence). */
@@ -127,6 +140,17 @@ export function toChatResponse(data: Json): ChatResponse {
     costFar: String(data.cost_far ?? "0"),
     feeFar: String(data.fee_far ?? "0"),
     contributions: ((data.contributions ?? []) as Json[]).map(toContribution),
+    ...(Array.isArray(data.logprobs) ? { logprobs: (data.logprobs as Json[]).map(toTokenLogprob) } : {}),
+    ...(Array.isArray(data.choices) ? { choices: (data.choices as Json[]).map(toChoice) } : {}),
+  };
+}
+
+function toChoice(data: Json): Choice {
+  return {
+    index: Number(data.index ?? 0),
+    text: String(data.text ?? ""),
+    finishReason: (data.finish_reason ?? null) as FinishReason | null,
+    completionTokens: Number(data.completion_tokens ?? 0),
     ...(Array.isArray(data.logprobs) ? { logprobs: (data.logprobs as Json[]).map(toTokenLogprob) } : {}),
   };
 }

@@ -301,6 +301,19 @@ describe("options", () => {
     }
   });
 
+  test("n choices: sent, parsed from the answer, refused for streams", async () => {
+    const choices = [0, 1].map((i) => ({ index: i, text: `t${i}`, finish_reason: "eos", completion_tokens: 2 }));
+    const url = route("choices", (req, res) => {
+      res.writeHead(200, { "Content-Type": "application/json" }).end(JSON.stringify({ ...DONE, choices }));
+    });
+    const mesh = new FarMesh({ apiKey: "fl_test", baseUrl: url });
+    const response = await mesh.chat("hi", { n: 2 });
+    assert.deepEqual(response.choices.map((c) => [c.index, c.text, c.finishReason, c.completionTokens]),
+      [[0, "t0", "eos", 2], [1, "t1", "eos", 2]]);
+    assert.equal(requests.filter((r) => r.name === "choices").at(-1).body.n, 2);
+    assert.throws(() => buildBody("hi", { n: 2 }, true), /n > 1/);
+  });
+
   test("request body: prompt, defaults left to the server, a generated request_id", () => {
     const body = buildBody("hi", { topP: 0.9, topK: 0, seed: 1, userWallet: "0x1" }, false);
     assert.match(body.request_id, /^req_[0-9a-f]{32}$/);

@@ -16,6 +16,8 @@ from services.coordinator.protocol import RESERVED_REQUEST_IDS, UNSUPPORTED
 from services.coordinator.serving import InferenceService, ServingError
 
 Body = TypeVar("Body", bound=BaseModel)
+# (parameter path, field name, the validator's reason or None) -> the message of a 400 unsupported_parameter
+UnsupportedMessage = Callable[[str, str, Optional[str]], str]
 
 
 class RequestIdConvertor(StringConvertor):
@@ -36,8 +38,7 @@ async def get_principal(request: Request, authorization: Optional[str] = Header(
     return await request.app.state.service.authenticate(authorization)
 
 
-async def read_body(request: Request, model: type[Body], unsupported: Optional[Callable[[str, str, Optional[str]], str]]
-                    = None) -> Body:
+async def read_body(request: Request, model: type[Body], unsupported: Optional[UnsupportedMessage] = None) -> Body:
     """The JSON body as ``model``. Routes read it themselves, after their dependencies (credentials) passed:
     FastAPI would read and parse a declared body before authenticating (a large unauthenticated body would be
     parsed first). The body's size is capped before this by BodyLimitMiddleware. With ``unsupported`` (param path,

@@ -23,8 +23,9 @@ router = APIRouter()
 async def _sse(events):
     try:
         async for event in events:
-            # a token event without logprobs has no logprobs key (the request did not ask for them)
-            yield {"data": json.dumps(event.model_dump(exclude_none=isinstance(event, TokenEvent)))}
+            # a token event has no logprobs / index key unless the request asked for logprobs / n > 1
+            yield {"data": json.dumps(event.model_dump(exclude_none=True) if isinstance(event, TokenEvent)
+                                      else event.wire())}
     except ServingError as error:  # the stream already began: report in-band
         yield {"event": "error", "data": json.dumps(error.body())}
 
@@ -36,15 +37,17 @@ async def generate(request: Request, service: InferenceService = Depends(get_ser
     events = await service.start(body, principal)
     if body.stream:
         return EventSourceResponse(_sse(events), ping=15)
-    final, entries = None, []
+    final, entries = None, {}
     async for event in events:
         if isinstance(event, DoneEvent):
             final = event
         elif event.logprobs is not None:
-            entries.append(event.logprobs.model_dump())
-    answer = final.model_dump()
-    if body.logprobs is not None:  # one entry per generated token that was sent as text
-        answer["logprobs"] = entries
+            entries.setdefault(event.index or 0, []).append(event.logprobs.model_dump())
+    answer = final.wire()
+    if body.logprobs is not None:  # one entry per generated token that was sent as text (per choice for n > 1)
+        answer["logprobs"] = entries.get(0, [])
+        for choice in answer.get("choices") or []:
+            choice["logprobs"] = entries.get(choice["index"], [])
     return JSONResponse(answer)
 
 

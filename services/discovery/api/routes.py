@@ -37,7 +37,9 @@ def get_discovery(request: Request) -> Discovery:
             responses=error_responses(422, 429, 503, e429="too many challenges from this address (Retry-After)"))
 async def challenge(request: Request, peer_id: str = Query(json_schema_extra=PEER_ID_SCHEMA),
                     service: Discovery = Depends(get_discovery)):
-    return await service.challenge(peer_id, client=request.client.host if request.client else "unknown")
+    client = service.proxies.client(request.client.host if request.client else None,
+                                    request.headers.getlist("x-forwarded-for"))
+    return await service.challenge(peer_id, client=client)
 
 
 @router.post("/nodes/register", response_model=Registered,

@@ -26,7 +26,8 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "logit_bias", "logprobs", "stop", "seed", "model_id", "request_id", "user_wallet")
+                 "frequency_penalty", "logit_bias", "logprobs", "n", "stop", "seed", "model_id", "request_id",
+                 "user_wallet")
 
 
 def resolve_settings(api_key: Optional[str], base_url: Optional[str]) -> Tuple[Optional[str], str]:
@@ -79,6 +80,8 @@ def build_payload(prompt_or_messages: PromptOrMessages, *, stream: bool, model: 
     if sampling.get("logit_bias") is not None:  # JSON object keys are strings: {token id: bias}
         sampling["logit_bias"] = {str(token): bias for token, bias in sampling["logit_bias"].items()}
     body.update({k: v for k, v in sampling.items() if v is not None})
+    if stream and (body.get("n") or 1) > 1:
+        raise ValueError("n > 1 is for chat() (response.choices); a stream carries one choice")
     body.setdefault("request_id", new_request_id())
     body["stream"] = stream
     return body

@@ -211,6 +211,7 @@ class FarMesh(_ClientBase):
         ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``repetition_penalty`` (each omitted: the model's
         recommended value), ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: -100..100}),
         ``logprobs`` (k: :attr:`ChatResponse.logprobs` has each token's log-probability and the k most likely),
+        ``n`` (1..8 choices: :attr:`ChatResponse.choices`, each billed for its own tokens; not for streams),
         ``stop`` (str or list), ``seed``; also ``request_id`` (idempotency key; generated when omitted) and
         ``user_wallet``."""
         payload = build_payload(prompt_or_messages, stream=False, model=model, **sampling)

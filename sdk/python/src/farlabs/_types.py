@@ -84,6 +84,23 @@ def _logprobs(data: Any) -> Optional[List[TokenLogprob]]:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One of the choices of a request with ``n`` > 1."""
+
+    index: int
+    text: str
+    finish_reason: Optional[FinishReason]
+    completion_tokens: int
+    logprobs: Optional[List[TokenLogprob]] = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Choice":
+        return cls(index=int(data.get("index") or 0), text=str(data.get("text") or ""),
+                   finish_reason=data.get("finish_reason"), completion_tokens=int(data.get("completion_tokens") or 0),
+                   logprobs=_logprobs(data.get("logprobs")))
+
+
+@dataclass(frozen=True)
 class ChatResponse:
     """The result of a generation: the text, what it cost and which nodes computed it."""
 
@@ -97,6 +114,8 @@ class ChatResponse:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     served_by: str = "swarm"  # "fallback": the coordinator's fallback API answered (the swarm was not ready)
     logprobs: Optional[List[TokenLogprob]] = None  # one per generated token, when asked for (``logprobs=k``)
+    # n > 1: every choice (text, finish_reason and logprobs above are the first one's; usage counts all)
+    choices: Optional[List[Choice]] = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ChatResponse":
@@ -108,7 +127,8 @@ class ChatResponse:
                    cost_far=_decimal(data.get("cost_far")), fee_far=_decimal(data.get("fee_far")),
                    contributions=[Contribution.from_json(c) for c in data.get("contributions") or []],
                    raw=dict(data), served_by=str(data.get("served_by") or "swarm"),
-                   logprobs=_logprobs(data.get("logprobs")))
+                   logprobs=_logprobs(data.get("logprobs")),
+                   choices=None if data.get("choices") is None else [Choice.from_json(c) for c in data["choices"]])
 
 
 @dataclass(frozen=True)
