@@ -48,6 +48,7 @@ class Script:
     hold: Optional[threading.Event] = None  # the first step waits for this event (a slow start; bounded)
     route: tuple = DEFAULT_ROUTE  # ((peer_id, start_block, end_block), ...) computing every step
     eos: bool = True  # end with the tokenizer's EOS after the text (finish_reason "eos") when max_tokens allows
+    cached_tokens: int = 0  # prompt positions reused from a parked session (prefix reuse): not metered
     # a model: the next token's [vocab] logits from the tokens generated so far (then ``text`` is not used)
     logits: Optional[Callable[[list], object]] = None
 
@@ -60,6 +61,7 @@ class Started:
     params: SamplingParams
     cancel: threading.Event
     generation: Optional["ScriptedGeneration"] = None
+    reuse_key: Optional[str] = None  # the account whose parked sessions the generation may continue
 
 
 class ScriptedGeneration:
@@ -71,6 +73,7 @@ class ScriptedGeneration:
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
         self.failovers: list[FailoverEvent] = []
+        self.cached_tokens = min(script.cached_tokens, len(prompt_ids) - 1)
         output = model.tokenizer(script.text, add_special_tokens=False).input_ids
         self._output = list(output) + ([model.tokenizer.eos_token_id] if script.eos else [])
         self.sampler = TokenSampler(params, prompt_ids, constraint=constraint_for(
@@ -107,7 +110,7 @@ class ScriptedGeneration:
             raise script.error()
         if script.step_s:
             time.sleep(script.step_s)
-        positions = len(self.prompt_ids) if number == 1 else 1
+        positions = len(self.prompt_ids) - self.cached_tokens if number == 1 else 1
         for peer, start, end in script.route:
             self.meter.record(peer, start, end, positions)
         if script.logits is not None:
@@ -171,8 +174,8 @@ class ScriptedModel:
         return list(self.tokenizer(prompt).input_ids)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
-              cancel: Optional[threading.Event] = None) -> ScriptedGeneration:
-        started = Started(list(prompt_ids), params, cancel or threading.Event())
+              cancel: Optional[threading.Event] = None, *, reuse_key: Optional[str] = None) -> ScriptedGeneration:
+        started = Started(list(prompt_ids), params, cancel or threading.Event(), reuse_key=reuse_key)
         generation = ScriptedGeneration(self, self.script, prompt_ids, params, meter, started.cancel)
         started.generation = generation
         self.started.append(started)

@@ -66,6 +66,7 @@ class FakeGeneration:
         self.token_ids: list[int] = []
         self.finish_reason = None
         self.text = SimpleNamespace(emitted="")
+        self.cached_tokens = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -109,7 +110,7 @@ class FakeModel:
     def encode(self, prompt: str) -> list[int]:
         return list(prompt.encode())
 
-    def start(self, prompt_ids, params, meter, cancel=None):
+    def start(self, prompt_ids, params, meter, cancel=None, *, reuse_key=None):
         return FakeGeneration(params, cancel or threading.Event())
 
     def shutdown(self) -> None:

@@ -141,7 +141,8 @@ async def test_not_ready_swarm_is_served_by_the_fallback_at_its_price(fallback_c
     assert final["text"] == "".join(t["token"] for t in tokens) == direct["choices"][0]["text"]
     usage = final["usage"]
     assert usage == {"prompt_tokens": direct["usage"]["prompt_tokens"],
-                     "completion_tokens": direct["usage"]["completion_tokens"]}
+                     "completion_tokens": direct["usage"]["completion_tokens"],
+                     "prompt_tokens_details": {"cached_tokens": 0}}
     cost = usage["completion_tokens"] * PRICE + usage["prompt_tokens"] * PROMPT_PRICE
     assert Decimal(final["cost_far"]) == cost and Decimal(final["fee_far"]) == cost
     assert Decimal(tokens[-1]["cost_far"]) == len(tokens) * PRICE + usage["prompt_tokens"] * PROMPT_PRICE

@@ -208,6 +208,19 @@ class CoordinatorSettings(ChainSettings):
                                "head of concurrent generations is one memory-bound pass; raise it on a dedicated "
                                "host serving a large model)")
     GENERATION_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    PREFIX_REUSE_TTL_S: float = Field(default=120.0, ge=0, le=240, description="coordinator: a finished "
+                                      "generation's inference session stays open this long for its account's next "
+                                      "request that starts with the same tokens (prefix reuse, docs/prefix-reuse.md; "
+                                      "0 = off; at most 240 s: servers end a session idle for 5 minutes)")
+    PREFIX_REUSE_MAX_SESSIONS: int = Field(default=16, ge=0, description="coordinator: parked sessions kept at "
+                                           "most (least recently used closed first; 0 = prefix reuse off)")
+    PREFIX_REUSE_MAX_TOKENS: int = Field(default=4096, ge=0, description="coordinator: attention-cache positions "
+                                         "the parked sessions may hold on each server of their routes, in all "
+                                         "(the sum of their max_length; 0 = prefix reuse off)")
+    PREFIX_REUSE_HEADROOM_TOKENS: int = Field(default=256, ge=0, description="coordinator: a session that may be "
+                                              "reused is opened with room for this many positions (or as many as "
+                                              "its own, if more; within PREFIX_REUSE_MAX_TOKENS and the context) "
+                                              "beyond prompt + max_tokens, for the next turns")
     SPOT_CHECK_RATE: float = Field(default=0.03, ge=0, le=1, description="coordinator: share of server steps "
                                    "re-run on another server to check them (0 = off; docs/verification.md)")
     SPOT_CHECK_NEW_NODE_RATE: float = Field(default=0.25, ge=0, le=1, description="coordinator: the rate for a "

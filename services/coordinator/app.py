@@ -77,7 +77,11 @@ async def swarm_engine(settings: CoordinatorSettings, model_path: Optional[Path]
                                     max_retries=settings.PETALS_MAX_RETRIES,
                                     step_budget_factor=settings.PETALS_STEP_BUDGET_FACTOR,
                                     step_budget_floor_s=settings.PETALS_STEP_BUDGET_FLOOR_S,
-                                    lm_head_wait_s=settings.LM_HEAD_MAX_WAIT_S)
+                                    lm_head_wait_s=settings.LM_HEAD_MAX_WAIT_S,
+                                    prefix_reuse=dict(ttl_s=settings.PREFIX_REUSE_TTL_S,
+                                                      max_sessions=settings.PREFIX_REUSE_MAX_SESSIONS,
+                                                      max_tokens=settings.PREFIX_REUSE_MAX_TOKENS,
+                                                      headroom_tokens=settings.PREFIX_REUSE_HEADROOM_TOKENS))
     return Engine(swarm, SwarmReadiness(swarm, refresh_s=settings.SWARM_READINESS_REFRESH_S))
 
 

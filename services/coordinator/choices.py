@@ -24,6 +24,8 @@ class ChoiceGenerations:
     """n generations as one. ``text`` and the session's finish reason are the first choice's (what the session row
     stores); ``choice_results()`` has every choice's text, finish reason and token count."""
 
+    cached_tokens = 0  # n > 1 choices never continue a parked session (prefix reuse is per single stream)
+
     def __init__(self, generations: list[EngineGeneration], cancel: threading.Event):
         self.generations = generations
         self.cancel = cancel

@@ -20,6 +20,7 @@ from services.common.swarm import dht_prefix_for
 from services.coordinator.engine_protocol import TokenDelta  # noqa: F401  (the seam's types; re-exported)
 from services.coordinator.lm_head import DEFAULT_MAX_WAIT_S, LogitsBatcher
 from services.coordinator.metering import WorkMeter
+from services.coordinator.prefix_reuse import DEFAULT_PREFIX_REUSE, ParkedSession, ParkedSessions, reusable_length
 from services.coordinator.sampling import SamplingParams, TextStream, TokenSampler
 from services.coordinator.structured import constraint_for
 
@@ -60,7 +61,9 @@ class SwarmModel:
                  request_timeout: float = 30.0, max_retries: Optional[int] = None, update_period: float = 15.0,
                  min_backoff: float = 0.5, step_budget_factor: float = petals_adapter.DEFAULT_STEP_BUDGET_FACTOR,
                  step_budget_floor_s: float = petals_adapter.DEFAULT_STEP_BUDGET_FLOOR_S,
-                 lm_head_wait_s: float = DEFAULT_MAX_WAIT_S):
+                 lm_head_wait_s: float = DEFAULT_MAX_WAIT_S, prefix_reuse: Optional[dict] = None):
+        """``prefix_reuse``: ``ttl_s``, ``max_sessions``, ``max_tokens``, ``headroom_tokens`` of the parked sessions
+        (services/coordinator/prefix_reuse.py; the PREFIX_REUSE_* settings); None: their defaults."""
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
@@ -87,6 +90,10 @@ class SwarmModel:
         self.failover_listeners: list = []
         self.spot_checker = None  # services/coordinator/verification.SpotChecker, when spot checks are on
         self.quarantined: set[str] = set()  # peers no generation routes through (failed spot checks)
+        reuse = {**DEFAULT_PREFIX_REUSE, **(prefix_reuse or {})}
+        self.prefix_reuse_headroom_tokens = int(reuse.pop("headroom_tokens"))
+        self.parked = ParkedSessions(**reuse)  # finished generations' sessions, continued by the next turn
+        self.parked.start()
         manager = self.sequence_manager
         petals_adapter.configure_step_budget(manager, step_budget_factor, step_budget_floor_s)
         petals_adapter.listen_request_failures(manager, self._request_failed)
@@ -139,10 +146,13 @@ class SwarmModel:
         return list(self.tokenizer(prompt).input_ids)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
-              cancel: Optional[threading.Event] = None) -> "Generation":
-        return Generation(self, prompt_ids, params, meter, cancel or threading.Event())
+              cancel: Optional[threading.Event] = None, *, reuse_key: Optional[str] = None) -> "Generation":
+        """``reuse_key`` (the account id): the generation may continue a session this key parked, and parks its
+        own for it (prefix reuse); None: neither."""
+        return Generation(self, prompt_ids, params, meter, cancel or threading.Event(), reuse_key)
 
     def shutdown(self) -> None:
+        self.parked.shutdown()  # before the client goes: closing tells the servers to free the cache
         try:
             self.sequence_manager.shutdown()
         except Exception:
@@ -154,7 +164,7 @@ class SwarmModel:
 
 class Generation:
     def __init__(self, swarm: SwarmModel, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
-                 cancel: threading.Event):
+                 cancel: threading.Event, reuse_key: Optional[str] = None):
         self.swarm = swarm
         self.prompt_ids = prompt_ids
         self.params = params
@@ -168,7 +178,12 @@ class Generation:
         self.failovers: list[dict] = []  # servers replaced during this generation (see petals_adapter)
         self.session_id: Optional[str] = None  # the session row (set by the serving layer), for spot checks
         self.avoid = AvoidPeers(swarm.quarantined)  # suspects of failed spot checks: the stream leaves them
+        self.reuse_key = reuse_key
+        self.cached_tokens = 0  # prompt positions served from a parked session's cache (not computed again)
         self._session = None
+        self._processed: list[int] = []  # the token ids the session has processed, in order
+        self._max_length = 0
+        self._opened_at = 0.0
 
     def _on_failover(self, event: dict) -> None:
         self.failovers.append(event)
@@ -206,42 +221,109 @@ class Generation:
     def __iter__(self) -> Iterator[TokenDelta]:
         import torch
 
-        model = self.swarm.model
         batcher = self.swarm.logits_batcher
-        max_length = len(self.prompt_ids) + self.params.max_tokens
         member = batcher.join()
         try:
-            with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
-                self._session = session
-                checker = self.swarm.spot_checker
-                petals_adapter.observe(
-                    session, on_step=self.meter.observe_span, on_failover=self._on_failover, avoid=self.avoid,
-                    on_span_output=None if checker is None else lambda server_session, outputs: checker.offer(
-                        server_session, outputs, session_id=self.session_id, avoid=self.avoid))
-                inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
-                while True:
-                    if self.cancel.is_set():
-                        self.finish_reason = FinishReason.CANCELLED
-                        return
-                    # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only
-                    # for the last position, in one pass with the other generations' (lm_head.py)
-                    hidden = model.transformer(input_ids=inputs).last_hidden_state[0, -1]
-                    if self.cancel.is_set():  # the step finished after a cancel: its token is not used
-                        self.finish_reason = FinishReason.CANCELLED
-                        return
-                    logits = batcher.logits(member, hidden)
-                    token_id = self.sampler.sample(logits)
-                    self.token_ids.append(token_id)
-                    delta, finish = self.text.accept(token_id, count=len(self.token_ids),
-                                                     max_tokens=self.params.max_tokens,
-                                                     end_of_generation=token_id in self.swarm.eos_token_ids)
-                    if len(self.token_ids) == 1:
-                        self._log_route()
-                    if delta is not None:
-                        yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
-                    if finish is not None:
-                        self.finish_reason = finish
-                        return
-                    inputs = torch.tensor([[token_id]], dtype=torch.long)
+            with torch.inference_mode():
+                yield from self._tokens(member)
         finally:
             batcher.leave(member)
+            self._release_session()
+
+    def _tokens(self, member) -> Iterator[TokenDelta]:
+        batcher = self.swarm.logits_batcher
+        pending = self._acquire_session()
+        while True:
+            if self.cancel.is_set():
+                self.finish_reason = FinishReason.CANCELLED
+                return
+            # embeddings, the remote blocks (this session's servers) and the final norm; the LM head only for the
+            # last position, in one pass with the other generations' (lm_head.py)
+            hidden = self._continue_or_prefill(pending) if self.cached_tokens else self._forward(pending)
+            if self.cancel.is_set():  # the step finished after a cancel: its token is not used
+                self.finish_reason = FinishReason.CANCELLED
+                return
+            token_id = self.sampler.sample(batcher.logits(member, hidden))
+            self.token_ids.append(token_id)
+            delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
+                                             end_of_generation=token_id in self.swarm.eos_token_ids)
+            if len(self.token_ids) == 1:
+                self._log_route()
+            if delta is not None:
+                yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
+            if finish is not None:
+                self.finish_reason = finish
+                return
+            pending = [token_id]
+
+    # ------------------------------------------------------------------ the inference session (prefix reuse)
+    def _acquire_session(self) -> list[int]:
+        """Continue a parked session of this account whose processed tokens start the prompt (prefix_reuse.py),
+        else open a new one; returns the positions still to compute."""
+        swarm, needed = self.swarm, len(self.prompt_ids) + self.params.max_tokens
+        parked = swarm.parked.take(self.reuse_key, self.prompt_ids, needed)
+        if parked is not None:
+            self._session, self._max_length, self._opened_at = parked.session, parked.max_length, parked.opened_at
+            self._processed = list(parked.tokens)
+            self.cached_tokens = len(parked.tokens)
+            self._observe()
+            return self.prompt_ids[self.cached_tokens:]
+        self._open_session(needed)
+        return list(self.prompt_ids)
+
+    def _open_session(self, needed: int) -> None:
+        import time
+
+        swarm = self.swarm
+        reusable = self.reuse_key is not None and swarm.parked.enabled
+        self._max_length = (reusable_length(needed, swarm.context_length, swarm.prefix_reuse_headroom_tokens,
+                                            swarm.parked.max_tokens) if reusable else needed)
+        self._session = petals_adapter.open_session(swarm.sequence_manager, self._max_length)
+        self._opened_at = time.monotonic()
+        self._processed = []
+        self.cached_tokens = 0
+        self._observe()
+
+    def _observe(self) -> None:
+        checker = self.swarm.spot_checker
+        petals_adapter.observe(
+            self._session, on_step=self.meter.observe_span, on_failover=self._on_failover, avoid=self.avoid,
+            on_span_output=None if checker is None else lambda server_session, outputs: checker.offer(
+                server_session, outputs, session_id=self.session_id, avoid=self.avoid))
+
+    def _forward(self, ids: list[int]):
+        """The last position's hidden state after the swarm processed ``ids`` (the session's next positions)."""
+        import torch
+
+        model = self.swarm.model
+        with model.use_session(self._session):
+            hidden = model.transformer(input_ids=torch.tensor([ids], dtype=torch.long)).last_hidden_state[0, -1]
+        self._processed.extend(ids)
+        return hidden
+
+    def _continue_or_prefill(self, pending: list[int]):
+        """The first step of a continued session; if it fails (its servers closed it, no replica could replay
+        it), the whole prompt on a new session: a miss costs a full prefill, never the request."""
+        try:
+            return self._forward(pending)
+        except Exception as error:  # noqa: BLE001 - any failure: the fresh session below decides
+            if len(self._processed) != self.cached_tokens:
+                raise
+            log.warning("a parked session could not be continued: full prefill on a new session",
+                        cached_tokens=self.cached_tokens, error=repr(error))
+            self.swarm.parked.close(self._session)
+            self._open_session(len(self.prompt_ids) + self.params.max_tokens)
+            return self._forward(list(self.prompt_ids))
+
+    def _release_session(self) -> None:
+        """Park the session for this account when the generation ended normally (its servers hold the cache of
+        exactly ``_processed``), else close it."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if (self.finish_reason is None or self.reuse_key is None or not self._processed
+                or petals_adapter.position(session) != len(self._processed)):
+            self.swarm.parked.close(session)
+            return
+        self.swarm.parked.park(ParkedSession(self.reuse_key, tuple(self._processed), self._max_length, session,
+                                             self._opened_at))

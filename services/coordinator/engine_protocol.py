@@ -83,6 +83,7 @@ class EngineGeneration(Protocol):
     finish_reason: Optional[FinishReason]  # None while running or after a failure
     cancel: threading.Event
     text: EmittedText
+    cached_tokens: int  # prompt positions continued from a parked session, not computed again (prefix reuse)
 
     def __iter__(self) -> Iterator[TokenDelta]: ...
 
@@ -107,7 +108,10 @@ class EngineModel(Protocol):
     def encode(self, prompt: str) -> list[int]: ...
 
     def start(self, prompt_ids: list[int], params: SamplingParams, meter: WorkMeter,
-              cancel: Optional[threading.Event] = None) -> EngineGeneration: ...
+              cancel: Optional[threading.Event] = None, *, reuse_key: Optional[str] = None) -> EngineGeneration:
+        """``reuse_key`` (the account): generations of the same key may reuse each other's processed prefix
+        (prefix reuse, docs/prefix-reuse.md); None: no reuse."""
+        ...
 
     def shutdown(self) -> None: ...
 

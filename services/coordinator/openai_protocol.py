@@ -195,7 +195,7 @@ class OpenAIResponse(BaseModel):
     created: int
     model: str
     choices: list[dict[str, Any]]
-    usage: dict[str, int]
+    usage: dict[str, Any]  # prompt/completion/total_tokens, prompt_tokens_details.cached_tokens
     cost_far: str
     served_by: str
 

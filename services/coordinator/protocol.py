@@ -198,9 +198,14 @@ class Contribution(BaseModel):
     payment_far: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from a parked session's attention cache (prefix reuse)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()  # as OpenAI reports it
 
 
 class TopLogprob(BaseModel):

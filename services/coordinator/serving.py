@@ -36,7 +36,8 @@ from services.coordinator.fallback import FallbackClient, FallbackFailed, billed
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
 from services.coordinator.protocol import (ChoiceResult, Contribution, DoneEvent, GenerateRequest, LogprobEntry,
-                                           ReplacedServer, StreamEvent, TokenEvent, TopLogprob, Usage)
+                                           PromptTokensDetails, ReplacedServer, StreamEvent, TokenEvent, TopLogprob,
+                                           Usage)
 from services.coordinator.ratelimit import RateLimiter
 from services.coordinator.route_cost import expected_ms_per_token
 from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
@@ -408,7 +409,8 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         meter = WorkMeter()
-        generation = self.start_generation(prepared, meter, active.cancel)
+        # the account may continue its own parked session (prefix reuse), never another account's
+        generation = self.start_generation(prepared, meter, active.cancel, reuse_key=active.account_id)
         active.generation = generation
         generation.session_id = active.session_id  # spot checks dispute contributions of this session
         model_id = active.model_id
@@ -495,11 +497,13 @@ class InferenceService:
                                                                                           delta.logprob))
 
     @staticmethod
-    def start_generation(prepared: PreparedRequest, meter: WorkMeter, cancel: threading.Event) -> EngineGeneration:
-        """The engine's generation, or for n > 1 the n generations of the choices as one (choices.py)."""
+    def start_generation(prepared: PreparedRequest, meter: WorkMeter, cancel: threading.Event,
+                         reuse_key: Optional[str] = None) -> EngineGeneration:
+        """The engine's generation, or for n > 1 the n generations of the choices as one (choices.py; they do not
+        continue parked sessions: prefix reuse is for one stream per request)."""
         model, prompt_ids, params = prepared.model, prepared.prompt_ids, prepared.params
         if prepared.choices == 1:
-            return model.start(prompt_ids, params, meter, cancel)
+            return model.start(prompt_ids, params, meter, cancel, reuse_key=reuse_key)
         return ChoiceGenerations([model.start(prompt_ids, replace(params, seed=choice_seed(params.seed, choice)),
                                               meter, cancel) for choice in range(prepared.choices)], cancel)
 
@@ -528,7 +532,8 @@ class InferenceService:
                                      prompt_tokens=active.prompt_tokens,
                                      completion_tokens=generation.completion_tokens,
                                      output_text=generation.text.emitted, failure=failure, work=meter.snapshot(),
-                                     replaced_servers=generation.replaced_servers())
+                                     replaced_servers=generation.replaced_servers(),
+                                     cached_prompt_tokens=generation.cached_tokens)
         finally:
             self.active.pop((active.account_id, active.request_id), None)
             if active.release_slot is not None:
@@ -545,7 +550,7 @@ class InferenceService:
 
     async def _save(self, active: ActiveGeneration, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
                     completion_tokens: int, output_text: str, failure: Optional[BaseException], work=(),
-                    replaced_servers: Optional[list] = None) -> FinalSession:
+                    replaced_servers: Optional[list] = None, cached_prompt_tokens: int = 0) -> FinalSession:
         """Last checkpoint and finalize (both idempotent), retried with backoff. If the database stays
         unreachable the session stays 'running' and the stale-session sweep finalizes it later."""
         delay = FINALIZE_BACKOFF_S
@@ -555,7 +560,8 @@ class InferenceService:
                 return await self.store.finalize(active.session_id, status=status, finish_reason=finish_reason,
                                                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                  output_text=output_text, error=repr(failure) if failure else None,
-                                                 replaced_servers=replaced_servers)
+                                                 replaced_servers=replaced_servers,
+                                                 cached_prompt_tokens=cached_prompt_tokens)
             except Exception as error:  # noqa: BLE001 - database or network: retried, then handed to the sweep
                 if attempt == FINALIZE_ATTEMPTS:
                     log.error("finalize failed; the stale-session sweep will finalize the session",
@@ -709,7 +715,8 @@ class InferenceService:
     def done_event(final: FinalSession) -> DoneEvent:
         return DoneEvent(
             request_id=final.request_id, finish_reason=final.finish_reason or FinishReason.CANCELLED, text=final.output_text or "",
-            usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
+            usage=Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+                        prompt_tokens_details=PromptTokensDetails(cached_tokens=final.cached_prompt_tokens)),
             cost_far=format_far(final.cost_far), fee_far=format_far(final.fee_far),
             contributions=[Contribution(node_id=c.node_id, peer_id=c.peer_id, wallet_address=c.wallet_address,
                                         blocks=c.blocks, work_units=c.work_units,

@@ -65,6 +65,7 @@ class FinalSession:
     account_id: Optional[str] = None
     replaced_servers: list = dataclasses.field(default_factory=list)  # failovers (engine.replaced_servers())
     served_by: ServedBy = ServedBy.SWARM
+    cached_prompt_tokens: int = 0  # prompt tokens served from a parked session's cache (prefix reuse)
     refunded_far: Optional[Decimal] = None  # given back: a spot check proved a server's output wrong
 
 
@@ -130,11 +131,15 @@ class SessionStore:
 
     async def finalize(self, session_id: str, *, status: str, finish_reason: Optional[str], prompt_tokens: int,
                        completion_tokens: int, output_text: Optional[str] = None,
-                       error: Optional[str] = None, replaced_servers: Optional[list] = None) -> FinalSession:
+                       error: Optional[str] = None, replaced_servers: Optional[list] = None,
+                       cached_prompt_tokens: int = 0) -> FinalSession:
         """Finalize once (``finalize_session()``) and settle the account: reserved → charged actual cost."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
-                                       output_text, error)
+            finalized = await _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens,
+                                                   completion_tokens, output_text, error)
+            if finalized and cached_prompt_tokens:
+                await conn.execute("UPDATE far_mesh_sessions SET cached_prompt_tokens = $2 WHERE session_id = $1",
+                                   session_id, cached_prompt_tokens)
             if replaced_servers:
                 await conn.execute("UPDATE far_mesh_sessions SET replaced_servers = $2::jsonb WHERE session_id = $1",
                                    session_id, json.dumps(replaced_servers))
@@ -154,6 +159,7 @@ class SessionStore:
             contributions=[ContributionRow(**dict(c)) for c in contributions],
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
             replaced_servers=_json_list(row.get("replaced_servers")), served_by=row["served_by"],
+            cached_prompt_tokens=row.get("cached_prompt_tokens") or 0,
             refunded_far=await self.pool.fetchval(
                 "SELECT amount_far FROM far_account_ledger WHERE session_id = $1 AND kind = 'refund'", session_id),
         )
@@ -206,12 +212,13 @@ class SessionStore:
 
 
 async def _finalize_and_settle(conn, session_id, status, finish_reason, prompt_tokens, completion_tokens,
-                               output_text, error) -> None:
+                               output_text, error) -> bool:
+    """True when this call finalized the session (False: it was final already)."""
     before = await conn.fetchrow(
         "SELECT finalized_at, account_id, reserved_far FROM far_mesh_sessions WHERE session_id = $1 FOR UPDATE",
         session_id)
     if before is None or before["finalized_at"] is not None:
-        return  # already final (idempotent): the account was settled then
+        return False  # already final (idempotent): the account was settled then
     await conn.execute("UPDATE far_mesh_sessions SET output_text = $2, error = $3 WHERE session_id = $1",
                        session_id, output_text, error)
     final = await conn.fetchrow("SELECT * FROM finalize_session($1, $2, $3, $4, $5)", session_id, status,
@@ -222,3 +229,4 @@ async def _finalize_and_settle(conn, session_id, status, finish_reason, prompt_t
             """UPDATE far_accounts SET balance_far = balance_far - $2, reserved_far = reserved_far - $3
                 WHERE account_id = $1""",
             before["account_id"], min(final["cost_far"], before["reserved_far"]), before["reserved_far"])
+    return True

@@ -47,6 +47,8 @@ export interface Usage {
   promptTokens: number;
   completionTokens: number;
   totalTokens: number;
+  /** Prompt tokens served from the swarm's cache of an earlier turn (prefix reuse). */
+  cachedTokens: number;
 }
 
 /** What one provider node computed for the request, and what it earns for it. */
@@ -129,11 +131,12 @@ export function toChatResponse(data: Json): ChatResponse {
   const usage = (data.usage ?? {}) as Json;
   const promptTokens = Number(usage.prompt_tokens ?? 0);
   const completionTokens = Number(usage.completion_tokens ?? 0);
+  const cachedTokens = Number((usage.prompt_tokens_details as Json | undefined)?.cached_tokens ?? 0);
   return {
     text: String(data.text ?? ""),
     requestId: String(data.request_id ?? ""),
     finishReason: (data.finish_reason ?? "stop") as FinishReason,
-    usage: { promptTokens, completionTokens, totalTokens: promptTokens + completionTokens },
+    usage: { promptTokens, completionTokens, totalTokens: promptTokens + completionTokens, cachedTokens },
     costFar: String(data.cost_far ?? "0"),
     feeFar: String(data.fee_far ?? "0"),
     contributions: ((data.contributions ?? []) as Json[]).map(toContribution),

@@ -89,7 +89,7 @@ describe("streaming", () => {
     assert.deepEqual(tokens, ["Hello", " world"]);
     assert.equal(stream.text, "Hello world");
     assert.equal(stream.finishReason, "length");
-    assert.deepEqual(stream.response.usage, { promptTokens: 3, completionTokens: 2, totalTokens: 5 });
+    assert.deepEqual(stream.response.usage, { promptTokens: 3, completionTokens: 2, totalTokens: 5, cachedTokens: 0 });
     assert.equal(stream.response.costFar, "0.0002");
     assert.equal(stream.response.contributions[0].paymentFar, "0.00018");
     assert.equal(stream.response.contributions[0].workUnits, 8);

@@ -18,7 +18,8 @@ What is where:
 ``session.py``
     Our hooks on an inference session and the client state the coordinator reads or changes, as a small API:
     ``observe`` (metering, failover reports, spot checks, peers to avoid), ``route``, ``block_peer`` /
-    ``unblock_peer`` (quarantine), ``listen_request_failures``. The engine (services/coordinator/engine.py)
+    ``unblock_peer`` (quarantine), ``listen_request_failures``, ``open_session`` / ``position`` (sessions the
+    coordinator parks for prefix reuse). The engine (services/coordinator/engine.py)
     touches Petals only through these.
 """
 
@@ -51,6 +52,8 @@ from services.common.petals_adapter.session import (
     block_peer,
     listen_request_failures,
     observe,
+    open_session,
+    position,
     route,
     unblock_peer,
 )
@@ -60,7 +63,8 @@ __all__ = [
     "DEFAULT_STEP_BUDGET_FACTOR", "DEFAULT_STEP_BUDGET_FLOOR_S", "STEP_LATENCY", "STEP_SAMPLES_PER_PEER",
     "PeerDistrusted", "ServerStreamClosed", "StepDeadlineExceeded", "StepLatency", "SwarmUnavailable",
     "configure_step_budget", "failure_cause", "has_alternative", "no_live_server",
-    "RouteSpan", "SessionHooks", "block_peer", "listen_request_failures", "observe", "route", "unblock_peer",
+    "RouteSpan", "SessionHooks", "block_peer", "listen_request_failures", "observe", "open_session", "position", "route",
+    "unblock_peer",
 ]
 
 FIXES = (

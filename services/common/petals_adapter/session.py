@@ -24,6 +24,10 @@ their private fields; nothing else of ours touches ``InferenceSession._server_se
 
 ``route(session)``: the session's current servers as ``RouteSpan`` (peer_id, start, end).
 
+``open_session(manager, max_length)``: a new ``InferenceSession`` of that client, not bound to a ``with`` block
+(the coordinator may park it open after a generation and continue it in the next one: services/coordinator/
+prefix_reuse.py); ``session.close()`` ends it. ``position(session)``: the positions it has processed.
+
 ``block_peer(manager, peer_id)`` / ``unblock_peer(manager, peer_id)``: keep a server out of (put it back into)
 every route of one client (Petals' ``blocked_servers``, a reported failure / a cleared ban and a route refresh).
 ``listen_request_failures(manager, listener)``: ``listener(peer_id)`` is called for every failed server request
@@ -82,6 +86,19 @@ class RouteSpan:
 def route(session) -> list[RouteSpan]:
     """The servers of an ``InferenceSession`` now, in block order (empty before its first step)."""
     return [RouteSpan(s.span.peer_id.to_base58(), s.span.start, s.span.end) for s in list(session._server_sessions)]
+
+
+def open_session(manager, max_length: int):
+    """A new Petals ``InferenceSession`` over ``manager``'s blocks; the servers allocate cache for ``max_length``
+    positions when it first steps. Use it with ``model.use_session(session)``; close it with ``session.close()``."""
+    from petals.client.inference_session import InferenceSession
+
+    return InferenceSession(manager, max_length=max_length)
+
+
+def position(session) -> int:
+    """The positions an ``InferenceSession`` has processed (its servers hold their attention cache)."""
+    return session.position
 
 
 def listen_request_failures(manager, listener: Callable[[Any], None]) -> None:

@@ -51,7 +51,8 @@ def _generate_request(body, prompt: Optional[str], messages=None) -> GenerateReq
 def _usage(final: DoneEvent) -> dict:
     usage = final.usage
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.prompt_tokens_details.cached_tokens}}
 
 
 def _results(final: DoneEvent) -> list[tuple[int, str, str]]:

@@ -27,6 +27,7 @@ def _decimal(value: Any) -> Decimal:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the swarm's cache of an earlier turn (prefix reuse)
 
     @property
     def total_tokens(self) -> int:
@@ -121,7 +122,8 @@ class ChatResponse:
         usage = data.get("usage") or {}
         return cls(text=str(data.get("text") or ""), request_id=str(data.get("request_id", "")),
                    finish_reason=data.get("finish_reason", "stop"),
-                   usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
+                   usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                               int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)),
                    cost_far=_decimal(data.get("cost_far")), fee_far=_decimal(data.get("fee_far")),
                    contributions=[Contribution.from_json(c) for c in data.get("contributions") or []],
                    raw=dict(data), served_by=str(data.get("served_by") or "swarm"),
