@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from services.common.http import json_int
+from services.coordinator.protocol import Contribution
 
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -71,15 +72,6 @@ class Ledger(BaseModel):
     next_before: Optional[str] = Field(None, description="pass as ?before= for the next page")
 
 
-class UsageNode(BaseModel):
-    node_id: Optional[str]
-    peer_id: str
-    wallet_address: Optional[str]
-    blocks: str
-    work_units: int
-    payment_far: str
-
-
 class UsageRequest(BaseModel):
     request_id: str
     model_id: str
@@ -91,7 +83,7 @@ class UsageRequest(BaseModel):
     reserved_far: str
     created_at: str
     finalized_at: Optional[str]
-    nodes: list[UsageNode] = Field(description="the servers that computed it and what each earned")
+    nodes: list[Contribution] = Field(description="the servers that computed it and what each earned")
 
 
 class UsageDay(BaseModel):
