@@ -1,4 +1,4 @@
-"""What a spot check's verdict does (issue 17, docs/verification.md): persisted in ``far_spot_checks``; a failed
+"""What a spot check's verdict does (docs/verification.md): persisted in ``far_spot_checks``; a failed
 check disputes the suspect's contribution to that session (``dispute_contribution()``: its payment is withheld,
 the user's charge is unchanged); ``quarantine_after`` failed checks quarantine the peer (``far_quarantine``): the
 coordinator stops routing through it (Petals' ``blocked_servers`` plus a ban that drops it from the current routes

@@ -1,4 +1,4 @@
-"""Spot checks by redundant execution (issue 17, docs/verification.md).
+"""Spot checks by redundant execution (docs/verification.md).
 
 A sample of server steps is re-run, off the stream's path, on a *different* server that serves the same blocks: a
 stateless ``rpc_forward`` of the span's whole input history (never the user's session), whose outputs at the
