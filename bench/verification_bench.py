@@ -1,4 +1,4 @@
-"""Spot checks (issue 17): detection vs sampling rate, overhead on tokens/s, false positives.
+"""Spot checks: detection vs sampling rate, overhead on tokens/s, false positives.
 
     .venv/bin/python bench/verification_bench.py [--trials 2000] [--rounds 6] [--tokens 48] [--live-fractions 1,0.1]
 
@@ -82,10 +82,15 @@ def offer_cost(rate: float, calls: int = 200_000) -> float:
 
 def make_checker(swarm_model, rate: float, new_rate: float, clean: int, results: list, seed: int,
                  run: bool = True):
-    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+    from services.coordinator.verification import LocalSpanVerifier, SamplingPolicy, SpotChecker, SwarmForward
 
-    checker = SpotChecker(MODEL_ID, SwarmForward(swarm_model.sequence_manager),
-                          SamplingPolicy(rate, new_rate, clean), results.append, max_queue=100_000, seed=seed)
+    forward = SwarmForward(swarm_model.sequence_manager)
+    checker = SpotChecker(MODEL_ID, forward, SamplingPolicy(rate, new_rate, clean), results.append,
+                          max_queue=100_000, seed=seed,
+                          trusted=LocalSpanVerifier(swarm_model.model_path, swarm_model.model.config, 2**30))
+    # every server of the bench's swarm registered on a wallet of its own (who may verify: docs/verification.md)
+    peers = {peer for peer, _dtype in forward.candidates(0, NUM_BLOCKS, set())}
+    checker.registry = {peer: f"wallet-{index}" for index, peer in enumerate(sorted(peers))}
     return checker.start() if run else checker  # not run: sampled steps are queued and never checked
 
 

@@ -3,11 +3,13 @@
 #   chromium    the dashboard's browser tests (Playwright drives /usr/bin/chromium via executable_path)
 #   prometheus  for promtool: checks and unit-tests the alert rules (tests/test_deploy_monitoring.py)
 #   caddy       validates the TLS proxy config deploy/caddy/Caddyfile (tests/test_deploy_files.py)
+#   iptables    the WAN lab's NAT router (infra/wanlab.py: tests/test_wan*.py, bench/wan_bench.py)
+#   ethtool     the WAN lab turns offloads off on its links (its userspace delayer copies whole frames)
 # --no-install-recommends: the tools only (the packages' services are not started: there is no systemd here).
-# Usage: scripts/ensure_debian_tools.sh [TOOL=PACKAGE ...]   (default: all three; TOOL is a command or a path)
+# Usage: scripts/ensure_debian_tools.sh [TOOL=PACKAGE ...]   (default: all of them; TOOL is a command or a path)
 set -euo pipefail
 CHROMIUM="${FAR_MESH_CHROMIUM:-/usr/bin/chromium}"
-[ "$#" -gt 0 ] || set -- "$CHROMIUM=chromium" promtool=prometheus caddy=caddy
+[ "$#" -gt 0 ] || set -- "$CHROMIUM=chromium" promtool=prometheus caddy=caddy iptables=iptables ethtool=ethtool
 have() { if [[ "$1" == /* ]]; then [ -x "$1" ]; else command -v "$1" >/dev/null 2>&1; fi; }
 missing=()
 for pair in "$@"; do

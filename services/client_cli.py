@@ -93,7 +93,7 @@ def _usage_line(final: dict) -> str:
 def infer(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="the prompt ('-' or absent: read stdin)"),
     max_tokens: int = typer.Option(100, "--max-tokens", "-n", min=1, help="tokens to generate at most"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the coordinator's, 0.7)"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the model's recommended one)"),
     model: Optional[str] = typer.Option(None, "--model", help="model id (default: the coordinator's)"),
     raw: bool = typer.Option(False, "--raw", help="send the text as a raw prompt instead of a chat message"),
     system: Optional[str] = typer.Option(None, help="a system message (chat mode)"),
@@ -138,7 +138,7 @@ CHAT_HELP = "Type a message and Enter. /reset forgets the conversation, /exit (o
 
 def chat(
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="tokens per answer at most"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the coordinator's, 0.7)"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the model's recommended one)"),
     model: Optional[str] = typer.Option(None, "--model", help="model id (default: the coordinator's)"),
     system: Optional[str] = typer.Option(None, help="a system message for the whole conversation"),
     url: Optional[str] = typer.Option(None, help=f"coordinator (default: FAR_MESH_URL or {DEFAULT_URL})"),

@@ -1,4 +1,4 @@
-"""TEST ONLY: a Petals server child whose blocks lie (issue 17). Not part of the shipped node: it lives under
+"""TEST ONLY: a Petals server child whose blocks lie. Not part of the shipped node: it lives under
 tests/ and is started through ``far-node run --server-command`` (the hidden test hook that already stands in
 for the server child), e.g. ``--server-command "python tests/dishonest_server.py --mode noise --fraction 1"``.
 
@@ -7,10 +7,13 @@ gets) and then runs the normal entry point, ``node_server.petals_server.main``. 
 steps it returns, instead of the computed hidden states:
 
 * ``noise``: the outputs plus Gaussian noise of ``--scale`` x each position's norm (a sloppy or lossy server);
-* ``skip``: the step's inputs, i.e. it skipped its blocks (a server that saves the compute).
+* ``skip``: the step's inputs, i.e. it skipped its blocks (a server that saves the compute);
+* ``agreed``: the outputs times 1.3, the same on every server of this mode: colluders that agree on one wrong
+  answer (with ``--advertise-rps`` tiny, users are routed elsewhere, so what they answer wrongly is the checks of
+  other servers that they are asked to verify).
 
-Its stateless ``rpc_forward`` (what the spot checks call) stays honest: a cheater cannot tell a user's step from a
-checked one, but it can behave when asked for a check. The checks compare the *session's* outputs.
+Checks reach a server as inference sessions (``rpc_inference``, like a user's stream taking over a span), so
+these lies reach the checks too: a server cannot be honest with users and lie only when verifying.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def install(mode: str, fraction: float, scale: float, seed: int) -> None:
             if output_tensors and rng.random() < fraction:
                 proto = output_tensors[0]
                 honest = deserialize_torch_tensor(proto)
-                if mode == "skip" and "hidden" in last_inputs:
+                if mode == "agreed":
+                    lie = honest.float() * 1.3
+                elif mode == "skip" and "hidden" in last_inputs:
                     lie = deserialize_torch_tensor(last_inputs["hidden"]).to(honest.dtype)[:, -honest.shape[1]:]
                 else:
                     noise = torch.randn_like(honest.float()) / honest.shape[-1] ** 0.5
@@ -57,9 +62,9 @@ def install(mode: str, fraction: float, scale: float, seed: int) -> None:
     handler.iterate_rpc_inference = iterate_rpc_inference
 
 
-def advertise_fast(inference_rps: float) -> None:
-    """Announce a huge inference speed, so clients' min-latency routing prefers this server (a cheater wants
-    the traffic; it also makes the tests deterministic)."""
+def advertise_speed(inference_rps: float) -> None:
+    """Announce this inference speed: a huge one, so clients' min-latency routing prefers this server (a cheater
+    wants the traffic; it also makes the tests deterministic), or a tiny one, so users are routed elsewhere."""
     import petals.server.server as server
 
     honest_init = server.Server.__init__
@@ -73,7 +78,7 @@ def advertise_fast(inference_rps: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("noise", "skip"), default="noise")
+    parser.add_argument("--mode", choices=("noise", "skip", "agreed"), default="noise")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of steps that lie")
     parser.add_argument("--scale", type=float, default=0.05, help="noise: relative size")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,7 +86,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     install(args.mode, args.fraction, args.scale, args.seed)
     if args.advertise_rps > 0:
-        advertise_fast(args.advertise_rps)
+        advertise_speed(args.advertise_rps)
     from node_server.petals_server import main as server_main
 
     server_main(rest)

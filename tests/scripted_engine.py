@@ -21,8 +21,9 @@ from typing import Callable, Iterator, Optional
 from services.common.coverage import compute_coverage
 from services.coordinator.engine_protocol import (Engine, EngineFactory, FailoverEvent, ReplacedServerInfo,
                                                   RouteHop, TokenDelta)
+from services.coordinator.sampling import TokenLogprob
 from services.coordinator.metering import WorkMeter
-from services.coordinator.sampling import SamplingParams, TextStream
+from services.coordinator.sampling import SamplingParams, TextStream, token_logprob
 
 NUM_BLOCKS = 4
 DEFAULT_ROUTE = (("QmScriptedA", 0, 2), ("QmScriptedB", 2, 4))
@@ -104,6 +105,13 @@ class ScriptedGeneration:
             self.meter.record(peer, start, end, positions)
         return self._output[(number - 1) % len(self._output)]
 
+    def _logprob(self, token_id: int) -> Optional[TokenLogprob]:
+        """When asked for: the log-probabilities of ``scripted_logits`` at this step (the real computation)."""
+        if self.params.logprobs is None:
+            return None
+        logits = scripted_logits(len(self.token_ids), token_id, len(self.model.tokenizer))
+        return token_logprob(logits, token_id, self.params.logprobs)
+
     def __iter__(self) -> Iterator[TokenDelta]:
         eos = self.model.tokenizer.eos_token_id
         while True:  # bounded: every pass appends a token and max_tokens ends it
@@ -118,10 +126,19 @@ class ScriptedGeneration:
             delta, finish = self.text.accept(token_id, count=len(self.token_ids), max_tokens=self.params.max_tokens,
                                              end_of_generation=token_id == eos)
             if delta is not None:
-                yield TokenDelta(len(self.token_ids), token_id, delta)
+                yield TokenDelta(len(self.token_ids), token_id, delta, self._logprob(token_id))
             if finish is not None:
                 self.finish_reason = finish
                 return
+
+
+def scripted_logits(step: int, token_id: int, vocabulary: int):
+    """The logits a scripted step "computed": seeded noise over the vocabulary, the scripted token the largest."""
+    import torch
+
+    logits = torch.randn(vocabulary, generator=torch.Generator().manual_seed(step), dtype=torch.float64) * 3
+    logits[token_id] = logits.max() + 0.5
+    return logits
 
 
 class ScriptedModel:

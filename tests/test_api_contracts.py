@@ -41,9 +41,9 @@ FAKE_MODEL_ID = "contract/fake"
 
 
 # Refusals of schema-valid input for what no schema can state: a prompt's length in tokens (the model's context,
-# 400 with these codes, documented) and a mixed-case wallet failing its EIP-55 checksum (422, in the schema's
-# description). Only the positive-data check is waived for them; every other check still runs.
-UNSTATEABLE = ("prompt_too_long", "max_tokens_exceeds_context", "EIP-55")
+# 400 with these codes, documented), a logit_bias token id beyond its vocabulary (400) and a mixed-case wallet
+# failing its EIP-55 checksum (422, in the schema's description). Only the positive-data check is waived for them; every other check still runs.
+UNSTATEABLE = ("prompt_too_long", "max_tokens_exceeds_context", "EIP-55", "invalid_logit_bias")
 
 
 def validate(case, headers=None) -> None:
@@ -85,12 +85,19 @@ class FakeGeneration:
         self.finish_reason = "length" if self.params.max_tokens <= 3 else "eos"
 
 
+class FakeTokenizer:
+    chat_template = None
+
+    def __len__(self) -> int:
+        return 256  # one token per byte
+
+
 class FakeModel:
     """A model without a swarm: one token per UTF-8 byte of the prompt, no chat template of its own."""
 
     model_id = FAKE_MODEL_ID
     context_length = 2048
-    tokenizer = SimpleNamespace(chat_template=None)
+    tokenizer = FakeTokenizer()
 
     def __init__(self):
         self.failure_listeners: list = []

@@ -51,6 +51,33 @@ def test_openai_client_completions_stream_and_not(coordinator, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+# Swarm and local model compute the same float32 logits in a different order: their log-softmax agree this closely.
+LOGPROB_TOLERANCE = 1e-3
+
+
+def test_logprobs_at_temperature_zero_are_the_local_models_log_softmax(coordinator, reference, local_model,
+                                                                       swarm_client):
+    import torch
+
+    tokens, text = reference
+    client = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=coordinator.api_key, max_retries=0)
+    answer = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=5)
+    logprobs = answer.choices[0].logprobs
+    assert answer.choices[0].text == text(12) and len(logprobs.token_logprobs) == 12
+    prompt_ids = swarm_client.encode(PROMPT)
+    with torch.inference_mode():
+        logits = local_model(torch.tensor([prompt_ids + tokens[:12]])).logits[0, len(prompt_ids) - 1:-1]
+    expected = torch.log_softmax(logits.double(), dim=-1)
+    for step, token_id in enumerate(tokens[:12]):
+        assert abs(logprobs.token_logprobs[step] - float(expected[step, token_id])) < LOGPROB_TOLERANCE
+        top = sorted(logprobs.top_logprobs[step].values(), reverse=True)[:5]
+        assert top == pytest.approx(torch.topk(expected[step], 5).values.tolist(), abs=LOGPROB_TOLERANCE)
+    chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert all(entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) for entry in content)  # greedy
+
+
 def test_openai_client_chat_and_models(coordinator):
     client = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=coordinator.api_key, max_retries=0)
     models = client.models.list()

@@ -3,7 +3,8 @@
 Covers: a deposit is credited once it is PAYOUT_CONFIRMATIONS deep, exactly once (re-runs, two watchers); a crash
 (injected) at every checkpoint of the watcher then a re-run credits every deposit exactly once; a deposit that a
 reorg (eth-tester snapshot/revert) removes before it is final is never credited, and one re-mined elsewhere is
-credited once; a reorg deeper than the confirmations stops the watcher and the audit names the vanished deposit; an
+credited once; reorgs of 1, PAYOUT_CONFIRMATIONS and twice that credit exactly once; a reorg deeper than the
+confirmations that removes a credited deposit stops the watcher and the audit names the vanished deposit; an
 accountRef naming no account is recorded unmatched; the ledger is append-only; the audit's books hold.
 """
 
@@ -284,3 +285,44 @@ async def test_payouts_serve_runs_the_watcher_and_cli_prints_the_ref(db_url, cha
     assert service.deposits_error is None and await balance(accounts, account_id) == 1
     result = CliRunner().invoke(deposits_app, ["ref", account_id])
     assert result.exit_code == 0 and result.output.strip() == account_ref(account_id)
+
+
+@pytest.mark.parametrize("depth", [1, CONFIRMATIONS, 2 * CONFIRMATIONS])
+@pytest.mark.parametrize("moment", ["mined", "final", "credited"])
+async def test_deposit_credited_exactly_once_across_reorgs(db_url, chain, accounts, depth, moment):
+    """A reorg of depth 1, PAYOUT_CONFIRMATIONS or twice that, right after the deposit is mined, once it is final
+    but before the watcher ran, or after it was credited; the same signed deposit is then re-mined (anyone can
+    re-broadcast it) and the watcher runs again: the account is credited exactly once. A reorg deeper than the
+    confirmations that reaches no recorded deposit rewinds the watcher; one that reaches a credited deposit stops it
+    for an operator instead of crediting again."""
+    account_id = await accounts.create_account("frank")
+    user = funded_user(chain, 100 * FAR)
+    send_from(chain, user, chain.token.functions.approve(chain.deposit.address, 100 * FAR).build_transaction(
+        {"from": user.address}))
+    chain.advance(3 * CONFIRMATIONS)
+    watcher = make_watcher(db_url, chain)
+    await watcher.run_once()
+    tx = chain.deposit.functions.deposit(bytes.fromhex(account_ref(account_id)[2:]), 10 * FAR).build_transaction(
+        {"from": user.address, "nonce": chain.w3.eth.get_transaction_count(user.address), "gas": 200_000,
+         "gasPrice": chain.gas_price(), "chainId": chain.chain_id})
+    raw = user.sign_transaction(tx).raw_transaction
+    chain.w3.eth.send_raw_transaction(raw)
+    if moment in ("final", "credited"):
+        chain.advance(CONFIRMATIONS)
+    if moment == "credited":
+        assert [c.amount_far for c in (await watcher.run_once()).credited] == [Decimal(10)]
+    head = chain.w3.eth.block_number
+    chain.w3.provider.ethereum_tester.backend.revert_to_snapshot(chain.w3.eth.get_block(head - depth)["hash"])
+    chain.advance(depth + 1)
+    if chain.w3.eth.get_transaction_count(user.address) == tx["nonce"]:
+        chain.w3.eth.send_raw_transaction(raw)  # re-mined in the new branch
+    chain.advance(CONFIRMATIONS)
+    for _ in range(2):
+        try:
+            await watcher.run_once()
+        except DepositReorgError:
+            assert moment == "credited" and depth > CONFIRMATIONS
+    assert await balance(accounts, account_id) == 10
+    async with accounts.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM far_account_ledger WHERE kind = 'deposit'") == 1
+        assert await conn.fetchval("SELECT count(*) FROM far_deposits") == 1

@@ -450,8 +450,9 @@ async def test_check_constraints(db_pool):
 
 # --------------------------------------------------------------------------------------------- payout guards (0004)
 async def test_payout_batch_transitions_and_paid_contributions_are_guarded(db_pool):
-    """Trigger far_payment_batches_guard: only planned -> signed -> submitted -> confirmed and open -> failed;
-    final states stay final; the signed transaction never changes; open/paid batches are not deleted. Trigger
+    """Trigger far_payment_batches_guard: only planned -> signed -> submitted -> confirmed, confirmed -> submitted (a
+    reorg removed the payment before finality) and planned -> failed (a signed batch is sent again with its batchId,
+    never failed); failed stays final; the signed transaction never changes; open/paid batches are not deleted. Trigger
     far_contributions_batch_guard: contributions leave a batch only once it is failed (or deleted while planned)."""
     async with db_pool.acquire() as conn:
         node = await add_node(conn)
@@ -489,9 +490,15 @@ async def test_payout_batch_transitions_and_paid_contributions_are_guarded(db_po
             await conn.execute("UPDATE far_payment_batches SET nonce = 8 WHERE batch_id = $1", batch)
         with pytest.raises(asyncpg.CheckViolationError):  # an open batch keeps its contributions until it fails
             await conn.execute("UPDATE far_session_contributions SET payment_batch_id = NULL WHERE session_id = $1", paid)
+        with pytest.raises(asyncpg.CheckViolationError):  # a signed batch never fails (it is sent again)
+            await move(batch, "failed")
         await move(batch, "submitted")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await move(batch, "failed")
         await move(batch, "confirmed", confirmed_at="now()", block_number="12")
-        for state in ("failed", "submitted", "planned"):
+        await move(batch, "submitted")  # its payment was removed by a reorg before finality
+        await move(batch, "confirmed")
+        for state in ("failed", "signed", "planned"):
             with pytest.raises(asyncpg.CheckViolationError):
                 await move(batch, state)
         with pytest.raises(asyncpg.CheckViolationError):  # paid contributions are never detached...

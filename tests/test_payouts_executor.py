@@ -2,8 +2,8 @@
 
 Covers: a week across ~50 wallets pays exactly what each earned; below-minimum wallets carry over and are paid
 once they cross it; several batches per week; crash (injected) at every state transition then re-run pays every
-wallet exactly once; a reverted batch releases its contributions (only once the revert is PAYOUT_CONFIRMATIONS deep),
-paid by the next run; a nonce taken by another transaction; reorgs (eth-tester snapshots) that turn a revert into a
+wallet exactly once; a reverted batch is sent again with the same batchId (never released to a new one); a nonce
+taken by another transaction; reorgs (eth-tester snapshots) that turn a revert into a
 success, a success into a revert, or drop the transaction that took the nonce; the transition table; --dry-run
 changes nothing; two trackers at once; audit.
 """
@@ -203,8 +203,10 @@ class HookedExecutor(PayoutExecutor):
             hook(batch_number)
 
 
-async def test_reverted_batch_releases_contributions_paid_next_run(clean_db, chain, make_executor, postgres_url):
-    """The treasury revokes the allowance between signing and broadcasting."""
+async def test_reverted_batch_is_sent_again_with_the_same_batch_id(clean_db, chain, make_executor, postgres_url):
+    """The treasury revokes the allowance between signing and broadcasting: the transaction reverts. The batch keeps
+    its contributions and its batchId; it is sent again (a new transaction, same batchId) once the allowance is
+    back, and nothing is released to a new batch (which a reorg re-mining the first one could pay twice)."""
     w3 = chain.w3
     allow = use_treasury(chain)
     wallets = [wallet(200 + i) for i in range(3)]
@@ -216,32 +218,31 @@ async def test_reverted_batch_releases_contributions_paid_next_run(clean_db, cha
         await make_executor(crash_at="signed").run_once()
     allow(False)
     report = await make_executor().run_once()
-    # Batch 1 (signed, rebroadcast) reverts on chain; once the revert is PAYOUT_CONFIRMATIONS deep its contributions
-    # are released, and NOT re-planned by the same run.
-    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
-    assert "reverted" in report.batches[0].error and not report.ok and report.plan is None
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "submitted")]
+    assert "estimate reverted" in report.batches[0].error and not report.ok and report.plan is None
     receipt = w3.eth.get_transaction_receipt(report.batches[0].tx_hash)
     assert receipt["status"] == 0 and w3.eth.block_number - receipt["blockNumber"] >= 2
     async with clean_db.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM far_session_contributions "
-                                   "WHERE payment_batch_id IS NOT NULL") == 0
+                                   "WHERE payment_batch_id IS NULL") == 0
         assert all(v == 0 for v in onchain_balances(chain, wallets).values())
 
-    # Still no allowance: the next plan's gas estimate reverts (nothing sent), released again.
-    report = await make_executor().run_once()
-    assert [(b.batch_number, b.state) for b in report.batches] == [(2, "failed")]
-    assert "estimate" in report.batches[0].error
+    report = await make_executor().run_once()  # still no allowance: still waiting, nothing new planned
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "submitted")] and report.plan is None
 
     allow(True)
     report = await make_executor().run_once()
-    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(3, "confirmed")]
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "confirmed")], report.errors
     async with clean_db.acquire() as conn:
         await assert_paid_exactly(conn, chain, wallets)
+        batch = await conn.fetchrow("SELECT * FROM far_payment_batches")
+        assert batch["paid_tx_hash"] != batch["tx_hash"]  # paid by the re-send
+        assert await conn.fetchval("SELECT count(*) FROM far_payment_transactions") == 2
     audit = await run_audit(postgres_url, chain)
     assert audit.ok, [c.problems for c in audit.checks]
 
 
-async def test_nonce_used_elsewhere_fails_the_signed_batch_and_repays(clean_db, chain, make_executor):
+async def test_nonce_used_elsewhere_sends_the_batch_again(clean_db, chain, make_executor):
     wallets = [wallet(300 + i) for i in range(2)]
     async with clean_db.acquire() as conn:
         for w in wallets:
@@ -251,12 +252,12 @@ async def test_nonce_used_elsewhere_fails_the_signed_batch_and_repays(clean_db, 
     # The operator uses the payer key for something else: the stored tx's nonce is gone.
     chain.send({"to": chain.address, "value": 1})
     report = await make_executor().run_once()
-    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
-    assert "nonce" in report.batches[0].error
-    report = await make_executor().run_once()  # the next run re-plans the released contributions
-    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(2, "confirmed")]
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "confirmed")], report.errors
     async with clean_db.acquire() as conn:
         await assert_paid_exactly(conn, chain, wallets)
+        nonces = [r["nonce"] for r in await conn.fetch("SELECT nonce FROM far_payment_transactions ORDER BY nonce")]
+        assert len(nonces) == 2 and nonces[1] > nonces[0]
+    assert (await make_executor().run_once()).batches == []
 
 
 async def test_nonce_taken_by_a_transaction_a_reorg_drops_is_not_failed(clean_db, chain, make_executor,
@@ -325,7 +326,7 @@ async def test_revert_reorged_into_success_is_not_released(clean_db, chain, post
 
 async def test_success_reorged_into_revert_is_not_confirmed(clean_db, chain, postgres_url):
     """The receipt said status 1, a reorg re-mines the transaction as a revert: the status is read again after the
-    confirmations wait, the batch fails (released, paid by the next run) instead of being recorded confirmed."""
+    confirmations wait, and the batch is not recorded confirmed; it is sent again (same batchId) once it can pay."""
     allow = use_treasury(chain)
     w = wallet(340)
     async with clean_db.acquire() as conn:
@@ -344,13 +345,13 @@ async def test_success_reorged_into_revert_is_not_confirmed(clean_db, chain, pos
     executor = HookedExecutor(postgres_url, chain, network="local", min_payout_far=MIN, confirmations=2,
                               receipt_timeout_s=10, hooks={"signed": before_broadcast, "mined": reorg})
     report = await executor.run_once()
-    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "failed")]
-    assert "reverted" in report.batches[0].error
+    assert [(b.batch_number, b.state) for b in report.batches] == [(1, "submitted")]
+    assert "estimate reverted" in report.batches[0].error
     assert onchain_balances(chain, [w]) == {w: Decimal(0)}
     allow(True)
     report = await PayoutExecutor(postgres_url, chain, network="local", min_payout_far=MIN,
                                   confirmations=2).run_once()
-    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(2, "confirmed")]
+    assert report.ok and [(b.batch_number, b.state) for b in report.batches] == [(1, "confirmed")]
     assert onchain_balances(chain, [w]) == {w: Decimal("22.5")}
     assert (await run_audit(postgres_url, chain)).ok
 
@@ -375,7 +376,9 @@ async def test_every_state_change_goes_through_the_transition_table(clean_db, ch
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute("UPDATE far_payment_batches SET state = 'failed'")
         assert {s for *_, s in await contribution_state(conn)} == {"confirmed"}
-    assert TRANSITIONS["confirmed"] == TRANSITIONS["failed"] == frozenset()
+    assert TRANSITIONS["failed"] == frozenset() and TRANSITIONS["confirmed"] == {"submitted"}
+    # Only a planned batch (no transaction carries its batchId) can fail and release its contributions.
+    assert [state for state, targets in TRANSITIONS.items() if "failed" in targets] == ["planned"]
 
 
 async def test_two_trackers_at_once_pay_once(clean_db, chain, make_executor, postgres_url):

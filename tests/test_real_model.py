@@ -79,7 +79,9 @@ async def test_greedy_64_tokens_through_the_swarm_match_the_local_model(real_coo
     model, tokenizer = smollm2_local
     async with httpx.AsyncClient(base_url=real_coordinator.url, headers=real_coordinator.headers,
                                  timeout=300) as client:
-        events = await _stream(client, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0})
+        # plain greedy, as the local reference (the model's default adds a repetition penalty)
+        events = await _stream(client, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0,
+                                        "repetition_penalty": 1.0})
     final = events[-1]
     text = "".join(event["token"] for event in events[:-1])
     expected, count, finish = await asyncio.to_thread(_local_greedy_text, model, tokenizer,
@@ -94,8 +96,8 @@ async def test_chat_answers_paris_and_stops_at_end_of_turn(real_coordinator):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     async with httpx.AsyncClient(base_url=real_coordinator.url, headers=real_coordinator.headers,
                                  timeout=300) as client:
-        chat = await client.post("/v1/chat/completions", json={"messages": question, "max_tokens": 48,
-                                                               "temperature": 0})
+        # no sampling fields: the model's recommended settings (services/models/catalog.py)
+        chat = await client.post("/v1/chat/completions", json={"messages": question, "max_tokens": 48})
         assert chat.status_code == 200, chat.text
         body = chat.json()
         answer = body["choices"][0]["message"]["content"]
@@ -103,7 +105,7 @@ async def test_chat_answers_paris_and_stops_at_end_of_turn(real_coordinator):
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["usage"]["completion_tokens"] < 48  # it stopped at <|im_end|>, not at the length limit
 
-        native = await _stream(client, {"messages": question, "max_tokens": 48, "temperature": 0})
+        native = await _stream(client, {"messages": question, "max_tokens": 48})
     assert native[-1]["finish_reason"] == "eos" and native[-1]["text"] == answer
 
 
@@ -123,7 +125,8 @@ async def test_server_killed_mid_stream_keeps_the_output_identical(real_coordina
             await asyncio.to_thread(real_swarm.nodes[name].process.kill)
 
         events = await _stream(client, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0,
-                                        "request_id": request_id}, on_token=kill_route_replica)
+                                        "repetition_penalty": 1.0, "request_id": request_id},
+                               on_token=kill_route_replica)
     assert victim, "no 10:20 server was on the route"
     final = events[-1]
     expected, _count, finish = await asyncio.to_thread(_local_greedy_text, model, tokenizer,

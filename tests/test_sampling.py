@@ -227,3 +227,125 @@ def test_accept_is_the_finish_rule_of_every_engine(tokenizer):
     finishes = [stream.accept(t, count=i + 1, max_tokens=100, end_of_generation=False)[1] for i, t in enumerate(ids)
                 if not stream.stopped]
     assert finishes[-1] == "stop" and stop not in stream.emitted
+
+
+# ------------------------------------------------------------------------ bias and penalties, against references
+def _openai_penalized(logits: list[float], output: list[int], presence: float, frequency: float) -> list[float]:
+    """OpenAI's documented formula: mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence, c counting the
+    tokens generated so far."""
+    counts = {j: output.count(j) for j in set(output)}
+    return [value - counts.get(j, 0) * frequency - (counts.get(j, 0) > 0) * presence
+            for j, value in enumerate(logits)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=st.lists(st.floats(-50, 50), min_size=2, max_size=40), data=st.data(),
+       presence=st.floats(-2, 2), frequency=st.floats(-2, 2))
+def test_presence_and_frequency_penalties_are_openais_formula(logits, data, presence, frequency):
+    output = data.draw(st.lists(st.integers(0, len(logits) - 1), max_size=12))
+    sampler = TokenSampler(SamplingParams(presence_penalty=presence, frequency_penalty=frequency, seed=0))
+    for token_id in output:  # what the sampler counts as generated
+        sampler.output_counts[token_id] = sampler.output_counts.get(token_id, 0) + 1
+    got = sampler._processed(torch.tensor(logits, dtype=torch.float64))
+    assert got.tolist() == pytest.approx(_openai_penalized(logits, output, presence, frequency), abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=st.lists(st.floats(-50, 50, width=32), min_size=2, max_size=40), data=st.data(),
+       penalty=st.floats(0.05, 10))
+def test_repetition_penalty_is_transformers_processor_over_prompt_and_output(logits, data, penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompt = data.draw(st.lists(st.integers(0, len(logits) - 1), max_size=8))
+    output = data.draw(st.lists(st.integers(0, len(logits) - 1), max_size=8))
+    sampler = TokenSampler(SamplingParams(repetition_penalty=penalty, seed=0), prompt)
+    sampler.seen.update(output)
+    got = sampler._processed(torch.tensor(logits, dtype=torch.float64))
+    scores = torch.tensor([logits], dtype=torch.float64)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output], dtype=torch.long), scores)
+    assert got.tolist() == pytest.approx(expected[0].tolist(), rel=1e-12, abs=1e-12)
+
+
+def test_the_sampler_counts_what_it_samples_and_bias_steers_greedy():
+    logits = torch.tensor([5.0, 4.9, 1.0, 0.0])
+    plain = TokenSampler(SamplingParams(temperature=0))
+    assert [plain.sample(logits) for _ in range(3)] == [0, 0, 0]
+    # frequency 0.06 per occurrence: token 0 drops below token 1 after two samples
+    penalized = TokenSampler(SamplingParams(temperature=0, frequency_penalty=0.06))
+    assert [penalized.sample(logits) for _ in range(3)] == [0, 0, 1]
+    assert penalized.output_counts == {0: 2, 1: 1}
+    # the repetition penalty also counts the prompt: 5.0 / 1.1 < 4.9
+    assert TokenSampler(SamplingParams(temperature=0, repetition_penalty=1.1), prompt_ids=[0]).sample(logits) == 1
+    biased = TokenSampler(SamplingParams(temperature=0, logit_bias=((3, 100.0), (0, -100.0))))
+    assert biased.sample(logits) == 3
+    banned = TokenSampler(SamplingParams(temperature=1.0, seed=1, logit_bias=((0, -100.0), (1, -100.0))))
+    assert all(banned.sample(logits) in (2, 3) for _ in range(50))
+
+
+# ---------------------------------------------------------------------------------------------------- logprobs
+@settings(max_examples=100, deadline=None)
+@given(logits=st.lists(st.floats(-80, 80, width=32), min_size=1, max_size=64), data=st.data())
+def test_logprobs_are_the_log_softmax_of_the_raw_logits(logits, data):
+    top = data.draw(st.integers(0, 20))
+    params = SamplingParams(temperature=data.draw(st.sampled_from([0.0, 0.7])), seed=0, logprobs=top,
+                            presence_penalty=1.0, logit_bias=((0, 5.0),))
+    sampler = TokenSampler(params)
+    token = sampler.sample(torch.tensor(logits))
+    reference = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), dim=-1)
+    entry = sampler.last_logprob
+    assert entry.token_id == token and math.isclose(entry.logprob, float(reference[token]), abs_tol=1e-12)
+    assert len(entry.top) == min(top, len(logits))
+    assert [value for _, value in entry.top] == sorted(reference.tolist(), reverse=True)[:len(entry.top)]
+
+
+def test_logprobs_of_impossible_tokens_are_finite_json_numbers():
+    entry = TokenSampler(SamplingParams(temperature=0, logprobs=2)).sample(torch.tensor([0.0, float("-inf")]))
+    assert entry == 0
+    from services.coordinator.sampling import MIN_LOGPROB, token_logprob
+
+    assert token_logprob(torch.tensor([0.0, float("-inf")], dtype=torch.float64), 1, 2).logprob == MIN_LOGPROB
+    inf = token_logprob(torch.tensor([float("inf"), float("inf"), 1.0], dtype=torch.float64), 0, 3)
+    assert inf.logprob == pytest.approx(math.log(0.5)) and inf.top[-1][1] == MIN_LOGPROB
+    assert token_logprob(torch.full((3,), float("-inf"), dtype=torch.float64), 0, 1).logprob == MIN_LOGPROB
+
+
+def test_token_pieces_give_each_tokens_own_text_and_bytes(tokenizer):
+    from services.coordinator.sampling import TokenPieces
+
+    pieces = TokenPieces(tokenizer)
+    word = next(i for i in range(len(tokenizer)) if tokenizer.convert_ids_to_tokens(i).startswith("\u2581")
+                and len(tokenizer.convert_ids_to_tokens(i)) > 2)
+    text = tokenizer.convert_ids_to_tokens(word)[1:]
+    assert pieces.piece(word) == (" " + text, list((" " + text).encode()))
+    byte = tokenizer.convert_tokens_to_ids("<0xE2>")
+    assert pieces.piece(byte) == ("\ufffd", [0xE2])
+
+
+def test_token_pieces_of_a_byte_level_vocabulary_are_exact_bytes(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from services.coordinator.sampling import TokenPieces
+
+    byte_level = AutoTokenizer.from_pretrained(smollm2_dir)
+    pieces = TokenPieces(byte_level)
+    ids = byte_level("Grüße, Paris ☃", add_special_tokens=False).input_ids
+    assert b"".join(bytes(pieces.piece(i)[1]) for i in ids) == "Grüße, Paris ☃".encode()
+    assert pieces.piece(byte_level.eos_token_id)[0] == byte_level.eos_token
+
+
+# ------------------------------------------------------------------------------------------ model defaults
+def test_sampling_defaults_come_from_the_catalog_then_the_generation_config():
+    from transformers import GenerationConfig
+
+    from services.coordinator.sampling import GENERIC_SAMPLING_DEFAULTS, sampling_defaults
+    from services.models.catalog import SMOLLM2, TINY
+
+    assert sampling_defaults(SMOLLM2.model_id) == {**GENERIC_SAMPLING_DEFAULTS, "temperature": 0.0,
+                                                   "repetition_penalty": 1.1}
+    assert sampling_defaults(SMOLLM2.model_id, GenerationConfig(do_sample=True, temperature=0.9)) == \
+        sampling_defaults(SMOLLM2.model_id)  # the catalog's recommendation wins
+    assert sampling_defaults(TINY.model_id) == GENERIC_SAMPLING_DEFAULTS  # no recommendation of its own
+    configured = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, repetition_penalty=1.05)
+    assert sampling_defaults("meta-llama/Llama-2-7b-chat-hf", configured) == {
+        "temperature": 0.6, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.05}
+    assert sampling_defaults("someone/plain", GenerationConfig()) == GENERIC_SAMPLING_DEFAULTS

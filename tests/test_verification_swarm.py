@@ -1,4 +1,4 @@
-"""Spot checks against a real dishonest server (issue 17): three servers hold the toy model's blocks, one of them
+"""Spot checks against a real dishonest server: three servers hold the toy model's blocks, one of them
 (tests/dishonest_server.py) adds noise to every inference step it returns. With every step checked, the cheater
 is caught, the stream it served leaves it, it is quarantined (the coordinator routes around it), its contributions
 are disputed and the payout plan pays the honest wallets exactly what they earned and the cheater nothing; no
@@ -93,8 +93,9 @@ def test_dishonest_server_is_caught_quarantined_and_not_paid(fresh_swarm, tiny_m
               f"quarantined after generation {quarantined_after}")
         assert not false_positives
         assert all(c["suspect_peer_id"] == cheater for c in checks if c["outcome"] == "failed")
-        assert outcomes.get("failed", 0) >= 2 and not outcomes.get("verifier_failed") and not outcomes.get(
-            "inconclusive")
+        # it lies in the checks it is asked to verify too (they look like traffic): then it is the suspect
+        assert all(c["suspect_peer_id"] == cheater for c in checks if c["outcome"] == "verifier_failed")
+        assert outcomes.get("failed", 0) >= 2 and not outcomes.get("inconclusive")
         assert all(c["outcome"] == "failed" for c in checks if c["checked_peer_id"] == cheater)  # caught every time
         # quarantined with its reason, and no session routes through it any more
         quarantine = asyncio.run(_query(db, "SELECT * FROM far_quarantine"))
@@ -145,6 +146,11 @@ def test_dishonest_server_is_caught_quarantined_and_not_paid(fresh_swarm, tiny_m
         assert wallets["cheater"] not in {d.wallet for d in dues}
         charged = sum((Decimal(f["cost_far"]) for f in finals), Decimal(0))
         assert charged == sum((s["cost_far"] for s in sessions.values()), Decimal(0)) > 0  # charges unchanged
+        # ... and every session a check proved wrong is refunded to the user, exactly its charge, once
+        refunds = asyncio.run(_query(db, "SELECT session_id, amount_far FROM far_account_ledger WHERE kind = 'refund'"))
+        proven = {c["session_id"] for c in checks if c["outcome"] == "failed"}
+        assert proven and {r["session_id"] for r in refunds} == proven
+        assert all(r["amount_far"] == sessions[r["session_id"]]["cost_far"] for r in refunds)
         # the weekly payout, on a local chain: the honest wallets get exactly what they earned, the cheater nothing
         from services.payouts.audit import run_audit
         from services.payouts.chain import new_local_chain
@@ -177,5 +183,99 @@ def test_dishonest_server_is_caught_quarantined_and_not_paid(fresh_swarm, tiny_m
                    what="the coordinator learns of the lift")
         after_lift = coordinator.generate_stream({"prompt": "def g(x):", "max_tokens": 8, "temperature": 0})[-1]["data"]
         assert cheater in {c["peer_id"] for c in after_lift["contributions"]}, after_lift  # routed through again
+    finally:
+        coordinator.process.stop()
+
+
+def _register(db: str, wallets: dict, peers: dict) -> None:
+    async def register():
+        conn = await asyncpg.connect(db)
+        try:
+            for name, address in wallets.items():
+                await ensure_node(conn, address, peers[name])
+        finally:
+            await conn.close()
+
+    asyncio.run(register())
+
+
+def test_two_colluders_cannot_frame_an_honest_server(fresh_swarm, tiny_model_dir, make_database, redis_url,
+                                                     tmp_path):
+    """Two colluders announce a tiny throughput (users are routed to the honest server), and return one agreed
+    wrong answer to every inference step, so to every check they are asked to verify. Registered, on their own
+    wallets, and taken as clean (SPOT_CHECK_CLEAN_RECORD=0: the worst case, they earned a record), they verify the
+    honest server and referee each other: the trusted verifier (the coordinator recomputing the span) contradicts
+    them. The honest server is neither disputed nor held nor quarantined; the colluders are quarantined."""
+    swarm = fresh_swarm
+    swarm.start_node("honest", "0:4")
+    for name in ("colluder-1", "colluder-2"):
+        swarm.start_node(name, "0:4", extra_args=(
+            "--server-command", f"{sys.executable} {CHEATER} --mode agreed --fraction 1 --advertise-rps 0.001"))
+    swarm.wait_online(["honest", "colluder-1", "colluder-2"], NUM_BLOCKS)
+    wallets = {name: wallet(230 + i) for i, name in enumerate(("honest", "colluder-1", "colluder-2"))}
+    peers = {name: swarm.nodes[name].peer_id for name in wallets}
+    db = make_database()
+    _register(db, wallets, peers)
+    _, key = asyncio.run(create_api_key(db))
+    coordinator = start_coordinator(
+        workdir=tmp_path / "coordinator", model_dir=tiny_model_dir, initial_peers=swarm.initial_peers,
+        postgres_url=db, redis_url=redis_url, api_key=key,
+        env_extra={"SPOT_CHECK_RATE": "1", "SPOT_CHECK_QUEUE": "10000", "SPOT_CHECK_CLEAN_RECORD": "0",
+                   "SPOT_CHECK_QUARANTINE_AFTER": "2", "SPOT_CHECK_QUARANTINE_SYNC_S": "1"})
+    try:
+        finals = []
+        for i in range(3):
+            finals.append(coordinator.generate_stream(
+                {"prompt": f"def h{i}(x):", "max_tokens": 8, "temperature": 0})[-1]["data"])
+            wait_until(lambda: _pending_checks(coordinator.url) == 0, timeout=60, interval=0.2,
+                       what="spot checks drained")
+        checks = asyncio.run(_query(db, "SELECT * FROM far_spot_checks ORDER BY created_at"))
+        honest, colluders = peers["honest"], {peers["colluder-1"], peers["colluder-2"]}
+        outcomes = {}
+        for c in checks:
+            outcomes[c["outcome"]] = outcomes.get(c["outcome"], 0) + 1
+        print(f"\ncolluders: {len(checks)} checks {outcomes}")
+        assert all(c["checked_peer_id"] == honest for c in checks)  # users were served by the honest server only
+        assert not [c for c in checks if c["suspect_peer_id"] == honest]  # never framed
+        assert {c["suspect_peer_id"] for c in checks if c["outcome"] == "verifier_failed"} == colluders
+        assert not outcomes.get("failed") and not outcomes.get("inconclusive")
+        assert all(c["referee_peer_id"] == "trusted:coordinator" for c in checks if c["outcome"] == "verifier_failed")
+        # once both are quarantined, the trusted verifier checks the span nobody else may verify: passed
+        assert checks[-1]["verifier_peer_id"] == "trusted:coordinator" and checks[-1]["outcome"] == "passed"
+        quarantine = asyncio.run(_query(db, "SELECT * FROM far_quarantine"))
+        assert {q["peer_id"] for q in quarantine} == colluders
+        rows = asyncio.run(_query(db, "SELECT * FROM far_session_contributions"))
+        assert rows and all(r["peer_id"] == honest and r["disputed_at"] is None and r["held_at"] is None
+                            and r["payment_far"] > 0 for r in rows)
+        assert not asyncio.run(_query(db, "SELECT 1 FROM far_account_ledger WHERE kind = 'refund'"))
+        assert all(Decimal(f["cost_far"]) > 0 for f in finals)  # the honest work is charged and stays charged
+    finally:
+        coordinator.process.stop()
+
+
+def test_one_server_per_span_is_checked_by_the_trusted_verifier(fresh_swarm, tiny_model_dir, make_database,
+                                                                redis_url, tmp_path):
+    """The mesh of `far-mesh up`: one server per span, no second server to verify either. The coordinator
+    recomputes the spans itself: every node gets passed checks."""
+    swarm = fresh_swarm
+    swarm.start_node("first", "0:2")
+    swarm.start_node("second", "2:4")
+    swarm.wait_online(["first", "second"], NUM_BLOCKS)
+    wallets = {"first": wallet(240), "second": wallet(241)}
+    peers = {name: swarm.nodes[name].peer_id for name in wallets}
+    db = make_database()
+    _register(db, wallets, peers)
+    _, key = asyncio.run(create_api_key(db))
+    coordinator = start_coordinator(
+        workdir=tmp_path / "coordinator", model_dir=tiny_model_dir, initial_peers=swarm.initial_peers,
+        postgres_url=db, redis_url=redis_url, api_key=key, env_extra={"SPOT_CHECK_RATE": "1"})
+    try:
+        coordinator.generate_stream({"prompt": "def k(x):", "max_tokens": 6, "temperature": 0})
+        wait_until(lambda: _pending_checks(coordinator.url) == 0, timeout=60, interval=0.2, what="checks drained")
+        checks = asyncio.run(_query(db, "SELECT * FROM far_spot_checks"))
+        passed = {c["checked_peer_id"] for c in checks if c["outcome"] == "passed"}
+        print(f"\none server per span: {len(checks)} checks, max error {max(c['error'] for c in checks):.1e}")
+        assert passed == set(peers.values())
+        assert all(c["outcome"] == "passed" and c["verifier_peer_id"] == "trusted:coordinator" for c in checks)
     finally:
         coordinator.process.stop()

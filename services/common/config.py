@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +99,26 @@ class ChainSettings(CommonSettings):
     DEPOSIT_POLL_INTERVAL_S: float = Field(default=15.0, gt=0, description="seconds between deposit watcher scans")
     PAYOUT_CONFIRMATIONS: int = Field(default=3, ge=0)
 
+    @model_validator(mode="after")
+    def _confirmations_on_public_chains(self):
+        problem = confirmations_problem(self.BSC_NETWORK, self.PAYOUT_CONFIRMATIONS)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+# On a public chain a credited deposit or a confirmed payout must not be undone by an ordinary reorg.
+MIN_PUBLIC_CONFIRMATIONS = 3
+
+
+def confirmations_problem(network: str, confirmations: int) -> str | None:
+    """Why ``confirmations`` is too few for ``network`` (None when it is enough). Checked by the settings and again
+    where a command names its own ``--network``."""
+    if network in ("testnet", "mainnet") and confirmations < MIN_PUBLIC_CONFIRMATIONS:
+        return (f"PAYOUT_CONFIRMATIONS: {confirmations} is too few on {network}; at least "
+                f"{MIN_PUBLIC_CONFIRMATIONS} (a shallow reorg would undo a credited deposit or a confirmed payout)")
+    return None
+
 
 class PayoutSettings(ChainSettings):
     """The payment tracker (`far-mesh payouts`, `far-mesh audit`, `far-mesh deposits`)."""
@@ -110,6 +130,9 @@ class PayoutSettings(ChainSettings):
     # Payouts tuning (not in SPEC's list, documented in docs/payouts.md).
     MAX_RECIPIENTS_PER_TX: int = Field(default=200, ge=1, le=1000, description="recipients per payBatch transaction")
     PAYOUT_MAX_GAS: int = Field(default=10_000_000, ge=100_000, description="gas limit cap of one payBatch transaction")
+    PAYOUT_FINALITY_BLOCKS: int = Field(default=64, ge=1, description="a confirmed batch's payment is re-read by "
+                                        "every run until it is this deep (and, on BSC, in a `finalized` block); a "
+                                        "reorg that removed it before then sends it again with the same batchId")
 
     _non_negative_minimum = field_validator("MIN_PAYOUT_FAR")(_finite_non_negative)
 
@@ -148,6 +171,12 @@ class CoordinatorSettings(ChainSettings):
                                   "beyond it they are dropped (a check never slows a stream)")
     SPOT_CHECK_QUARANTINE_AFTER: int = Field(default=2, ge=1, description="coordinator: failed checks that "
                                              "quarantine a peer")
+    SPOT_CHECK_TRUSTED_VERIFIER_GB: float = Field(default=2.0, ge=0, description="coordinator: memory for the "
+                                                  "trusted verifier, the coordinator recomputing a span from its "
+                                                  "own model files to settle disagreements and check spans no "
+                                                  "other server holds (0 = none; docs/verification.md)")
+    SPOT_CHECK_RETRY_S: float = Field(default=30.0, gt=0, description="coordinator: how often an inconclusive "
+                                      "check (its contribution held unpaid) is tried again")
     SPOT_CHECK_QUARANTINE_SYNC_S: float = Field(default=10.0, gt=0, description="coordinator: how often it re-reads "
                                                 "the quarantine (other coordinators' quarantines, lifts)")
     MAX_RUNNING_GENERATIONS: int = Field(default=16, ge=1, description="coordinator: generations running at once "

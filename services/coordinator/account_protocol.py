@@ -47,13 +47,15 @@ class Balance(BaseModel):
     available_far: str = Field(description="balance - reserved: what a new request can reserve")
     deposited_far: str
     granted_far: str = Field(description="operator credits and the opening balance")
+    refunded_far: str = Field("0", description="charges given back: requests a spot check proved wrong")
     charged_far: str
     deposit: Optional[DepositHow] = Field(None, description="how to top up; null when deposits are not configured")
 
 
 class LedgerEntry(BaseModel):
     at: str
-    kind: str = Field(description="deposit | grant | opening (credits, positive) | charge (negative)")
+    kind: str = Field(description="deposit | grant | opening | refund (credits, positive; a "
+                      "refund gives back the charge of request_id, proven wrong) | charge (negative)")
     amount_far: str
     balance_after_far: Optional[str] = None
     note: Optional[str] = None
@@ -83,6 +85,9 @@ class UsageRequest(BaseModel):
     reserved_far: str
     created_at: str
     finalized_at: Optional[str]
+    refunded_far: Optional[str] = Field(None, description="the charge given back because a spot check proved a "
+                                        "server's output wrong (docs/verification.md); null when not refunded")
+    refund_reason: Optional[str] = None
     nodes: list[Contribution] = Field(description="the servers that computed it and what each earned")
 
 

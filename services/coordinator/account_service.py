@@ -90,7 +90,8 @@ class AccountService:
             raise ServingError(404, "account_not_found", "the account no longer exists")
         totals = await self.pool.fetchrow(
             """SELECT coalesce(sum(amount_far) FILTER (WHERE kind = 'deposit'), 0) AS deposited,
-                      coalesce(sum(amount_far) FILTER (WHERE kind <> 'deposit'), 0) AS granted
+                      coalesce(sum(amount_far) FILTER (WHERE kind IN ('grant', 'opening')), 0) AS granted,
+                      coalesce(sum(amount_far) FILTER (WHERE kind = 'refund'), 0) AS refunded
                  FROM far_account_ledger WHERE account_id = $1""", uuid.UUID(principal.account_id))
         charged = await self.pool.fetchval(
             "SELECT coalesce(sum(cost_far), 0) FROM far_mesh_sessions WHERE account_id = $1 AND finalized_at IS NOT "
@@ -100,6 +101,7 @@ class AccountService:
             "balance_far": _far(row["balance_far"]), "reserved_far": _far(row["reserved_far"]),
             "available_far": _far(row["balance_far"] - row["reserved_far"]),
             "deposited_far": _far(totals["deposited"]), "granted_far": _far(totals["granted"]),
+            "refunded_far": _far(totals["refunded"]),
             "charged_far": _far(charged),
             "deposit": self.deposit_info.for_account(principal.account_id) if self.deposit_info else None,
         }
@@ -113,8 +115,9 @@ class AccountService:
             """SELECT * FROM (
                    SELECT l.created_at AS at, l.kind, l.amount_far AS amount, l.balance_after_far, l.note,
                           d.tx_hash, d.log_index, d.block_number, d.from_address,
-                          NULL::text AS request_id, NULL::numeric AS reserved, NULL::text AS status
+                          r.request_id, NULL::numeric AS reserved, NULL::text AS status
                      FROM far_account_ledger l LEFT JOIN far_deposits d USING (deposit_id)
+                     LEFT JOIN far_mesh_sessions r ON r.session_id = l.session_id
                     WHERE l.account_id = $1
                    UNION ALL
                    SELECT s.finalized_at, 'charge', -s.cost_far, NULL, NULL, NULL, NULL, NULL, NULL,
@@ -131,6 +134,8 @@ class AccountService:
                              refunded_far=_far(row["reserved"] + row["amount"]))
             else:
                 entry.update(balance_after_far=_far(row["balance_after_far"]), note=row["note"])
+                if row["request_id"]:  # a refund names the request it gives back
+                    entry.update(request_id=row["request_id"])
                 if row["tx_hash"]:
                     entry.update(tx_hash=row["tx_hash"], log_index=row["log_index"],
                                  block_number=row["block_number"], from_address=row["from_address"])
@@ -142,11 +147,13 @@ class AccountService:
     async def usage(self, principal: Principal, *, limit: int, before: Optional[datetime], days: int) -> dict:
         account = uuid.UUID(principal.account_id)
         sessions = await self.pool.fetch(
-            """SELECT session_id, request_id, model_id, status, finish_reason, prompt_tokens, completion_tokens,
-                      cost_far, reserved_far, created_at, finalized_at
-                 FROM far_mesh_sessions
-                WHERE account_id = $1 AND ($2::timestamptz IS NULL OR created_at < $2)
-                ORDER BY created_at DESC LIMIT $3""", account, before, limit)
+            """SELECT s.session_id, s.request_id, s.model_id, s.status, s.finish_reason, s.prompt_tokens,
+                      s.completion_tokens, s.cost_far, s.reserved_far, s.created_at, s.finalized_at,
+                      r.amount_far AS refunded_far, r.note AS refund_reason
+                 FROM far_mesh_sessions s
+                 LEFT JOIN far_account_ledger r ON r.session_id = s.session_id AND r.kind = 'refund'
+                WHERE s.account_id = $1 AND ($2::timestamptz IS NULL OR s.created_at < $2)
+                ORDER BY s.created_at DESC LIMIT $3""", account, before, limit)
         nodes: dict = {}
         if sessions:
             for row in await self.pool.fetch(
@@ -162,6 +169,8 @@ class AccountService:
             "completion_tokens": s["completion_tokens"], "cost_far": _far(s["cost_far"]),
             "reserved_far": _far(s["reserved_far"]), "created_at": s["created_at"].isoformat(),
             "finalized_at": s["finalized_at"].isoformat() if s["finalized_at"] else None,
+            "refunded_far": _far(s["refunded_far"]) if s["refunded_far"] is not None else None,
+            "refund_reason": s["refund_reason"],
             "nodes": nodes.get(s["session_id"], [])} for s in sessions]
         daily = await self.pool.fetch(
             """SELECT date_trunc('day', created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,

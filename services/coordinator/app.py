@@ -154,7 +154,7 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable,
     the database by ``keep_quarantine_synced``)."""
     from services.coordinator import metrics
     from services.coordinator.checks import CheckConsequences, CheckStore, sync_quarantine
-    from services.coordinator.verification import SamplingPolicy, SpotChecker, SwarmForward
+    from services.coordinator.verification import LocalSpanVerifier, SamplingPolicy, SpotChecker, SwarmForward
 
     store = CheckStore(pool)
     await sync_quarantine(store, swarm)
@@ -171,9 +171,13 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable,
     consequences = CheckConsequences(store, asyncio.get_running_loop(),
                                      quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
                                      on_quarantine=on_quarantine)
+    trusted = LocalSpanVerifier(swarm.model_path, swarm.model.config,
+                                int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
     checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
-                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S)
+                          max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S,
+                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S)
     checker.quarantined.update(swarm.quarantined)
+    checker.registry = await store.registry()
     swarm.spot_checker = checker
     return checker.start()
 

@@ -1,21 +1,23 @@
-"""What a spot check's verdict does (docs/verification.md): persisted in ``far_spot_checks``; a failed
-check disputes the suspect's contribution to that session (``dispute_contribution()``: its payment is withheld,
-the user's charge is unchanged); ``quarantine_after`` failed checks quarantine the peer (``far_quarantine``): the
-coordinator stops routing through it (Petals' ``blocked_servers`` plus a ban that drops it from the current routes
-at once) and discovery shows it with the reason."""
+"""What a spot check's verdict does (docs/verification.md): persisted in ``far_spot_checks``; a failed check
+disputes the suspect's contribution to that session (``dispute_contribution()``: its payment is withheld) and refunds
+the user's charge of that session (``far_refund_session()``); an inconclusive check holds the contribution unpaid
+until it is settled; ``quarantine_after`` failed checks quarantine the peer and its wallet (``quarantine_peer()``:
+every unpaid contribution of both is forfeited): the coordinator stops routing through every peer of that wallet
+(Petals' ``blocked_servers`` plus a ban that drops it from the current routes at once) and discovery shows it with
+the reason."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 from typing import Callable, Optional
 
 import asyncpg
 
 from services.common.logs import get_logger
-from services.common.states import SpotCheckOutcome
 from services.coordinator import metrics
-from services.coordinator.verification import FAILED, CheckResult
+from services.coordinator.verification import FAILED, INCONCLUSIVE, PASSED, CheckResult
 
 log = get_logger(__name__)
 
@@ -48,15 +50,42 @@ class CheckStore:
                 WHERE suspect_peer_id = $1 AND created_at > coalesce(
                       (SELECT max(lifted_at) FROM far_quarantine_lifts WHERE peer_id = $1), '-infinity')""", peer_id)
 
-    async def quarantine(self, peer_id: str, reason: str, failed_checks: int) -> None:
-        await self.pool.execute(
-            """INSERT INTO far_quarantine (peer_id, reason, failed_checks) VALUES ($1, $2, $3)
-               ON CONFLICT (peer_id) DO UPDATE SET failed_checks = excluded.failed_checks""",
-            peer_id, reason, failed_checks)
+    async def quarantine(self, peer_id: str, reason: str, failed_checks: int) -> Decimal:
+        """Quarantine the peer and the wallet it registered with, and forfeit every unpaid contribution of both
+        (SQL ``quarantine_peer()``). Returns the FAR withheld from finalized sessions by the forfeiture."""
+        return await self.pool.fetchval("SELECT quarantine_peer($1, $2, $3)", peer_id, reason, failed_checks)
 
     async def quarantined(self) -> dict[str, str]:
-        rows = await self.pool.fetch("SELECT peer_id, reason FROM far_quarantine")
+        """Every peer not to route through: the quarantined ones and every registration of a quarantined wallet."""
+        rows = await self.pool.fetch("SELECT peer_id, reason FROM far_quarantined_peers")
         return {row["peer_id"]: row["reason"] for row in rows}
+
+    async def covered_peers(self, peer_id: str) -> list[str]:
+        """The peers that ``peer_id``'s quarantine covers (itself and the other registrations of its wallet)."""
+        rows = await self.pool.fetch("SELECT peer_id FROM far_quarantined_peers WHERE quarantined_peer_id = $1 "
+                                     "ORDER BY peer_id", peer_id)
+        return [row["peer_id"] for row in rows]
+
+    async def registry(self) -> dict[str, str]:
+        """peer id -> wallet (lower case) of the registered nodes: who may verify whom."""
+        rows = await self.pool.fetch("SELECT peer_id, lower(wallet_address) AS wallet FROM far_nodes "
+                                     "WHERE state <> 'unregistered' AND wallet_address IS NOT NULL")
+        return {row["peer_id"]: row["wallet"] for row in rows}
+
+    async def hold(self, session_id: str, peer_id: str, blocks: str, reason: str) -> None:
+        """Hold the contribution unpaid while its check is unsettled (the payout planner skips it)."""
+        await self.pool.execute("SELECT far_hold_contribution($1, $2, $3, $4)", uuid.UUID(session_id), peer_id,
+                                blocks, reason)
+
+    async def release(self, session_id: str, peer_id: str) -> None:
+        await self.pool.execute("UPDATE far_session_contributions SET held_at = NULL, held_reason = NULL "
+                                "WHERE session_id = $1 AND peer_id = $2 AND held_at IS NOT NULL",
+                                uuid.UUID(session_id), peer_id)
+
+    async def refund(self, session_id: str, note: str) -> Decimal:
+        """Give the user back a finalized session's charge once a check proved its output wrong (SQL
+        ``far_refund_session()``; a running session is refunded as it is finalized). Returns what was refunded."""
+        return await self.pool.fetchval("SELECT far_refund_session($1, $2)", uuid.UUID(session_id), note)
 
     async def quarantine_list(self, *, history: bool = False) -> list[dict]:
         """The quarantined peers (with the node that registered each, when known), newest first; with ``history``
@@ -64,11 +93,11 @@ class CheckStore:
         rows = await self.pool.fetch(
             """SELECT q.peer_id, q.reason, q.failed_checks, q.quarantined_at, NULL::timestamptz AS lifted_at,
                       NULL AS lifted_by, NULL AS lift_reason, n.node_id::text AS node_id, n.public_name,
-                      n.wallet_address
+                      coalesce(n.wallet_address, q.wallet_address) AS wallet_address
                  FROM far_quarantine q LEFT JOIN far_nodes n ON n.peer_id = q.peer_id
                UNION ALL
                SELECT l.peer_id, l.reason, l.failed_checks, l.quarantined_at, l.lifted_at, l.lifted_by, l.lift_reason,
-                      n.node_id::text, n.public_name, n.wallet_address
+                      n.node_id::text, n.public_name, coalesce(n.wallet_address, l.wallet_address)
                  FROM far_quarantine_lifts l LEFT JOIN far_nodes n ON n.peer_id = l.peer_id
                 WHERE $1
                 ORDER BY lifted_at DESC NULLS FIRST, quarantined_at DESC""", history)
@@ -81,6 +110,9 @@ class CheckStore:
         if not reason.strip():
             raise ValueError("a reason is required (--reason)")
         peer = await self.pool.fetchval("SELECT peer_id FROM far_nodes WHERE node_id::text = $1", peer_id)
+        # a peer quarantined through its wallet: lifting means lifting the quarantine that covers it
+        peer = await self.pool.fetchval("SELECT quarantined_peer_id FROM far_quarantined_peers WHERE peer_id = $1",
+                                        peer or peer_id) or peer
         try:
             row = await self.pool.fetchrow("SELECT * FROM lift_quarantine($1, $2, $3)", peer or peer_id,
                                            lifted_by, reason)
@@ -114,6 +146,9 @@ async def sync_quarantine(store: CheckStore, swarm) -> tuple[set[str], set[str]]
     for peer_id in sorted(lifted):
         await asyncio.to_thread(swarm.unquarantine, peer_id)
     metrics.QUARANTINED.set(len(swarm.quarantined))
+    checker = getattr(swarm, "spot_checker", None)
+    if checker is not None:  # who may verify: the registrations as they are now
+        checker.registry = await store.registry()
     return added, lifted
 
 
@@ -136,11 +171,16 @@ async def keep_quarantine_synced(store: CheckStore, swarm, interval_s: float) ->
 
 
 def reason_of(result: CheckResult) -> str:
+    """Why the suspect is one: how far its outputs are from the reference's (the trusted verifier's, a referee's,
+    or the other two servers')."""
     job, verdict = result.job, result.verdict
-    return (f"spot check of blocks {job.start}:{job.end} ({job.outputs.shape[1]} positions) failed: its outputs are "
-            f"{verdict.referee_checked if verdict.outcome == FAILED else verdict.referee_verifier:.3g} away "
-            f"(relative L2) from {result.referee if verdict.outcome == FAILED else job.peer_id}'s and "
-            f"{verdict.error:.3g} from the other server's, tolerance {result.tolerance:g} ({result.dtype})")
+    reference = result.referee or result.verifier
+    if verdict.outcome == FAILED:
+        what, distance = f"blocks {job.start}:{job.end} ({job.outputs.shape[1]} positions)", verdict.referee_checked
+    else:
+        what, distance = f"its verification of {job.peer_id}'s blocks {job.start}:{job.end}", verdict.referee_verifier
+    return (f"spot check of {what} failed: its outputs are {distance:.3g} away (relative L2) from {reference}'s "
+            f"and {verdict.error:.3g} from the other server's, tolerance {result.tolerance:g} ({result.dtype})")
 
 
 class CheckConsequences:
@@ -160,22 +200,42 @@ class CheckConsequences:
         job, verdict = result.job, result.verdict
         metrics.SPOT_CHECKS.labels(job.model_id, verdict.outcome).inc()
         await self.store.record(result)
+        blocks = f"{job.start}:{job.end}"
+        if verdict.outcome == INCONCLUSIVE:
+            log.warning("spot check inconclusive: held unpaid until settled", checked=job.peer_id,
+                        verifier=result.verifier, referee=result.referee, error=verdict.error,
+                        tolerance=result.tolerance)
+            if job.session_id is not None:
+                await self.store.hold(job.session_id, job.peer_id, blocks,
+                                      f"spot check of blocks {blocks} inconclusive: {result.verifier} disagrees "
+                                      f"({verdict.error:.3g}, tolerance {result.tolerance:g}) and nobody settled it")
+            return
+        if job.held and job.session_id is not None:  # settled at last: the hold ends (a dispute follows below)
+            await self.store.release(job.session_id, job.peer_id)
         suspect = result.suspect_peer
-        if suspect is None:
-            if verdict.outcome != SpotCheckOutcome.PASSED:
-                log.warning("spot check inconclusive: two servers disagree and no third could settle it",
-                            checked=job.peer_id, verifier=result.verifier, error=verdict.error,
-                            tolerance=result.tolerance)
+        if verdict.outcome == PASSED or suspect is None:
             return
         reason = reason_of(result)
         log.warning("spot check failed", suspect=suspect, session_id=job.session_id, reason=reason)
         if verdict.outcome == FAILED and job.session_id is not None:
-            batch = await self.store.dispute(job.session_id, suspect, f"{job.start}:{job.end}", reason)
+            batch = await self.store.dispute(job.session_id, suspect, blocks, reason)
             if batch is not None:
                 log.error("disputed contribution was already in a payout batch: not withheld",
                           session_id=job.session_id, peer_id=suspect, batch_id=str(batch))
+            refunded = await self.store.refund(job.session_id, f"refund: a spot check proved {suspect}'s output "
+                                                               f"wrong ({blocks})")
+            if refunded:
+                log.warning("session refunded: a server's output was proven wrong", session_id=job.session_id,
+                            refunded_far=str(refunded))
+        await self._maybe_quarantine(suspect, reason)
+
+    async def _maybe_quarantine(self, suspect: str, reason: str) -> None:
         failures = await self.store.failed_checks(suspect)
-        if failures >= self.quarantine_after:
-            why = f"{failures} failed spot checks; last: {reason}"
-            await self.store.quarantine(suspect, why, failures)
-            self.on_quarantine(suspect, why)
+        if failures < self.quarantine_after:
+            return
+        why = f"{failures} failed spot checks; last: {reason}"
+        forfeited = await self.store.quarantine(suspect, why, failures)
+        log.error("peer quarantined: its wallet's unpaid earnings are forfeited", peer_id=suspect,
+                  forfeited_far=str(forfeited))
+        for peer_id in await self.store.covered_peers(suspect) or [suspect]:
+            self.on_quarantine(peer_id, why)

@@ -73,6 +73,7 @@ class SwarmModel:
         self.num_blocks: int = config.num_hidden_layers
         self.context_length: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = end_of_generation_ids(self.tokenizer, self.model.generation_config)
+        self.generation_config = self.model.generation_config  # its recommended sampling (sampling_defaults)
         # every generation's logits come from one LM-head pass per round (services/coordinator/lm_head.py)
         # on a oneDNN-packed copy of the head where it can be (float32 on CPU: services/common/packed_linear.py)
         self.logits_batcher = LogitsBatcher(PackedHead(self.model.lm_head), max_wait_s=lm_head_wait_s)
@@ -155,7 +156,7 @@ class Generation:
         self.params = params
         self.meter = meter
         self.cancel = cancel
-        self.sampler = TokenSampler(params)
+        self.sampler = TokenSampler(params, prompt_ids)
         self.text = TextStream(swarm.tokenizer, params.stop)
         self.token_ids: list[int] = []
         self.finish_reason: Optional[str] = None
@@ -220,7 +221,7 @@ class Generation:
                                                      max_tokens=self.params.max_tokens,
                                                      end_of_generation=token_id in self.swarm.eos_token_ids)
                     if delta is not None:
-                        yield TokenDelta(len(self.token_ids), token_id, delta)
+                        yield TokenDelta(len(self.token_ids), token_id, delta, self.sampler.last_logprob)
                     if finish is not None:
                         self.finish_reason = finish
                         return

@@ -23,7 +23,7 @@ from services.common.states import FinishReason
 
 if TYPE_CHECKING:  # sampling imports torch
     from services.coordinator.metering import WorkMeter
-    from services.coordinator.sampling import SamplingParams
+    from services.coordinator.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TokenDelta:
     index: int  # 1-based count of generated tokens
     token_id: int
     text: str  # may be "" (held back for a stop sequence / incomplete UTF-8)
+    logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
 
 
 class FailoverEvent(TypedDict):

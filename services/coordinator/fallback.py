@@ -53,13 +53,16 @@ def upstream_request(request: GenerateRequest, model_name: str) -> tuple[str, di
     """(path under the base URL, JSON body): ``messages`` go to chat/completions, a ``prompt`` to completions.
     Always streamed with usage. ``top_k`` is not an OpenAI parameter: sent only when the client set it (vLLM,
     llama.cpp and far-mesh accept it)."""
-    body = {"model": model_name, "max_tokens": request.max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model_name, "max_tokens": request.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"):
+        if getattr(request, name) is not None:  # omitted: the upstream's own default for its model
+            body[name] = getattr(request, name)
     if request.stop:
         body["stop"] = list(request.stop)
     if request.seed is not None:
         body["seed"] = request.seed
-    if "top_k" in request.model_fields_set and request.top_k > 0:
+    if request.top_k:
         body["top_k"] = request.top_k
     if request.messages is None:
         return "completions", {**body, "prompt": request.prompt}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # ErrorBody/ErrorDetail: the wire's error shape, re-exported here with the other models of the protocol
 from services.common.http import (MAX_SAFE_INTEGER, NOT_BLANK, SSE_EVENT, ErrorBody, ErrorDetail,  # noqa: F401
@@ -25,21 +26,43 @@ RESERVED_REQUEST_IDS = ("generate",)
 MAX_STOP_SEQUENCES = 8
 MAX_PROMPT_CHARS = 200_000  # a cheap first bound; the model's context bounds it further (serving.py)
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back and rescans up to this many characters
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (each is applied to every step's logits)
+# A validation error of this type is a field or value the API does not implement (400 unsupported_parameter on
+# the OpenAI routes), not a malformed one.
+UNSUPPORTED = "unsupported_parameter"
+
+
+def _text_only(kind: str) -> str:
+    if kind != "text":
+        raise PydanticCustomError(UNSUPPORTED, "content parts of type '{kind}' are not supported (text only)",
+                                  {"kind": kind})
+    return kind
+
+
+# logit_bias: {"token id": bias}, OpenAI's range -100..100 (-100 bans the token, 100 all but forces it).
+LogitBias = Annotated[Optional[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                                    Annotated[float, Field(ge=-100, le=100)]]],
+                      Field(max_length=MAX_LOGIT_BIAS), WithJsonSchema({"anyOf": [
+                          {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                           "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                          {"type": "null"}]})]
 
 
 
 
 class ContentPart(BaseModel):
-    """An OpenAI content part; only ``{"type": "text", "text": ...}`` parts are read, the others are ignored."""
+    """An OpenAI content part: only ``{"type": "text", "text": ...}`` parts exist here (another type is refused)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: str
+    type: Annotated[str, AfterValidator(_text_only), Field(json_schema_extra={"const": "text"})]
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
@@ -72,9 +95,16 @@ class GenerateRequest(BaseModel):
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=1000,
                                                   json_schema_extra=SOME_MESSAGE_HAS_TEXT)
     max_tokens: JsonInt = Field(100, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: JsonInt = Field(40, ge=0, le=100_000)
+    # Sampling: absent (or null) → the model's recommended setting (sampling.sampling_defaults).
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[json_int(ge=0, le=100_000)] = None
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: LogitBias = None
+    logprobs: Optional[json_int(ge=0, le=MAX_TOP_LOGPROBS)] = Field(
+        None, description="the log-probability of every generated token and of this many most likely ones")
     stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
                                                                          max_length=MAX_STOP_SEQUENCES)
     seed: Optional[json_int(ge=0, le=MAX_SAFE_INTEGER)] = None
@@ -115,11 +145,27 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopLogprob(BaseModel):
+    """A token and its log-probability, as OpenAI's chat ``logprobs.content[].top_logprobs[]``."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class LogprobEntry(TopLogprob):
+    """A generated token's log-probability and the most likely tokens at its step (OpenAI's chat
+    ``logprobs.content[]``)."""
+
+    top_logprobs: list[TopLogprob]
+
+
 class TokenEvent(BaseModel):
     token: str
     request_id: str
     tokens_generated: int
     cost_far: str
+    logprobs: Optional[LogprobEntry] = None  # only when asked for (omitted from the wire otherwise)
 
 
 class ReplacedServer(BaseModel):
@@ -161,6 +207,8 @@ class InferenceStatus(BaseModel):
     served_by: ServedByWord
     route: list[dict] = Field(description="the servers of the running session: [{peer_id, blocks}]")
     replaced_servers: list[ReplacedServer]
+    refunded_far: Optional[str] = Field(None, description="the charge given back to the account because a spot "
+                                        "check proved a server's output wrong (docs/verification.md)")
 
 
 class CancelResult(BaseModel):

@@ -1,9 +1,11 @@
 """Token sampling and incremental detokenization with stop sequences (pure, no network).
 
-``TokenSampler``: temperature / top-k / top-p with a seeded ``torch.Generator`` (same seed → same tokens;
-a temperature below ``GREEDY_BELOW_TEMPERATURE`` is greedy). Sampling runs in float64 on logits shifted so their
-maximum is 0, so no accepted temperature and no logits (huge, ±inf, NaN) make the probabilities inf or NaN. ``TextStream``: turns token ids into text deltas, holds back text that could still
-become a stop sequence (stop sequences are never emitted) and incomplete UTF-8 from byte-fallback pieces.
+``TokenSampler``: logit bias, repetition / presence / frequency penalties, then temperature / top-k / top-p with a
+seeded ``torch.Generator`` (same seed → same tokens; a temperature below ``GREEDY_BELOW_TEMPERATURE`` is greedy),
+and on request the log-probabilities of the chosen and the most likely tokens. Sampling runs in float64 on logits
+shifted so their maximum is 0, so no accepted temperature and no logits (huge, ±inf, NaN) make the probabilities
+inf or NaN. ``TextStream``: turns token ids into text deltas, holds back text that could still become a stop
+sequence (stop sequences are never emitted) and incomplete UTF-8 from byte-fallback pieces.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Below this temperature sampling is greedy (argmax): dividing by a tiny temperature overflows, and the
 # distribution is a point mass anyway (vLLM uses the same 1e-5).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# A log-probability of -inf (a token the model rules out) as OpenAI writes it: JSON has no infinity.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -33,20 +37,51 @@ class SamplingParams:
     top_k: int = 40
     seed: Optional[int] = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # OpenAI's: subtracted from a token's logit once it occurred in the output (presence), and per occurrence
+    # (frequency); -2..2.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' / vLLM's: a logit of a token of the prompt or the output is divided by it when positive and
+    # multiplied by it when negative (1 = off).
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), -100..100
+    logprobs: Optional[int] = None  # None: none; k: the chosen token's log-probability and the k most likely
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and the ``top`` most likely tokens at its step (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 class TokenSampler:
-    def __init__(self, params: SamplingParams):
+    """Samples one generation's tokens. ``prompt_ids`` count for the repetition penalty (as in transformers'
+    ``RepetitionPenaltyLogitsProcessor``); the presence and frequency penalties count the output only (as OpenAI
+    and vLLM do). After each ``sample``, ``last_logprob`` holds the log-probabilities when they were asked for:
+    the log-softmax of the model's logits, before bias, penalties and temperature (vLLM's raw logprobs)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()):
         self.params = params
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self.output_counts: dict[int, int] = {}
+        self.seen: set[int] = set(int(i) for i in prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self.last_logprob: Optional[TokenLogprob] = None
 
     def sample(self, logits: torch.Tensor) -> int:
         """``logits``: 1-D tensor over the vocabulary. NaN counts as -inf; if some logits are +inf, the choice is
@@ -54,6 +89,38 @@ class TokenSampler:
         logits = logits.detach().flatten().to(torch.float64)
         negative_inf = torch.tensor(float("-inf"), dtype=torch.float64)
         logits = torch.where(torch.isnan(logits), negative_inf, logits)
+        raw = logits
+        if self.params.penalized:
+            logits = self._processed(logits)
+        token_id = self._choose(logits)
+        if self.params.logprobs is not None:
+            self.last_logprob = token_logprob(raw, token_id, self.params.logprobs)
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token_id)
+        return token_id
+
+    def _processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logit bias, then the repetition penalty, then presence and frequency (vLLM's order)."""
+        logits = logits.clone()
+        size = logits.numel()
+        for token_id, bias in self.params.logit_bias:
+            if 0 <= token_id < size:
+                logits[token_id] += bias
+        penalty = self.params.repetition_penalty
+        if penalty != 1.0 and self.seen:
+            ids = torch.tensor([i for i in self.seen if 0 <= i < size], dtype=torch.long)
+            scores = logits[ids]
+            logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+        if (self.params.presence_penalty or self.params.frequency_penalty) and self.output_counts:
+            pairs = [(i, c) for i, c in self.output_counts.items() if 0 <= i < size]
+            ids = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+            counts = torch.tensor([c for _, c in pairs], dtype=torch.float64)
+            logits[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+        return torch.where(torch.isnan(logits), torch.tensor(float("-inf"), dtype=torch.float64), logits)
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        negative_inf = torch.tensor(float("-inf"), dtype=torch.float64)
         if self.params.greedy:
             return int(torch.argmax(logits))
         positive_inf = torch.isposinf(logits)
@@ -77,6 +144,92 @@ class TokenSampler:
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
             probs = probs / probs.sum()
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
+    """The log-softmax of ``logits`` (float64, NaN already -inf) at ``token_id`` and its ``top`` largest values,
+    most likely first; -inf (and a distribution without any finite logit) written as ``MIN_LOGPROB``."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        logprobs = torch.log_softmax(logits, dim=-1)
+    elif bool(torch.isposinf(logits).any()):  # the +inf tokens share all the mass
+        inf = torch.isposinf(logits)
+        logprobs = torch.where(inf, -torch.log(inf.sum().to(torch.float64)), torch.tensor(float("-inf"),
+                                                                                            dtype=torch.float64))
+    elif bool(finite.any()):
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        logprobs = torch.full_like(logits, float("-inf"))
+
+    def clean(value) -> float:
+        return max(float(value), MIN_LOGPROB)
+
+    ranked = []
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        ranked = [(int(i), clean(v)) for v, i in zip(values.tolist(), ids.tolist())]
+    return TokenLogprob(token_id, clean(logprobs[token_id]), tuple(ranked))
+
+
+# What a request that omits a sampling field gets when neither the model catalog nor the model's generation config
+# recommends a value (docs/generation.md "Defaults per model").
+GENERIC_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.0}
+_GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(model_id: str, generation_config=None) -> dict:
+    """The model's recommended temperature / top_p / top_k / repetition_penalty: its catalog entry's
+    (services/models/catalog.py) when it has one, else the values its ``generation_config.json`` sets explicitly,
+    each missing value from ``GENERIC_SAMPLING_DEFAULTS``."""
+    from services.models.catalog import find_catalog_model
+
+    defaults = dict(GENERIC_SAMPLING_DEFAULTS)
+    entry = find_catalog_model(model_id)
+    if entry is not None and entry.sampling:
+        defaults.update(entry.sampling)
+    elif generation_config is not None:
+        explicit = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else {}
+        defaults.update({key: explicit[key] for key in _GENERATION_CONFIG_FIELDS if key in explicit})
+    return defaults
+
+
+class TokenPieces:
+    """The text and UTF-8 bytes of single tokens (logprobs name tokens this way), from the vocabulary itself: a
+    byte-level BPE piece maps back to its exact bytes, a SentencePiece ``▁`` is a space, a ``<0xNN>`` piece is
+    that byte (its text U+FFFD unless the byte is ASCII). Cached per token id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_decoder = _byte_level_decoder(tokenizer)
+
+    def piece(self, token_id: int) -> tuple[str, list[int]]:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._piece(token_id)
+        return cached
+
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        piece = piece if isinstance(piece, str) else ""
+        if self._byte_decoder is not None and all(char in self._byte_decoder for char in piece):
+            raw = bytes(self._byte_decoder[char] for char in piece)
+        elif _BYTE_PIECE.fullmatch(piece):
+            raw = bytes([int(piece[3:5], 16)])
+        else:
+            text = piece.replace("\u2581", " ")
+            return text, list(text.encode("utf-8"))
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _byte_level_decoder(tokenizer) -> Optional[dict[str, int]]:
+    """GPT-2's printable-character → byte map when the tokenizer decodes byte-level BPE, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TextStream:

@@ -34,10 +34,10 @@ from services.coordinator.accounts import AccountStore, AuthError, Principal, jw
 from services.coordinator.fallback import FallbackClient, FallbackFailed, billed_tokens, finish_reason_of
 from services.coordinator.metering import WorkMeter
 from services.coordinator.openai_protocol import render_chat
-from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, ReplacedServer, StreamEvent,
-                                           TokenEvent, Usage)
+from services.coordinator.protocol import (Contribution, DoneEvent, GenerateRequest, LogprobEntry, ReplacedServer,
+                                           StreamEvent, TokenEvent, TopLogprob, Usage)
 from services.coordinator.ratelimit import RateLimiter
-from services.coordinator.sampling import SamplingParams
+from services.coordinator.sampling import SamplingParams, TokenPieces, sampling_defaults
 from services.coordinator.store import DuplicateRequest, FinalSession, InsufficientBalance, Pricing, SessionStore
 
 log = get_logger(__name__)
@@ -148,6 +148,8 @@ class InferenceService:
         # Running generations by (account_id, request_id): request ids are idempotency keys per account.
         self.active: dict[tuple[Optional[str], str], ActiveGeneration] = {}
         self._settlements: set[asyncio.Future] = set()
+        self.sampling_defaults: dict[str, dict] = {}  # model_id -> its recommended sampling (filled on first use)
+        self._token_pieces: dict[str, TokenPieces] = {}  # model_id -> token texts for logprobs
         for model in models.values():
             model.failover_listeners.append(lambda event, model_id=model.model_id: _count_failover(model_id, event))
 
@@ -199,10 +201,33 @@ class InferenceService:
                 400, "max_tokens_exceeds_context",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(prompt_ids)}")
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                top_k=request.top_k, seed=request.seed, stop=tuple(stops))
+        params = self.sampling_params(model, request, tuple(stops))
         request_id = request.request_id or f"req_{uuid.uuid4().hex}"
         return PreparedRequest(request_id, request.request_id is not None, model, prompt_ids, params)
+
+    def sampling_params(self, model: EngineModel, request: GenerateRequest, stops: tuple) -> SamplingParams:
+        """The request's sampling, each field it omits from the model's recommended settings; a logit_bias
+        token outside the vocabulary is a 400."""
+        defaults = self.sampling_defaults.get(model.model_id)
+        if defaults is None:
+            defaults = self.sampling_defaults[model.model_id] = sampling_defaults(
+                model.model_id, getattr(model, "generation_config", None))
+        bias = tuple((int(token), float(value)) for token, value in (request.logit_bias or {}).items())
+        vocabulary = len(model.tokenizer) if bias else 0
+        outside = [token for token, _ in bias if token >= vocabulary]
+        if outside:
+            raise ServingError(400, "invalid_logit_bias", f"logit_bias names token ids outside the vocabulary of "
+                                                          f"{vocabulary} tokens: {outside[:5]}", param="logit_bias")
+
+        def pick(name):
+            value = getattr(request, name)
+            return defaults[name] if value is None else value
+
+        return SamplingParams(max_tokens=request.max_tokens, temperature=pick("temperature"), top_p=pick("top_p"),
+                              top_k=pick("top_k"), repetition_penalty=pick("repetition_penalty"),
+                              presence_penalty=request.presence_penalty or 0.0,
+                              frequency_penalty=request.frequency_penalty or 0.0, logit_bias=bias,
+                              logprobs=request.logprobs, seed=request.seed, stop=stops)
 
     async def gate(self, model: EngineModel) -> None:
         readiness = self.readiness.get(model.model_id)
@@ -371,7 +396,9 @@ class InferenceService:
                 last_token_at = now
                 active.tokens_generated = item.index
                 yield TokenEvent(token=item.text, request_id=active.request_id, tokens_generated=item.index,
-                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)))
+                                 cost_far=format_far(self.cost_of(item.index, active.prompt_tokens)),
+                                 logprobs=None if item.logprob is None else self.logprob_entry(prepared.model,
+                                                                                               item.logprob))
                 if (item.index - last_checkpoint[0] >= CHECKPOINT_EVERY_TOKENS
                         or now - last_checkpoint[1] >= CHECKPOINT_EVERY_SECONDS):
                     await self.store.checkpoint(active.session_id, item.index, meter.snapshot())
@@ -403,6 +430,19 @@ class InferenceService:
             raise ServingError(status_code, error_code, message, tokens_generated=tokens,
                                cost_far=format_far(final.cost_far), replaced_servers=generation.replaced_servers())
         yield self.done_event(final)
+
+    def logprob_entry(self, model: EngineModel, logprob) -> LogprobEntry:
+        """A sampled token's ``sampling.TokenLogprob`` as the wire names tokens (text and bytes)."""
+        pieces = self._token_pieces.get(model.model_id)
+        if pieces is None:
+            pieces = self._token_pieces[model.model_id] = TokenPieces(model.tokenizer)
+
+        def named(token_id: int, value: float) -> dict:
+            text, raw = pieces.piece(token_id)
+            return {"token": text, "logprob": value, "bytes": raw}
+
+        return LogprobEntry(**named(logprob.token_id, logprob.logprob),
+                            top_logprobs=[TopLogprob(**named(i, v)) for i, v in logprob.top])
 
     async def _complete(self, active: ActiveGeneration, generation, meter: WorkMeter, status: str,
                         failure: Optional[BaseException], worker) -> FinalSession:
@@ -644,7 +684,8 @@ class InferenceService:
                 "finish_reason": final.finish_reason,
                 "cost_far": format_far(final.cost_far) if final.cost_far is not None else None, "route": [],
                 "served_by": final.served_by,
-                "replaced_servers": final.replaced_servers}
+                "replaced_servers": final.replaced_servers,
+                "refunded_far": format_far(final.refunded_far) if final.refunded_far is not None else None}
 
     async def model_infos(self) -> list[ModelInfo]:
         infos = []

@@ -65,6 +65,7 @@ class FinalSession:
     account_id: Optional[str] = None
     replaced_servers: list = dataclasses.field(default_factory=list)  # failovers (engine.replaced_servers())
     served_by: ServedBy = ServedBy.SWARM
+    refunded_far: Optional[Decimal] = None  # given back: a spot check proved a server's output wrong
 
 
 class SessionStore:
@@ -153,6 +154,8 @@ class SessionStore:
             contributions=[ContributionRow(**dict(c)) for c in contributions],
             output_text=row["output_text"], account_id=str(row["account_id"]) if row["account_id"] else None,
             replaced_servers=_json_list(row.get("replaced_servers")), served_by=row["served_by"],
+            refunded_far=await self.pool.fetchval(
+                "SELECT amount_far FROM far_account_ledger WHERE session_id = $1 AND kind = 'refund'", session_id),
         )
 
     async def read_by_request_id(self, request_id: str, account_id: Optional[str]) -> Optional[FinalSession]:

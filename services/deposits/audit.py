@@ -35,7 +35,8 @@ async def check_accounts(conn) -> Check:
         WITH credits AS (SELECT account_id, sum(amount_far) AS credits,
                                 sum(amount_far) FILTER (WHERE kind = 'deposit') AS deposits,
                                 sum(amount_far) FILTER (WHERE kind = 'grant') AS grants,
-                                sum(amount_far) FILTER (WHERE kind = 'opening') AS opening
+                                sum(amount_far) FILTER (WHERE kind = 'opening') AS opening,
+                                sum(amount_far) FILTER (WHERE kind = 'refund') AS refunds
                            FROM far_account_ledger GROUP BY account_id),
              charged AS (SELECT account_id, sum(cost_far) FILTER (WHERE finalized_at IS NOT NULL) AS charged,
                                 sum(reserved_far) FILTER (WHERE finalized_at IS NULL) AS held,
@@ -43,15 +44,16 @@ async def check_accounts(conn) -> Check:
                            FROM far_mesh_sessions WHERE account_id IS NOT NULL GROUP BY account_id)
         SELECT a.account_id, a.balance_far, a.reserved_far,
                coalesce(c.credits, 0) AS credits, coalesce(c.deposits, 0) AS deposits,
-               coalesce(c.grants, 0) AS grants, coalesce(c.opening, 0) AS opening,
+               coalesce(c.grants, 0) AS grants, coalesce(c.opening, 0) AS opening, coalesce(c.refunds, 0) AS refunds,
                coalesce(s.charged, 0) AS charged, coalesce(s.held, 0) AS held, coalesce(s.over, 0) AS over
           FROM far_accounts a
           LEFT JOIN credits c USING (account_id) LEFT JOIN charged s USING (account_id)""")
     check.checked = len(rows)
-    totals = dict.fromkeys(("deposits", "grants", "opening", "available", "reserved", "charged"), Decimal(0))
+    totals = dict.fromkeys(("deposits", "grants", "opening", "refunds", "available", "reserved", "charged"),
+                           Decimal(0))
     for row in rows:
         available = row["balance_far"] - row["reserved_far"]
-        for key in ("deposits", "grants", "opening", "charged"):
+        for key in ("deposits", "grants", "opening", "refunds", "charged"):
             totals[key] += row[key]
         totals["available"] += available
         totals["reserved"] += row["reserved_far"]
@@ -63,9 +65,9 @@ async def check_accounts(conn) -> Check:
                        f"running sessions {row['held']}")
         if row["over"]:
             check.fail(f"account {row['account_id']}: {row['over']} sessions cost more than they reserved")
-    credits = totals["deposits"] + totals["grants"] + totals["opening"]
+    credits = totals["deposits"] + totals["grants"] + totals["opening"] + totals["refunds"]
     check.notes.append(f"Σ deposits {totals['deposits']} + Σ grants {totals['grants']} + Σ opening {totals['opening']}"
-                       f" = {credits}; Σ available {totals['available']} + Σ reserved {totals['reserved']} + "
+                       f" + Σ refunds {totals['refunds']} = {credits}; Σ available {totals['available']} + Σ reserved {totals['reserved']} + "
                        f"Σ charged {totals['charged']} = "
                        f"{totals['available'] + totals['reserved'] + totals['charged']}")
     split = await conn.fetchrow("""
@@ -100,6 +102,20 @@ async def check_accounts(conn) -> Check:
     for row in bad_ledger:
         check.fail(f"deposit {row['tx_hash']}:{row['log_index']} ({row['amount_far']} FAR): {row['entries']} "
                    f"ledger entries of {row['ledger_amount']} FAR (same account: {row['same_account']})")
+    # A refund gives back exactly the charge of one finalized session of the same account that a spot check proved
+    # wrong (docs/verification.md): the platform's cost, never money out of nowhere.
+    bad_refunds = await conn.fetch("""
+        SELECT l.entry_id, l.session_id, l.amount_far, s.cost_far, s.account_id = l.account_id AS same_account
+          FROM far_account_ledger l LEFT JOIN far_mesh_sessions s ON s.session_id = l.session_id
+         WHERE l.kind = 'refund'
+           AND (s.session_id IS NULL OR s.finalized_at IS NULL OR s.cost_far <> l.amount_far
+                OR s.account_id IS DISTINCT FROM l.account_id
+                OR NOT EXISTS (SELECT 1 FROM far_spot_checks k WHERE k.session_id = l.session_id
+                                                                 AND k.outcome = 'failed'))""")
+    for row in bad_refunds:
+        check.fail(f"refund {row['entry_id']} of session {row['session_id']}: {row['amount_far']} FAR for a "
+                   f"charge of {row['cost_far']} (same account: {row['same_account']}), or no failed check proves "
+                   "it wrong")
     unmatched = await conn.fetchrow("SELECT count(*) AS n, coalesce(sum(amount_far), 0) AS far FROM far_deposits "
                                     "WHERE state = 'unmatched'")
     if unmatched["n"]:

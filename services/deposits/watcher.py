@@ -7,9 +7,11 @@ A run (``run_once``):
 
 1. takes a PostgreSQL advisory lock (a second watcher skips);
 2. reads the cursor of (chain id, contract): the last block fully processed and its hash. If that block's hash is no
-   longer the canonical one, the chain reorganised deeper than ``PAYOUT_CONFIRMATIONS``: the watcher refuses to go
-   on (``DepositReorgError``) and ``far-mesh audit`` shows which credited deposits are gone — nothing is credited
-   twice or un-credited behind an operator's back;
+   longer the canonical one, the chain reorganised deeper than ``PAYOUT_CONFIRMATIONS``. When every recorded
+   deposit is still in its recorded block, the cursor goes back to the newest of them and the blocks after it are
+   scanned again (what is already recorded hits the unique key; a deposit re-mined in the new branch is credited
+   once). When a recorded (credited) deposit is gone, the watcher refuses to go on (``DepositReorgError``) and
+   ``far-mesh audit`` shows it — nothing is credited twice or un-credited behind an operator's back;
 3. scans only **final** blocks, ``head − PAYOUT_CONFIRMATIONS`` and older, in chunks. A deposit that is mined and
    then disappears in a reorg before it is that deep is never seen, so never credited;
 4. per chunk, ONE database transaction inserts each event into ``far_deposits`` (unique on
@@ -205,10 +207,7 @@ class DepositWatcher:
         if cursor and cursor["last_block_hash"] and last >= 0:
             if last > head or self._block_hash(last) != cursor["last_block_hash"]:
                 metrics.RUNS.labels("reorg").inc()
-                raise DepositReorgError(
-                    f"block {last} was processed with hash {cursor['last_block_hash']} but the chain now differs "
-                    f"(head {head}): a reorganisation deeper than PAYOUT_CONFIRMATIONS={self.confirmations}. Nothing "
-                    f"more is credited; run `far-mesh audit` and settle the deposits it reports by hand")
+                last = await self._rewind(conn, chain_id, last, head)
         while last < safe:
             start, end = last + 1, min(safe, last + self.chunk)
             events = fetch_deposit_logs(self.chain, self.contract, start, end)
@@ -252,6 +251,30 @@ class DepositWatcher:
         if report.credited or report.unmatched:
             log.info("deposits.credited", count=len(report.credited), far=str(report.credited_far),
                      unmatched=len(report.unmatched), to_block=report.to_block)
+
+    async def _rewind(self, conn, chain_id: int, last: int, head: int) -> int:
+        """The cursor's block is no longer canonical: a reorg deeper than PAYOUT_CONFIRMATIONS. If every recorded
+        deposit is still where it was recorded, scan again from the newest of them (a block still canonical, so the
+        fork is above it; re-scanned events hit the unique key): deposits of the new branch are credited once. If a
+        recorded deposit is gone from its block, stop: it was credited and an operator must settle it."""
+        newest = await conn.fetchrow("SELECT block_number, block_hash FROM far_deposits WHERE chain_id = $1 AND "
+                                     "contract_address = $2 ORDER BY block_number DESC LIMIT 1", chain_id, self.contract)
+        if newest is not None and (newest["block_number"] > head
+                                   or self._block_hash(newest["block_number"]) != newest["block_hash"]):
+            raise DepositReorgError(
+                f"block {last} was processed but the chain now differs (head {head}), and the deposit recorded in "
+                f"block {newest['block_number']} is no longer there: a reorganisation deeper than "
+                f"PAYOUT_CONFIRMATIONS={self.confirmations}. Nothing more is credited; run `far-mesh audit` and settle "
+                "the deposits it reports by hand")
+        target = newest["block_number"] if newest is not None else self.start_block - 1
+        moved = await conn.fetchval(
+            "UPDATE far_deposit_cursors SET last_block = $3, last_block_hash = $4, updated_at = now() "
+            "WHERE chain_id = $1 AND contract_address = $2 AND last_block = $5 RETURNING last_block",
+            chain_id, self.contract, target, self._block_hash(target) if target >= 0 else None, last)
+        if moved is None:
+            raise DepositError("the deposit cursor moved under this watcher (another watcher without the lock?)")
+        log.error("deposits.rewound", from_block=last, to_block=target, head=head)
+        return target
 
     async def _record(self, conn, chain_id: int, event: DepositEvent) -> Optional[Credit]:
         account = account_from_ref(event.account_ref)

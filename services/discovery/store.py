@@ -120,7 +120,7 @@ class NodeStore:
         if not include_unregistered:
             clauses.append("n.state <> 'unregistered'")
         where = " AND ".join(clauses) or "true"
-        return await self.pool.fetch(f"SELECT {NODE_COLUMNS} FROM far_nodes n LEFT JOIN far_quarantine q ON q.peer_id = n.peer_id WHERE {where} ORDER BY n.model_id, "
+        return await self.pool.fetch(f"SELECT {NODE_COLUMNS} FROM far_nodes n LEFT JOIN far_quarantined_peers q ON q.peer_id = n.peer_id WHERE {where} ORDER BY n.model_id, "
                                      "n.start_block, n.peer_id", *args)
 
     async def node_money(self, node_id: str) -> dict:

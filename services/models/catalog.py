@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,6 +44,9 @@ class CatalogModel:
     needs: str  # disk and memory, for `far-mesh models list`
     num_blocks: int
     context_length: int
+    # recommended sampling for requests that omit it (temperature, top_p, top_k, repetition_penalty; see
+    # services/coordinator/sampling.sampling_defaults and docs/generation.md "Defaults per model")
+    sampling: dict = field(default_factory=dict)
 
     def build(self, out_dir: Path, progress: Optional[Callable[[int, int, str], None]] = None) -> None:
         if self.name == TINY.name:
@@ -78,6 +81,9 @@ SMOLLM2 = CatalogModel(
     needs="516 MB disk; about 0.15 GB of weights per 10 blocks on a server; coordinator 0.2 GB (embeddings)",
     num_blocks=30,
     context_length=8192,
+    # greedy with a mild repetition penalty: sampled, this small model often opens with the wrong word and then
+    # loops (docs/generation.md "Defaults per model" has the measurements)
+    sampling={"temperature": 0.0, "repetition_penalty": 1.1},
 )
 TINY = CatalogModel(
     name="tiny-llama",

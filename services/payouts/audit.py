@@ -14,7 +14,7 @@ Checks (each reported as ok / problem with details):
    (A contribution has one ``payment_batch_id`` column, so it belongs to at most one batch by construction.)
 3. **items** — for every batch: per wallet, the item's ``amount_far`` equals the sum of the attached contributions,
    ``amount_base = amount_far × 10^18``, and ``total_far`` / ``recipient_count`` match the items.
-4. **chain** — for every confirmed batch: the receipt of its ``tx_hash`` succeeded in ``block_number``, the payout
+4. **chain** — for every confirmed batch: the receipt of the transaction that paid it (``paid_tx_hash``: its first send or a re-send) succeeded in ``block_number``, the payout
    contract emitted ``BatchPaid(batch_number, …)`` in it, and the token ``Transfer`` events of that transaction are
    exactly the batch's items (same wallets, same base-unit amounts, nothing else); ``paid(batch_number)`` is true
    on the contract. For every failed batch the contract says ``paid(batch_number) == false`` (else a batch was paid
@@ -80,11 +80,15 @@ async def check_conservation(conn) -> Check:
                    f"carry its payment as withheld, nothing else)")
     disputes = await conn.fetchrow("""
         SELECT count(*) AS n, coalesce(sum(withheld_far), 0) AS withheld,
-               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before
+               count(*) FILTER (WHERE payment_batch_id IS NOT NULL) AS batched_before,
+               count(*) FILTER (WHERE withheld_reason = 'forfeited') AS forfeited,
+               coalesce(sum(withheld_far) FILTER (WHERE withheld_reason = 'forfeited'), 0) AS forfeited_far
         FROM far_session_contributions WHERE disputed_at IS NOT NULL""")
     if disputes["n"]:
         check.notes.append(f"{disputes['n']} disputed contributions, {disputes['withheld']} FAR withheld (kept by "
-                           f"the platform); {disputes['batched_before']} were already in a payout batch when disputed")
+                           f"the platform), of which {disputes['forfeited']} forfeited by a quarantined wallet "
+                           f"({disputes['forfeited_far']} FAR); {disputes['batched_before']} were already in a "
+                           f"payout batch when disputed")
     unfinalized_paid = await conn.fetchval("""
         SELECT count(*) FROM far_session_contributions c JOIN far_mesh_sessions s USING (session_id)
         WHERE s.finalized_at IS NULL AND c.payment_far <> 0""")
@@ -184,10 +188,11 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
         if not paid_on_chain:
             check.fail(f"batch {number} is confirmed but paid({number}) is false on chain")
             continue
+        paid_by = batch["paid_tx_hash"] or batch["tx_hash"]  # the first send or a re-send (same batchId)
         try:
-            receipt = w3.eth.get_transaction_receipt(batch["tx_hash"])
+            receipt = w3.eth.get_transaction_receipt(paid_by)
         except Exception as error:  # noqa: BLE001
-            check.fail(f"batch {number}: no receipt for {batch['tx_hash']}: {error}")
+            check.fail(f"batch {number}: no receipt for {paid_by}: {error}")
             continue
         if receipt["status"] != 1 or receipt["blockNumber"] != batch["block_number"]:
             check.fail(f"batch {number}: receipt status {receipt['status']} in block {receipt['blockNumber']}, "
@@ -202,7 +207,7 @@ async def check_chain(conn, chain: Chain, *, scan_logs: bool = False, from_block
             elif entry["address"].lower() == payout.address.lower() and topics and topics[0] == batch_paid_topic:
                 closed = int(topics[1], 16) == number
         if not closed:
-            check.fail(f"batch {number}: no BatchPaid({number}) event in {batch['tx_hash']}")
+            check.fail(f"batch {number}: no BatchPaid({number}) event in {paid_by}")
         items = await conn.fetch("SELECT wallet_address, amount_far, amount_base FROM far_payment_batch_items "
                                  "WHERE batch_id = $1", batch["batch_id"])
         expected = Multiset((to_checksum_address(row["wallet_address"]), to_base_units(Decimal(row["amount_far"])))

@@ -2,28 +2,30 @@
 
 A batch moves::
 
-    planned --sign--> signed --broadcast--> submitted --receipt + PAYOUT_CONFIRMATIONS--> confirmed
-       \\                 \\                      \\--reverted--> failed (contributions released)
-        \\--estimate reverts-> failed              \\--nonce taken by another tx--> failed
+    planned --sign--> signed --broadcast--> submitted --a send succeeded + PAYOUT_CONFIRMATIONS--> confirmed
+       \\                                     ^   \\--every send unminable, PAYOUT_CONFIRMATIONS deep--> re-send
+        \\--estimate reverts-> failed          \\----- payment removed by a reorg before finality <--/
 
 * **planned**: the batch row, its items and the attachment of its contributions (``payment_batch_id``) are
   written in ONE database transaction, so contributions are either in exactly one open batch or free.
-* **signed**: raw transaction, hash, nonce, gas limit (and chain id + contract) are stored *before* the first
-  broadcast. From here on the batch is only ever paid by this exact raw transaction: it is never re-signed.
-* **submitted**: the node has the transaction. **confirmed**: mined with status 1, and that receipt, re-read once
-  ``PAYOUT_CONFIRMATIONS`` blocks are on top, is still in a canonical block. **failed**: reverted — decided the
-  same way, from a receipt ``PAYOUT_CONFIRMATIONS`` deep and canonical, never from a fresh one (a reorg can re-mine
-  a revert as a success) — or its nonce was consumed by another transaction (nonce and ``paid()`` read at one block
-  ``PAYOUT_CONFIRMATIONS`` deep), so it can never be mined; its contributions get ``payment_batch_id = NULL`` in
-  the same database transaction and are planned again by the *next* run, never by the run that released them.
+* **signed**: raw transaction, hash, nonce, gas limit (and chain id + contract) are stored (also in
+  ``far_payment_transactions``) *before* the first broadcast.
+* **submitted**: the node has one of the batch's transactions. **confirmed**: one of them mined with status 1, and
+  that receipt, re-read once ``PAYOUT_CONFIRMATIONS`` blocks are on top, is still in a canonical block. Until it is
+  final (``PAYOUT_FINALITY_BLOCKS`` deep, and in the node's ``finalized`` block on BSC) every run re-reads it; a
+  reorg that removed it sends the batch back to submitted.
+* A batch keeps its batchId until it is paid: a transaction that cannot be mined any more (it reverted, or its
+  nonce went to another transaction, PAYOUT_CONFIRMATIONS deep) is followed by a **re-send of the same batchId**;
+  a dropped one is re-broadcast with the same bytes (same nonce). FarPayout pays a batchId once, so whichever of
+  them any reorg mines, the wallets are paid once. **failed** is only for a planned batch (no transaction carries
+  its batchId): its contributions are released and planned again by the *next* run, with a new batchId.
 
 Every state change goes through ``PayoutExecutor._transition`` and the table ``TRANSITIONS``; the database
 enforces the same table and refuses to detach the contributions of a batch that is not failed
-(migration ``0004_payout_guards``).
+(migrations ``0004_payout_guards``, ``0012_payout_resends``).
 
-A run takes a PostgreSQL advisory lock (a second tracker skips), first resumes every open batch (a signed
-batch already on chain is just awaited; one the node does not know is re-broadcast, same bytes), and plans
-new batches only when nothing is left open. A crash anywhere therefore leaves a state the next run finishes,
+A run takes a PostgreSQL advisory lock (a second tracker skips), re-reads the confirmed batches that are not final,
+resumes every open batch, and plans new batches only when nothing is left open. A crash anywhere therefore leaves a state the next run finishes,
 and the contract's "batchId paid once" rule backs this up on chain.
 
 ``FAR_MESH_PAYOUTS_CRASH_AT=<checkpoint>[:n]`` (tests only) SIGKILLs the process at the n-th (default first)
@@ -74,13 +76,17 @@ def is_revert(error: BaseException) -> bool:
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"far-mesh:payouts").digest()[:8], "big", signed=True)
 # The one table of legal batch state changes. Every state change goes through PayoutExecutor._transition, and the
 # database enforces the same table (trigger far_payment_batches_guard, migration 0004_payout_guards).
+# Only a planned batch fails (no transaction carries its batchId); a confirmed one whose payment a reorg removed
+# before finality goes back to submitted and is sent again with the same batchId.
 TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
     BatchState.PLANNED: frozenset({BatchState.SIGNED, BatchState.FAILED}),
-    BatchState.SIGNED: frozenset({BatchState.SUBMITTED, BatchState.FAILED}),
-    BatchState.SUBMITTED: frozenset({BatchState.CONFIRMED, BatchState.FAILED}),
-    BatchState.CONFIRMED: frozenset(),
+    BatchState.SIGNED: frozenset({BatchState.SUBMITTED}),
+    BatchState.SUBMITTED: frozenset({BatchState.CONFIRMED}),
+    BatchState.CONFIRMED: frozenset({BatchState.SUBMITTED}),
     BatchState.FAILED: frozenset(),
 }
+# Bounds the work on one batch in one run (each step is a broadcast, a re-send or a wait); the next run goes on.
+MAX_STEPS_PER_RUN = 12
 # Where a fault-injection test can crash the executor: after each recorded state, and between the chain's steps.
 CHECKPOINTS = ("planned", "signed", "broadcast", "submitted", "mined", "confirmed", "failed")
 CRASH_ENV = "FAR_MESH_PAYOUTS_CRASH_AT"
@@ -142,7 +148,7 @@ class RunReport:
 class PayoutExecutor:
     def __init__(self, postgres_url: str, chain: Chain | None, *, network: str, min_payout_far: Decimal,
                  max_recipients: int = 200, gas_cap: int = 10_000_000, confirmations: int = 3,
-                 receipt_timeout_s: float = 180.0, poll_interval_s: float | None = None,
+                 finality_blocks: int = 64, receipt_timeout_s: float = 180.0, poll_interval_s: float | None = None,
                  crash_at: str | None = None) -> None:
         self.postgres_url = postgres_url
         self.chain = chain
@@ -151,6 +157,7 @@ class PayoutExecutor:
         self.gas_cap = gas_cap
         self.max_recipients = max_recipients_for_gas(gas_cap, max_recipients)
         self.confirmations = confirmations
+        self.finality_blocks = max(finality_blocks, confirmations)
         self.receipt_timeout_s = receipt_timeout_s
         local = chain is not None and chain.is_local
         self.poll_interval_s = poll_interval_s if poll_interval_s is not None else (0.05 if local else 2.0)
@@ -161,7 +168,8 @@ class PayoutExecutor:
     def from_settings(cls, settings, chain: Chain | None, *, network: str | None = None, **overrides):
         kwargs = dict(network=network or settings.BSC_NETWORK, min_payout_far=settings.MIN_PAYOUT_FAR,
                       max_recipients=settings.MAX_RECIPIENTS_PER_TX, gas_cap=settings.PAYOUT_MAX_GAS,
-                      confirmations=settings.PAYOUT_CONFIRMATIONS)
+                      confirmations=settings.PAYOUT_CONFIRMATIONS,
+                      finality_blocks=settings.PAYOUT_FINALITY_BLOCKS)
         kwargs.update(overrides)
         return cls(settings.POSTGRES_URL, chain, **kwargs)
 
@@ -218,6 +226,7 @@ class PayoutExecutor:
         if self.chain is None:
             raise PayoutError("no chain connection")
         self.released = False
+        await self._recheck_confirmed(conn)
         for row in await self._open_batches(conn):
             outcome = await self._drive(conn, row, resumed=True)
             report.batches.append(outcome)
@@ -311,16 +320,18 @@ class PayoutExecutor:
         if resumed:
             log.info("payouts.resume", batch_number=number, state=batch["state"], tx_hash=batch["tx_hash"])
         self._check_target(batch)
-        while batch["state"] in OPEN_BATCH_STATES:
+        for _ in range(MAX_STEPS_PER_RUN):
+            if batch["state"] not in OPEN_BATCH_STATES:
+                break
             if batch["state"] == BatchState.PLANNED:
                 batch = await self._sign(conn, batch)
-            else:
-                batch, waiting = await self._advance_signed(conn, batch)
-                if waiting:
-                    break
+                continue
+            batch, waiting = await self._advance_open(conn, batch)
+            if waiting:
+                break
         outcome = BatchOutcome(str(batch["batch_id"]), number, batch["state"], Decimal(batch["total_far"]),
-                               batch["recipient_count"], batch["tx_hash"], batch["block_number"], batch["error"],
-                               resumed)
+                               batch["recipient_count"], batch["paid_tx_hash"] or batch["tx_hash"],
+                               batch["block_number"], batch["error"], resumed)
         if outcome.state in (BatchState.CONFIRMED, BatchState.FAILED):
             metrics.BATCHES.labels(outcome.state).inc()
         return outcome
@@ -341,39 +352,63 @@ class PayoutExecutor:
         return await conn.fetch("SELECT wallet_address, amount_far, amount_base FROM far_payment_batch_items "
                                 "WHERE batch_id = $1 ORDER BY lower(wallet_address)", batch_id)
 
-    async def _sign(self, conn, batch):
-        """planned -> signed: build, estimate (capped), sign; store raw tx + hash + nonce before any broadcast."""
-        chain, w3 = self.chain, self.chain.w3
+    async def _pay_call(self, conn, batch) -> dict[str, Any]:
+        """The payBatch(batchId, recipients, amounts) call of a batch: the same for its first send and re-sends."""
+        chain = self.chain
         number = batch["batch_number"]
-        if chain.payout.functions.paid(number).call():
-            raise PayoutError(f"batch {number} is planned here but already paid on chain by contract "
-                              f"{chain.payout.address}: the database and the chain disagree (restored backup?)")
         items = await self._items(conn, batch["batch_id"])
         recipients = [to_checksum_address(row["wallet_address"]) for row in items]
         amounts = [int(row["amount_base"]) for row in items]
         if sum(amounts) != to_base_units(Decimal(batch["total_far"])):
             raise PayoutError(f"batch {number}: items do not add up to total_far")
         data = chain.payout.encode_abi("payBatch", args=[number, recipients, amounts])
-        call = {"from": chain.address, "to": chain.payout.address, "data": data}
+        return {"from": chain.address, "to": chain.payout.address, "data": data}
+
+    def _estimate(self, call) -> tuple[int | None, str | None]:
+        """(gas limit, None), or (None, why nothing may be sent): the estimate reverts or exceeds the cap."""
         try:
-            estimate = w3.eth.estimate_gas(call)
+            estimate = self.chain.w3.eth.estimate_gas(call)
         except Exception as error:  # noqa: BLE001 - only reverts are handled here
             if not is_revert(error):
                 raise
-            return await self._fail(conn, batch, f"gas estimate reverted (nothing sent): {error}")
-        gas_limit = min(estimate * 5 // 4 + 20_000, self.gas_cap)
+            return None, f"gas estimate reverted (nothing sent): {error}"
         if estimate > self.gas_cap:
-            return await self._fail(conn, batch, f"gas estimate {estimate} exceeds PAYOUT_MAX_GAS {self.gas_cap} "
-                                                 "(nothing sent; lower MAX_RECIPIENTS_PER_TX)")
-        nonce = w3.eth.get_transaction_count(chain.address, "pending")
+            return None, (f"gas estimate {estimate} exceeds PAYOUT_MAX_GAS {self.gas_cap} (nothing sent; lower "
+                          "MAX_RECIPIENTS_PER_TX)")
+        return min(estimate * 5 // 4 + 20_000, self.gas_cap), None
+
+    def _sign_call(self, call, gas_limit: int) -> tuple[int, bytes, str]:
+        """Sign ``call`` with the payer's next nonce: (nonce, raw transaction, hash)."""
+        chain = self.chain
+        nonce = chain.w3.eth.get_transaction_count(chain.address, "pending")
         tx = {**call, "gas": gas_limit, "gasPrice": chain.gas_price(), "nonce": nonce, "chainId": chain.chain_id,
               "value": 0}
         del tx["from"]
         signed = chain.account.sign_transaction(tx)
-        tx_hash = "0x" + bytes(signed.hash).hex()
-        batch = await self._transition(conn, batch, BatchState.SIGNED, raw_tx=bytes(signed.raw_transaction),
-                                       tx_hash=tx_hash, nonce=nonce, gas_limit=gas_limit, from_address=chain.address,
-                                       chain_id=chain.chain_id, contract_address=chain.payout.address, error=None)
+        return nonce, bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex()
+
+    async def _record_transaction(self, conn, batch, nonce: int, raw: bytes, tx_hash: str, gas_limit: int) -> None:
+        await conn.execute("INSERT INTO far_payment_transactions (tx_hash, batch_id, nonce, raw_tx, gas_limit) "
+                           "VALUES ($1, $2, $3, $4, $5)", tx_hash, batch["batch_id"], nonce, raw, gas_limit)
+
+    async def _sign(self, conn, batch):
+        """planned -> signed: build, estimate (capped), sign; store raw tx + hash + nonce before any broadcast.
+        A planned batch that cannot be sent fails: no transaction carries its batchId, so releasing is safe."""
+        chain = self.chain
+        number = batch["batch_number"]
+        if chain.payout.functions.paid(number).call():
+            raise PayoutError(f"batch {number} is planned here but already paid on chain by contract "
+                              f"{chain.payout.address}: the database and the chain disagree (restored backup?)")
+        call = await self._pay_call(conn, batch)
+        gas_limit, refused = self._estimate(call)
+        if refused:
+            return await self._fail(conn, batch, refused)
+        nonce, raw, tx_hash = self._sign_call(call, gas_limit)
+        async with conn.transaction():
+            batch = await self._transition(conn, batch, BatchState.SIGNED, raw_tx=raw, tx_hash=tx_hash, nonce=nonce,
+                                           gas_limit=gas_limit, from_address=chain.address, chain_id=chain.chain_id,
+                                           contract_address=chain.payout.address, error=None)
+            await self._record_transaction(conn, batch, nonce, raw, tx_hash, gas_limit)
         log.info("payouts.batch_signed", batch_number=number, tx_hash=tx_hash, nonce=nonce, gas_limit=gas_limit)
         self._checkpoint(BatchState.SIGNED, number)
         return batch
@@ -391,57 +426,67 @@ class PayoutExecutor:
         except TransactionNotFound:
             return False
 
-    async def _advance_signed(self, conn, batch):
-        """signed/submitted -> submitted/confirmed/failed. Returns (batch, still_waiting)."""
-        chain = self.chain
-        number, tx_hash = batch["batch_number"], batch["tx_hash"]
-        if self._receipt(tx_hash) is None and not self._known(tx_hash):
-            nonce_state, block = await self._nonce_state(batch)
-            if nonce_state == "wait":
-                log.warning("payouts.nonce_used_not_deep", batch_number=number, nonce=batch["nonce"])
-                return batch, True
-            if nonce_state == "taken":
-                # Our nonce was used by another transaction, PAYOUT_CONFIRMATIONS deep: this raw tx can never be
-                # mined. paid() is read at the same block as the nonce.
-                if chain.payout.functions.paid(number).call(block_identifier=block):
-                    raise PayoutError(f"batch {number}: its nonce was used by another transaction and the contract "
-                                      "says the batchId is paid; investigate before releasing")
-                return await self._fail(conn, batch, f"nonce {batch['nonce']} was used by another transaction "
-                                                     f"(block {block}); this batch was never mined"), False
-            if nonce_state == "free":
-                try:
-                    chain.w3.eth.send_raw_transaction(bytes(batch["raw_tx"]))
-                    log.info("payouts.broadcast", batch_number=number, tx_hash=tx_hash,
-                             rebroadcast=batch["state"] != BatchState.SIGNED)
-                except Exception as error:  # noqa: BLE001 - "already known" races; re-checked below
-                    if not self._known(tx_hash) and self._receipt(tx_hash) is None:
-                        raise PayoutError(f"batch {number}: broadcast of {tx_hash} failed: {error}") from error
-                self._checkpoint("broadcast", number)
-        if batch["state"] == BatchState.SIGNED:
-            batch = await self._transition(conn, batch, BatchState.SUBMITTED,
-                                           submitted_at=batch["submitted_at"] or datetime.now(timezone.utc))
-            log.info("payouts.batch_submitted", batch_number=number, tx_hash=tx_hash)
-            self._checkpoint(BatchState.SUBMITTED, number)
-        receipt = await self._wait_receipt(tx_hash)
-        if receipt is None:
-            log.warning("payouts.receipt_timeout", batch_number=number, tx_hash=tx_hash)
-            return batch, True
-        self._checkpoint("mined", number)
-        # Whatever the first receipt said, nothing is decided before it is PAYOUT_CONFIRMATIONS deep and still
-        # canonical: a revert can be re-mined as a success (releasing it would pay twice) and a success as a revert.
+    async def _transactions(self, conn, batch) -> list[asyncpg.Record]:
+        return await conn.fetch("SELECT tx_hash, nonce, raw_tx FROM far_payment_transactions WHERE batch_id = $1 "
+                                "ORDER BY nonce, signed_at", batch["batch_id"])
+
+    async def _advance_open(self, conn, batch):
+        """signed/submitted -> submitted/confirmed, through as many sends of the SAME batchId as it takes.
+        Returns (batch, still_waiting).
+
+        1. One of the batch's transactions succeeded: wait until its receipt is PAYOUT_CONFIRMATIONS deep and
+           canonical, then confirmed. 2. One is pending: wait for it. 3. One can still be mined (its nonce is the
+           payer's next): broadcast those exact bytes. 4. All its nonces are used (reverted, or taken by other
+           transactions) PAYOUT_CONFIRMATIONS deep and the batchId unpaid there: sign a re-send of the same batchId.
+        The contract pays a batchId once, so whichever of them a reorg mines, the wallets are paid once.
+        """
+        chain, number = self.chain, batch["batch_number"]
+        sent = await self._transactions(conn, batch)
+        if not sent:
+            raise PayoutError(f"batch {number} is {batch['state']} but no signed transaction of it is stored")
+        receipts = {tx["tx_hash"]: self._receipt(tx["tx_hash"]) for tx in sent}
+        if any(receipt is not None for receipt in receipts.values()):
+            self._checkpoint("mined", number)  # a receipt is seen, the database does not know it yet
+            receipts = {tx["tx_hash"]: self._receipt(tx["tx_hash"]) for tx in sent}
+        for tx in sent:
+            receipt = receipts[tx["tx_hash"]]
+            if receipt is not None and receipt["status"] == 1:
+                return await self._settle_success(conn, batch, receipt)
+        if chain.payout.functions.paid(number).call():
+            raise PayoutError(f"batch {number} is paid on chain by a transaction this database does not hold; "
+                              "investigate (another tracker with the same key?)")
+        pending = [tx for tx in sent if receipts[tx["tx_hash"]] is None and self._known(tx["tx_hash"])]
+        if pending:
+            batch = await self._mark_submitted(conn, batch)
+            receipt = await self._wait_receipt(pending[-1]["tx_hash"])
+            return batch, receipt is None
+        next_nonce = chain.w3.eth.get_transaction_count(chain.address, "latest")
+        minable = [tx for tx in sent if tx["nonce"] == next_nonce and receipts[tx["tx_hash"]] is None]
+        if minable:
+            self._broadcast(number, minable[-1])
+            return await self._mark_submitted(conn, batch), False
+        if all(tx["nonce"] < next_nonce for tx in sent):
+            return await self._resend_when_deep(conn, batch, max(tx["nonce"] for tx in sent))
+        log.warning("payouts.nonce_gap", batch_number=number, next_nonce=next_nonce)
+        return batch, True
+
+    async def _settle_success(self, conn, batch, receipt):
+        """A transaction of the batch succeeded: confirmed once PAYOUT_CONFIRMATIONS deep and still a success."""
+        number = batch["batch_number"]
+        # Nothing is decided before the receipt is PAYOUT_CONFIRMATIONS deep and still canonical: a success can be
+        # re-mined as a revert (then the batch is sent again) or dropped (then it is re-broadcast).
         settled = await self._wait_confirmations(receipt)
         if settled is None:
-            log.warning("payouts.receipt_not_settled", batch_number=number, tx_hash=tx_hash)
-            return batch, True
-        receipt, head = settled
+            log.warning("payouts.receipt_not_settled", batch_number=number)
+            return batch, False  # look again: re-broadcast or re-send
+        receipt, _head = settled
         if receipt["status"] != 1:
-            if chain.payout.functions.paid(number).call(block_identifier=head - self.confirmations):
-                raise PayoutError(f"batch {number}: transaction {tx_hash} reverted but the contract says the batchId "
-                                  "is paid; investigate before releasing")
-            return await self._fail(conn, batch, f"transaction {tx_hash} reverted in block {receipt['blockNumber']} "
-                                                 f"({head - receipt['blockNumber']} confirmations)"), False
+            return batch, False
+        tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+        batch = await self._mark_submitted(conn, batch)
         batch = await self._transition(conn, batch, BatchState.CONFIRMED, block_number=receipt["blockNumber"],
-                                       gas_used=receipt["gasUsed"], confirmed_at=datetime.now(timezone.utc), error=None)
+                                       gas_used=receipt["gasUsed"], confirmed_at=datetime.now(timezone.utc),
+                                       paid_tx_hash=tx_hash, error=None)
         metrics.PAID_FAR.inc(float(batch["total_far"]))
         metrics.PAID_RECIPIENTS.inc(batch["recipient_count"])
         metrics.GAS_USED.inc(receipt["gasUsed"])
@@ -450,34 +495,96 @@ class PayoutExecutor:
         self._checkpoint(BatchState.CONFIRMED, number)
         return batch, False
 
-    async def _nonce_state(self, batch) -> tuple[str, int | None]:
-        """Our transaction is neither mined nor known to the node: is its nonce still free?
+    def _broadcast(self, number: int, tx) -> None:
+        """Send stored bytes again (same nonce, same batchId); "already known" races are re-checked by the caller."""
+        try:
+            self.chain.w3.eth.send_raw_transaction(bytes(tx["raw_tx"]))
+            log.info("payouts.broadcast", batch_number=number, tx_hash=tx["tx_hash"], nonce=tx["nonce"])
+        except Exception as error:  # noqa: BLE001
+            if not self._known(tx["tx_hash"]) and self._receipt(tx["tx_hash"]) is None:
+                raise PayoutError(f"batch {number}: broadcast of {tx['tx_hash']} failed: {error}") from error
+        self._checkpoint("broadcast", number)
 
-        Returns ("free", None) — not used at ``latest``: (re)broadcast; ("ours", None) — our own transaction
-        showed up meanwhile; ("taken", block) — used by another transaction at ``block``, PAYOUT_CONFIRMATIONS
-        deep (never decided from ``latest`` alone: a reorg can drop the other transaction and mine ours);
-        ("wait", None) — used at ``latest`` but not yet deep enough; the next run looks again.
-        """
-        chain, w3 = self.chain, self.chain.w3
-        sender, nonce, tx_hash = batch["from_address"], batch["nonce"], batch["tx_hash"]
+    async def _mark_submitted(self, conn, batch):
+        if batch["state"] != BatchState.SIGNED:
+            return batch
+        batch = await self._transition(conn, batch, BatchState.SUBMITTED,
+                                       submitted_at=batch["submitted_at"] or datetime.now(timezone.utc))
+        log.info("payouts.batch_submitted", batch_number=batch["batch_number"], tx_hash=batch["tx_hash"])
+        self._checkpoint(BatchState.SUBMITTED, batch["batch_number"])
+        return batch
+
+    async def _resend_when_deep(self, conn, batch, last_nonce: int):
+        """Every transaction of the batch is unminable at ``latest``. Sign a re-send of the same batchId once that
+        is so PAYOUT_CONFIRMATIONS deep (no re-send for a shallow revert a reorg may still undo; safety does not
+        depend on it: the contract pays the batchId once)."""
+        chain, w3, number = self.chain, self.chain.w3, batch["batch_number"]
         deadline = time.monotonic() + self.receipt_timeout_s + self.confirmations * 10
         while True:
-            head = w3.eth.block_number
-            if w3.eth.get_transaction_count(sender, head) <= nonce:
-                return "free", None
-            deep = head - self.confirmations
-            if deep >= 0 and w3.eth.get_transaction_count(sender, deep) > nonce:
-                if self._receipt(tx_hash) is not None:
-                    return "ours", None
-                return "taken", deep
-            if self._receipt(tx_hash) is not None or self._known(tx_hash):
-                return "ours", None
+            deep = w3.eth.block_number - self.confirmations
+            if deep >= 0 and w3.eth.get_transaction_count(chain.address, deep) > last_nonce:
+                break
             if chain.is_local:
                 chain.advance(1)
                 continue
             if time.monotonic() >= deadline:
-                return "wait", None
+                return batch, True
             await asyncio.sleep(self.poll_interval_s)
+        if chain.payout.functions.paid(number).call(block_identifier=deep):
+            return batch, False  # paid at depth by one of ours after all: the next pass finds its receipt
+        gas_limit, refused = self._estimate(await self._pay_call(conn, batch))
+        if refused:
+            await self._note(conn, batch, f"waiting to send batch {number} again: {refused}")
+            return await self._reload(conn, batch), True
+        nonce, raw, tx_hash = self._sign_call(await self._pay_call(conn, batch), gas_limit)
+        await self._record_transaction(conn, batch, nonce, raw, tx_hash, gas_limit)
+        log.warning("payouts.resend", batch_number=number, tx_hash=tx_hash, nonce=nonce)
+        self._broadcast(number, {"tx_hash": tx_hash, "nonce": nonce, "raw_tx": raw})
+        return await self._mark_submitted(conn, batch), False
+
+    async def _note(self, conn, batch, error: str) -> None:
+        log.warning("payouts.batch_waiting", batch_number=batch["batch_number"], reason=error)
+        await conn.execute("UPDATE far_payment_batches SET error = $2 WHERE batch_id = $1", batch["batch_id"], error)
+
+    async def _reload(self, conn, batch):
+        return await conn.fetchrow("SELECT * FROM far_payment_batches WHERE batch_id = $1", batch["batch_id"])
+
+    def _finalized_block(self) -> int:
+        """The newest block no reorg can remove: the node's ``finalized`` block (BSC fast finality), and never
+        less than PAYOUT_FINALITY_BLOCKS deep (a local chain's ``finalized`` is its head)."""
+        w3 = self.chain.w3
+        by_depth = w3.eth.block_number - self.finality_blocks
+        if self.chain.is_local:
+            return by_depth
+        try:
+            return min(by_depth, int(w3.eth.get_block("finalized")["number"]))
+        except Exception:  # noqa: BLE001 - a node without the tag: depth alone
+            return by_depth
+
+    async def _recheck_confirmed(self, conn) -> None:
+        """Confirmed batches not yet final: a reorg deeper than PAYOUT_CONFIRMATIONS may have removed their payment.
+        Such a batch goes back to submitted (contributions attached) and is driven again; one at finalized depth
+        is marked final and no longer read."""
+        rows = await conn.fetch("SELECT * FROM far_payment_batches WHERE state = 'confirmed' AND finalized_at IS NULL "
+                                "AND network = $1 ORDER BY batch_number", self.network)
+        if not rows:
+            return
+        w3, final = self.chain.w3, self._finalized_block()
+        for batch in rows:
+            receipt = self._receipt(batch["paid_tx_hash"] or batch["tx_hash"])
+            canonical = receipt is not None and receipt["status"] == 1 and \
+                w3.eth.get_block(receipt["blockNumber"])["hash"] == receipt["blockHash"]
+            if not canonical:
+                log.error("payouts.payment_reorged_out", batch_number=batch["batch_number"])
+                await self._transition(conn, batch, BatchState.SUBMITTED, paid_tx_hash=None, block_number=None,
+                                       error="its payment was removed by a reorg; sending it again (same batchId)")
+                metrics.FAILURES.labels("reorg").inc()
+            elif receipt["blockNumber"] <= final:
+                await conn.execute("UPDATE far_payment_batches SET finalized_at = now(), block_number = $2 "
+                                   "WHERE batch_id = $1", batch["batch_id"], receipt["blockNumber"])
+            elif receipt["blockNumber"] != batch["block_number"]:
+                await conn.execute("UPDATE far_payment_batches SET block_number = $2 WHERE batch_id = $1",
+                                   batch["batch_id"], receipt["blockNumber"])
 
     async def _wait_receipt(self, tx_hash: str):
         deadline = time.monotonic() + self.receipt_timeout_s

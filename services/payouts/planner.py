@@ -35,6 +35,7 @@ ELIGIBLE_WHERE = """
     AND c.wallet_address IS NOT NULL
     AND c.payment_far > 0
     AND c.disputed_at IS NULL
+    AND c.held_at IS NULL
     AND s.finalized_at IS NOT NULL
     AND s.finalized_at < $1
 """

@@ -15,6 +15,7 @@ import {
   type InferenceStatus,
   type Model,
   type TokenEvent,
+  type TokenLogprob,
   toAccountUsage,
   toBalance,
   toChatResponse,
@@ -82,6 +83,11 @@ const OPTION_FIELDS: Record<string, string> = {
   temperature: "temperature",
   topP: "top_p",
   topK: "top_k",
+  repetitionPenalty: "repetition_penalty",
+  presencePenalty: "presence_penalty",
+  frequencyPenalty: "frequency_penalty",
+  logitBias: "logit_bias",
+  logprobs: "logprobs",
   stop: "stop",
   seed: "seed",
   model: "model_id",
@@ -370,6 +376,8 @@ export class ChatStream implements AsyncIterable<string> {
   response: ChatResponse | undefined;
   /** The last token event received. */
   lastEvent: TokenEvent | undefined;
+  /** The log-probabilities of the tokens so far (when the request set `logprobs`). */
+  logprobs: TokenLogprob[] = [];
   private readonly local = new AbortController();
   private iterator: AsyncGenerator<string> | undefined;
 
@@ -452,6 +460,7 @@ export class ChatStream implements AsyncIterable<string> {
     }
     if (payload.done) {
       this.response = toChatResponse(payload);
+      if (!this.response.logprobs && this.logprobs.length) this.response.logprobs = [...this.logprobs];
       this.requestId = this.response.requestId || this.requestId;
       this.costFar = this.response.costFar;
       this.tokensGenerated = this.response.usage.completionTokens;
@@ -467,6 +476,7 @@ export class ChatStream implements AsyncIterable<string> {
     }
     const token = toTokenEvent(payload);
     this.lastEvent = token;
+    if (token.logprobs) this.logprobs.push(token.logprobs);
     this.requestId = token.requestId || this.requestId;
     this.tokensGenerated = token.tokensGenerated;
     this.costFar = token.costFar;

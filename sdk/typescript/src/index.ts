@@ -41,6 +41,8 @@ export type {
   RequestUsage,
   Role,
   TokenEvent,
+  TokenLogprob,
+  TopLogprob,
   Usage,
   UsageTotals,
 } from "./types.js";

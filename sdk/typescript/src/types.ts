@@ -13,11 +13,21 @@ export type FinishReason = "length" | "stop" | "eos" | "cancelled";
 export interface ChatOptions {
   /** 1..4096 (the coordinator's default is 100); prompt + maxTokens must fit the model's context. */
   maxTokens?: number;
-  /** 0..2; 0 is greedy decoding. */
+  /** 0..2; 0 is greedy decoding. Omitted (as topP, topK, repetitionPenalty): the model's recommended value. */
   temperature?: number;
   topP?: number;
   /** 0 turns top-k off. */
   topK?: number;
+  /** > 0; 1 is off: logits of tokens already in the prompt or output are divided (positive) or multiplied by it. */
+  repetitionPenalty?: number;
+  /** -2..2 (OpenAI's): subtracted once from the logit of a token already generated. */
+  presencePenalty?: number;
+  /** -2..2 (OpenAI's): subtracted per occurrence of a token already generated. */
+  frequencyPenalty?: number;
+  /** {token id: -100..100} added to that token's logit (-100 bans it). */
+  logitBias?: Record<number | string, number>;
+  /** 0..20: each token's log-probability and this many most likely tokens (ChatResponse.logprobs). */
+  logprobs?: number;
   /** Up to 8 stop sequences (never emitted). */
   stop?: string | string[];
   /** Same seed, same text. */
@@ -47,6 +57,18 @@ export interface Contribution {
   paymentFar: string;
 }
 
+/** A token (its own text and UTF-8 bytes) and its log-probability. */
+export interface TopLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+}
+
+/** A generated token's log-probability and the most likely tokens at its step. */
+export interface TokenLogprob extends TopLogprob {
+  topLogprobs: TopLogprob[];
+}
+
 export interface ChatResponse {
   text: string;
   requestId: string;
@@ -55,6 +77,8 @@ export interface ChatResponse {
   costFar: string;
   feeFar: string;
   contributions: Contribution[];
+  /** One per generated token when the request set `logprobs`. */
+  logprobs?: TokenLogprob[];
 }
 
 /** One streamed step: `token` may be "" while text is held back (a possible stop sequence). */
@@ -63,6 +87,8 @@ export interface TokenEvent {
   requestId: string;
   tokensGenerated: number;
   costFar: string;
+  /** When the request set `logprobs`. */
+  logprobs?: TokenLogprob;
 }
 
 export interface Model {
@@ -98,7 +124,16 @@ export function toChatResponse(data: Json): ChatResponse {
     costFar: String(data.cost_far ?? "0"),
     feeFar: String(data.fee_far ?? "0"),
     contributions: ((data.contributions ?? []) as Json[]).map(toContribution),
+    ...(Array.isArray(data.logprobs) ? { logprobs: (data.logprobs as Json[]).map(toTokenLogprob) } : {}),
   };
+}
+
+function toTopLogprob(data: Json): TopLogprob {
+  return { token: String(data.token ?? ""), logprob: Number(data.logprob ?? 0), bytes: (data.bytes ?? []) as number[] };
+}
+
+export function toTokenLogprob(data: Json): TokenLogprob {
+  return { ...toTopLogprob(data), topLogprobs: ((data.top_logprobs ?? []) as Json[]).map(toTopLogprob) };
 }
 
 export function toTokenEvent(data: Json): TokenEvent {
@@ -107,6 +142,7 @@ export function toTokenEvent(data: Json): TokenEvent {
     requestId: String(data.request_id ?? ""),
     tokensGenerated: Number(data.tokens_generated ?? 0),
     costFar: String(data.cost_far ?? "0"),
+    ...(data.logprobs ? { logprobs: toTokenLogprob(data.logprobs as Json) } : {}),
   };
 }
 

@@ -103,6 +103,28 @@ describe("streaming", () => {
     });
   });
 
+  test("penalties, logit bias and logprobs are sent; logprobs come back per token and in the response", async () => {
+    const entry = { token: " world", logprob: -0.5, bytes: [32, 119, 111, 114, 108, 100],
+      top_logprobs: [{ token: " world", logprob: -0.5, bytes: [32, 119, 111, 114, 108, 100] }] };
+    const url = route("logprobs", (req, res) => {
+      streamHead(res);
+      res.end(sse({ ...token(" world", 1), logprobs: entry }) + sse(DONE));
+    });
+    const mesh = new FarMesh({ apiKey: "fl_test", baseUrl: url });
+    const stream = mesh.chatStream("hi", {
+      presencePenalty: 0.5, frequencyPenalty: 0.25, repetitionPenalty: 1.1, logitBias: { 42: -100 }, logprobs: 1,
+    });
+    const response = await stream.finalResponse();
+    const expected = { token: " world", logprob: -0.5, bytes: entry.bytes,
+      topLogprobs: [{ token: " world", logprob: -0.5, bytes: entry.bytes }] };
+    assert.deepEqual(stream.lastEvent.logprobs, expected);
+    assert.deepEqual(response.logprobs, [expected]);
+    const sent = requests.filter((r) => r.name === "logprobs").at(-1).body;
+    assert.deepEqual([sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty, sent.logit_bias,
+      sent.logprobs], [0.5, 0.25, 1.1, { 42: -100 }, 1]);
+    assert.equal(sent.temperature, undefined); // omitted: the model's recommended value
+  });
+
   test("a replayed request (final event only) streams its stored text", async () => {
     const url = route("replay", (req, res) => {
       streamHead(res);

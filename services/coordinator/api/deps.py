@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from fastapi import Header, Request
 from pydantic import BaseModel, ValidationError
@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from services.common.http import validation_message
 
 from services.coordinator.accounts import Principal
-from services.coordinator.protocol import RESERVED_REQUEST_IDS
+from services.coordinator.protocol import RESERVED_REQUEST_IDS, UNSUPPORTED
 from services.coordinator.serving import InferenceService, ServingError
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -36,10 +36,13 @@ async def get_principal(request: Request, authorization: Optional[str] = Header(
     return await request.app.state.service.authenticate(authorization)
 
 
-async def read_body(request: Request, model: type[Body]) -> Body:
+async def read_body(request: Request, model: type[Body], unsupported: Optional[Callable[[str, str, Optional[str]], str]]
+                    = None) -> Body:
     """The JSON body as ``model``. Routes read it themselves, after their dependencies (credentials) passed:
     FastAPI would read and parse a declared body before authenticating (a large unauthenticated body would be
-    parsed first). The body's size is capped before this by BodyLimitMiddleware."""
+    parsed first). The body's size is capped before this by BodyLimitMiddleware. With ``unsupported`` (param path,
+    field name, detail → message), a field the model does not declare, or a value it marks unsupported, is a
+    400 ``unsupported_parameter`` naming it (OpenAI's answer) instead of a 422."""
     try:
         raw = await request.body()
     except ClientDisconnect:  # the client went away, or BodyLimitMiddleware answered 413 already
@@ -48,7 +51,27 @@ async def read_body(request: Request, model: type[Body]) -> Body:
         # JSON whatever the Content-Type says: curl -d sends application/x-www-form-urlencoded by default
         return model.model_validate_json(raw)
     except ValidationError as error:
+        refused = unsupported_parameter(error) if unsupported is not None else None
+        if refused is not None:
+            param, field, detail = refused
+            raise ServingError(400, UNSUPPORTED, unsupported(param, field, detail), type="invalid_request_error",
+                               param=param) from None
         raise ServingError(422, "invalid_request", body_problem(error, raw)) from None
+
+
+def unsupported_parameter(error: ValidationError) -> Optional[tuple[str, str, Optional[str]]]:
+    """(path as OpenAI writes it, e.g. ``messages[0].name``; the field's name; the validator's reason or None) of
+    the outermost unsupported field or value of ``error``, or None."""
+    found = [item for item in error.errors() if item.get("type") in ("extra_forbidden", UNSUPPORTED)]
+    if not found:
+        return None
+    item = min(found, key=lambda entry: len(entry["loc"]))
+    # a union's member is named in the location ("list[ContentPart]"): not a field
+    loc = [part for part in item["loc"] if isinstance(part, int) or part.isidentifier()]
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    names = [part for part in loc if isinstance(part, str)]
+    detail = item["msg"] if item["type"] == UNSUPPORTED else None
+    return path, names[-1] if names else path, detail
 
 
 BODY_HINT = ('send a JSON object, e.g. {"prompt": "Hello", "max_tokens": 64} or {"messages": [{"role": "user", '

@@ -13,7 +13,8 @@ from services.common.http import (HEALTH_RESPONSES, METRICS_RESPONSES, READY_RES
                                   readiness_response)
 from services.coordinator.accounts import Principal
 from services.coordinator.api.deps import get_principal, get_service, read_body
-from services.coordinator.protocol import GENERATE_RESPONSES, CancelResult, DoneEvent, GenerateRequest, InferenceStatus
+from services.coordinator.protocol import (GENERATE_RESPONSES, CancelResult, DoneEvent, GenerateRequest,
+                                           InferenceStatus, TokenEvent)
 from services.coordinator.serving import InferenceService, ServingError
 
 router = APIRouter()
@@ -22,7 +23,8 @@ router = APIRouter()
 async def _sse(events):
     try:
         async for event in events:
-            yield {"data": json.dumps(event.model_dump())}
+            # a token event without logprobs has no logprobs key (the request did not ask for them)
+            yield {"data": json.dumps(event.model_dump(exclude_none=isinstance(event, TokenEvent)))}
     except ServingError as error:  # the stream already began: report in-band
         yield {"event": "error", "data": json.dumps(error.body())}
 
@@ -34,11 +36,16 @@ async def generate(request: Request, service: InferenceService = Depends(get_ser
     events = await service.start(body, principal)
     if body.stream:
         return EventSourceResponse(_sse(events), ping=15)
-    final = None
+    final, entries = None, []
     async for event in events:
         if isinstance(event, DoneEvent):
             final = event
-    return JSONResponse(final.model_dump())
+        elif event.logprobs is not None:
+            entries.append(event.logprobs.model_dump())
+    answer = final.model_dump()
+    if body.logprobs is not None:  # one entry per generated token that was sent as text
+        answer["logprobs"] = entries
+    return JSONResponse(answer)
 
 
 @router.get("/mesh/inference/{request_id:request_id}", response_model=InferenceStatus,

@@ -223,6 +223,10 @@
       const status = r.finish_reason && r.finish_reason !== r.status && r.status !== "running"
         ? `${r.status} (${r.finish_reason})` : r.status;
       const cost = r.cost_far === null ? `running, ${D.formatFar(r.reserved_far)} reserved` : D.formatFar(r.cost_far);
+      // a request a spot check proved wrong: its charge is given back (docs/verification.md)
+      const refund = r.refunded_far === null || r.refunded_far === undefined ? null
+        : el("span", { class: "refund block", "data-field": "refund", title: r.refund_reason || "",
+                       text: `refunded ${D.formatFar(r.refunded_far)}: a server's output was proven wrong` });
       return el("tr", { dataset: { requestId: r.request_id, status: r.status } },
         el("td", { "data-label": "Time", text: D.formatUtc(r.created_at, true) }),
         el("td", { "data-label": "Request" }, el("code", { text: r.request_id }),
@@ -231,7 +235,7 @@
           el("span", { class: `badge ${STATUS_CLASS[r.status] || "pay-failed"}`, text: status })),
         el("td", { "data-label": "Tokens", class: "num", "data-field": "tokens",
                    text: `${D.formatInt(r.prompt_tokens)} + ${D.formatInt(r.completion_tokens)}` }),
-        el("td", { "data-label": "Cost (FAR)", class: "num", "data-field": "cost", text: cost }),
+        el("td", { "data-label": "Cost (FAR)", class: "num", "data-field": "cost" }, cost, refund),
         el("td", { "data-label": "Served by", "data-field": "nodes" }, servedBy(r.nodes)));
     }));
   }

@@ -13,12 +13,13 @@ from farlabs._errors import (APIConnectionError, APIError, APITimeoutError, Auth
                              FarMeshError, GenerationError, InsufficientBalanceError, InvalidRequestError,
                              NotFoundError, RateLimitError, SwarmNotReadyError)
 from farlabs._types import (AccountUsage, Balance, ChatResponse, Contribution, FinishReason, InferenceStatus, Message,
-                            Model, RequestUsage, TokenEvent, Usage)
+                            Model, RequestUsage, TokenEvent, TokenLogprob, TopLogprob, Usage)
 
 __all__ = [
     "__version__", "DEFAULT_BASE_URL",
     "FarMesh", "AsyncFarMesh", "ChatStream", "AsyncChatStream",
-    "ChatResponse", "Contribution", "Usage", "Model", "Balance", "AccountUsage", "RequestUsage", "InferenceStatus", "TokenEvent", "Message", "FinishReason",
+    "ChatResponse", "Contribution", "Usage", "Model", "Balance", "AccountUsage", "RequestUsage", "InferenceStatus", "TokenEvent", "TokenLogprob", "TopLogprob",
+    "Message", "FinishReason",
     "FarMeshError", "APIError", "APIConnectionError", "APITimeoutError", "AuthenticationError",
     "InsufficientBalanceError", "RateLimitError", "SwarmNotReadyError", "InvalidRequestError", "NotFoundError",
     "ConflictError", "GenerationError",

@@ -6,13 +6,14 @@ import json
 import os
 import random
 import uuid
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import httpx
 
 from farlabs._errors import APIConnectionError, APIError, error_from_response
-from farlabs._types import ChatResponse, PromptOrMessages, TokenEvent
+from farlabs._types import ChatResponse, PromptOrMessages, TokenEvent, TokenLogprob
 
 __version__ = "0.1.0"
 
@@ -24,8 +25,8 @@ RETRY_STATUSES = frozenset({429, 503})
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "model_id", "request_id",
-                 "user_wallet")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "logprobs", "stop", "seed", "model_id", "request_id", "user_wallet")
 
 
 def resolve_settings(api_key: Optional[str], base_url: Optional[str]) -> Tuple[Optional[str], str]:
@@ -75,6 +76,8 @@ def build_payload(prompt_or_messages: PromptOrMessages, *, stream: bool, model: 
         sampling.setdefault("model_id", model)
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    if sampling.get("logit_bias") is not None:  # JSON object keys are strings: {token id: bias}
+        sampling["logit_bias"] = {str(token): bias for token, bias in sampling["logit_bias"].items()}
     body.update({k: v for k, v in sampling.items() if v is not None})
     body.setdefault("request_id", new_request_id())
     body["stream"] = stream
@@ -113,6 +116,7 @@ class StreamState:
         self.cost_far = Decimal(0)
         self.response: Optional[ChatResponse] = None
         self.last_event: Optional[TokenEvent] = None
+        self.logprobs: List[TokenLogprob] = []  # of the token events, when the request asked for them
 
     def feed(self, event: str, data: str) -> List[str]:
         """The tokens to hand to the caller for one SSE event; raises the typed error of an ``error`` event."""
@@ -128,6 +132,8 @@ class StreamState:
             return []
         if payload.get("done"):
             self.response = ChatResponse.from_json(payload)
+            if self.response.logprobs is None and self.logprobs:
+                self.response = replace(self.response, logprobs=list(self.logprobs))
             self.request_id = self.response.request_id or self.request_id
             self.cost_far = self.response.cost_far
             self.tokens_generated = self.response.usage.completion_tokens
@@ -141,6 +147,8 @@ class StreamState:
             return []
         token = TokenEvent.from_json(payload)
         self.last_event = token
+        if token.logprobs is not None:
+            self.logprobs.append(token.logprobs)
         self.request_id = token.request_id or self.request_id
         self.tokens_generated = token.tokens_generated
         self.cost_far = token.cost_far

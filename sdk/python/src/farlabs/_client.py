@@ -208,8 +208,11 @@ class FarMesh(_ClientBase):
              **sampling: Any) -> ChatResponse:
         """Generate and wait for the whole text. ``prompt_or_messages`` is a prompt string or a list of
         ``{"role": "system"|"user"|"assistant", "content": ...}`` messages. Sampling: ``max_tokens``,
-        ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``stop`` (str or list), ``seed``; also
-        ``request_id`` (idempotency key; generated when omitted) and ``user_wallet``."""
+        ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``repetition_penalty`` (each omitted: the model's
+        recommended value), ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: -100..100}),
+        ``logprobs`` (k: :attr:`ChatResponse.logprobs` has each token's log-probability and the k most likely),
+        ``stop`` (str or list), ``seed``; also ``request_id`` (idempotency key; generated when omitted) and
+        ``user_wallet``."""
         payload = build_payload(prompt_or_messages, stream=False, model=model, **sampling)
         return ChatResponse.from_json(self._json("POST", GENERATE_PATH, json=payload))
 

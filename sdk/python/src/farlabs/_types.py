@@ -52,6 +52,37 @@ class Contribution:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """A token (its own text and UTF-8 bytes) and its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: List[int]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TopLogprob":
+        return cls(token=str(data.get("token", "")), logprob=float(data.get("logprob", 0.0)),
+                   bytes=list(data.get("bytes") or []))
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability and the most likely tokens at its step (``logprobs=k`` asks for k)."""
+
+    top_logprobs: List[TopLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TokenLogprob":
+        top = TopLogprob.from_json(data)
+        return cls(token=top.token, logprob=top.logprob, bytes=top.bytes,
+                   top_logprobs=[TopLogprob.from_json(t) for t in data.get("top_logprobs") or []])
+
+
+def _logprobs(data: Any) -> Optional[List[TokenLogprob]]:
+    return None if data is None else [TokenLogprob.from_json(entry) for entry in data]
+
+
+@dataclass(frozen=True)
 class ChatResponse:
     """The result of a generation: the text, what it cost and which nodes computed it."""
 
@@ -64,6 +95,7 @@ class ChatResponse:
     contributions: List[Contribution] = field(default_factory=list)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     served_by: str = "swarm"  # "fallback": the coordinator's fallback API answered (the swarm was not ready)
+    logprobs: Optional[List[TokenLogprob]] = None  # one per generated token, when asked for (``logprobs=k``)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ChatResponse":
@@ -73,7 +105,8 @@ class ChatResponse:
                    usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
                    cost_far=_decimal(data.get("cost_far")), fee_far=_decimal(data.get("fee_far")),
                    contributions=[Contribution.from_json(c) for c in data.get("contributions") or []],
-                   raw=dict(data), served_by=str(data.get("served_by") or "swarm"))
+                   raw=dict(data), served_by=str(data.get("served_by") or "swarm"),
+                   logprobs=_logprobs(data.get("logprobs")))
 
 
 @dataclass(frozen=True)
@@ -84,11 +117,14 @@ class TokenEvent:
     request_id: str
     tokens_generated: int
     cost_far: Decimal
+    logprobs: Optional[TokenLogprob] = None  # when asked for (``logprobs=k``)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TokenEvent":
+        entry = data.get("logprobs")
         return cls(token=str(data.get("token") or ""), request_id=str(data.get("request_id", "")),
-                   tokens_generated=int(data.get("tokens_generated") or 0), cost_far=_decimal(data.get("cost_far")))
+                   tokens_generated=int(data.get("tokens_generated") or 0), cost_far=_decimal(data.get("cost_far")),
+                   logprobs=None if entry is None else TokenLogprob.from_json(entry))
 
 
 @dataclass(frozen=True)
