@@ -141,6 +141,19 @@ def test_two_colluders_cannot_frame_an_honest_server():
     assert spot.policy.passed.get("colluder-1", 0) == spot.policy.passed.get("colluder-2", 0) == 0  # records lost
 
 
+def test_an_operator_run_server_is_a_trusted_verifier_too():
+    """For spans the coordinator cannot hold (SPOT_CHECK_TRUSTED_PEERS): its output settles, it never verifies as
+    a stranger."""
+    servers = {"honest": honest, "colluder-1": agreed_lie, "colluder-2": agreed_lie, "ops": honest}
+    spot = checker(servers, {"honest": "w1", "colluder-1": "w2", "colluder-2": "w3", "ops": "w0"}, trusted=False)
+    spot.trusted_peers = frozenset({"ops"})
+    assert "ops" not in {peer for peer, _d, _w in spot.eligible(spot.forward.candidates(0, 4, {"honest"}), "honest")}
+    for _ in range(10):
+        (result,) = spot.check(job_for("honest"))
+        assert (result.verdict.outcome, result.referee) == (VERIFIER_FAILED, "ops")
+        assert result.suspect_peer in ("colluder-1", "colluder-2")
+
+
 def test_a_liar_and_its_accomplice_verifier_are_both_suspects():
     spot = checker({"cheater": agreed_lie, "accomplice": agreed_lie}, {"cheater": "w1", "accomplice": "w2"})
     results = spot.check(job_for("cheater", served=lambda h: truth(h) * 2))  # disagrees with its accomplice too

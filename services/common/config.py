@@ -175,6 +175,9 @@ class CoordinatorSettings(ChainSettings):
                                                   "trusted verifier, the coordinator recomputing a span from its "
                                                   "own model files to settle disagreements and check spans no "
                                                   "other server holds (0 = none; docs/verification.md)")
+    SPOT_CHECK_TRUSTED_PEERS: str = Field(default="", description="coordinator: comma-separated peer IDs of "
+                                          "operator-run servers whose outputs settle disagreements like the "
+                                          "coordinator's own recomputation (for spans it cannot hold)")
     SPOT_CHECK_RETRY_S: float = Field(default=30.0, gt=0, description="coordinator: how often an inconclusive "
                                       "check (its contribution held unpaid) is tried again")
     SPOT_CHECK_QUARANTINE_SYNC_S: float = Field(default=10.0, gt=0, description="coordinator: how often it re-reads "

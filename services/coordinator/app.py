@@ -171,11 +171,15 @@ async def start_spot_checks(settings: CoordinatorSettings, swarm: Quarantinable,
     consequences = CheckConsequences(store, asyncio.get_running_loop(),
                                      quarantine_after=settings.SPOT_CHECK_QUARANTINE_AFTER,
                                      on_quarantine=on_quarantine)
-    trusted = LocalSpanVerifier(swarm.model_path, swarm.model.config,
-                                int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
+    # the trusted verifier recomputes spans from the model files the coordinator itself loaded
+    config = getattr(getattr(swarm, "model", None), "config", None)
+    trusted = None if config is None else LocalSpanVerifier(
+        getattr(swarm, "model_path", ""), config, int(settings.SPOT_CHECK_TRUSTED_VERIFIER_GB * 2**30))
     checker = SpotChecker(swarm.model_id, SwarmForward(swarm.sequence_manager), policy, consequences,
                           max_queue=settings.SPOT_CHECK_QUEUE, timeout_s=settings.PETALS_REQUEST_TIMEOUT_S,
-                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S)
+                          trusted=trusted, retry_s=settings.SPOT_CHECK_RETRY_S,
+                          trusted_peers=frozenset(p.strip() for p in settings.SPOT_CHECK_TRUSTED_PEERS.split(",")
+                                                  if p.strip()))
     checker.quarantined.update(swarm.quarantined)
     checker.registry = await store.registry()
     swarm.spot_checker = checker

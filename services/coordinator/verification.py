@@ -125,6 +125,16 @@ class SamplingPolicy:
 TRUSTED_VERIFIER = "trusted:coordinator"
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The trusted verifier's outputs at the checked positions: the coordinator's own recomputation, or an
+    operator-run server's (SPOT_CHECK_TRUSTED_PEERS)."""
+
+    outputs: object
+    dtype: Optional[str]
+    name: str
+
+
 @dataclass
 class CheckJob:
     model_id: str
@@ -283,13 +293,14 @@ class SpotChecker:
     def __init__(self, model_id: str, forward: SwarmForward, policy: SamplingPolicy,
                  on_result: Callable[[CheckResult], None], *, max_queue: int = 32, timeout_s: float = 30.0,
                  seed: Optional[int] = None, trusted: Optional[LocalSpanVerifier] = None,
-                 retry_s: float = 30.0, max_unsettled: int = 256):
+                 trusted_peers: frozenset = frozenset(), retry_s: float = 30.0, max_unsettled: int = 256):
         self.model_id = model_id
         self.forward = forward
         self.policy = policy
         self.on_result = on_result
         self.timeout_s = timeout_s
         self.trusted = trusted
+        self.trusted_peers = frozenset(trusted_peers)  # operator-run servers whose outputs are a reference
         self.retry_s = retry_s
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.unsettled: "deque[CheckJob]" = deque(maxlen=max_unsettled)  # inconclusive checks to settle again
@@ -389,21 +400,28 @@ class SpotChecker:
         for peer, dtype in candidates:
             wallet = self.registry.get(peer)
             if (wallet is None or peer in self.quarantined or not self.policy.is_clean(peer)
-                    or wallet == checked_wallet):
+                    or wallet == checked_wallet or peer in self.trusted_peers):
                 continue
             found.append((peer, dtype, wallet))
         return found
 
-    def _trusted_output(self, job: CheckJob):
-        """The trusted verifier's outputs at the checked positions, or None when it cannot compute them."""
-        if self.trusted is None or not self.trusted.can_hold(job.start, job.end):
-            return None
-        try:
-            return self.trusted.forward(job.start, job.end, job.history)[:, -job.outputs.shape[1]:]
-        except Exception as error:  # noqa: BLE001 - then a referee settles, or the check stays unsettled
-            log.warning("the trusted verifier could not recompute a span", blocks=f"{job.start}:{job.end}",
-                        error=repr(error))
-            return None
+    def _trusted_output(self, job: CheckJob) -> Optional[Reference]:
+        """The trusted verifier's outputs at the checked positions: the coordinator's recomputation when it can
+        hold the span, else an operator-run trusted server holding it; None when neither can."""
+        if self.trusted is not None and self.trusted.can_hold(job.start, job.end):
+            try:
+                outputs = self.trusted.forward(job.start, job.end, job.history)[:, -job.outputs.shape[1]:]
+                return Reference(outputs, self.trusted.dtype, self.trusted.name)
+            except Exception as error:  # noqa: BLE001 - then a trusted server, a referee, or the check is held
+                log.warning("the trusted verifier could not recompute a span", blocks=f"{job.start}:{job.end}",
+                            error=repr(error))
+        if self.trusted_peers:
+            for peer, dtype in self.forward.candidates(job.start, job.end, {job.peer_id}):
+                if peer in self.trusted_peers:
+                    outputs = self._server_output(peer, job)
+                    if outputs is not None:
+                        return Reference(outputs, dtype, peer)
+        return None
 
     def check(self, job: CheckJob) -> list[CheckResult]:
         """Run one check (blocking); [] when nobody could check the span. One result, or two when the trusted
@@ -433,7 +451,7 @@ class SpotChecker:
             return self._finish(job, [CheckResult(job, verdict, verifier, None, tolerance, dtype)])
         expected = self._trusted_output(job)
         if expected is not None:
-            tolerance = tolerance_for(checked_dtype, verifier_dtype, LocalSpanVerifier.dtype)
+            tolerance = tolerance_for(checked_dtype, verifier_dtype, expected.dtype)
             return self._finish(job, self._settled_by_trusted(job, found, expected, verifier, tolerance, dtype))
         referee = next(((peer, d) for peer, d, wallet in rest if wallet != verifier_wallet), None)
         if referee is not None:
@@ -454,19 +472,20 @@ class SpotChecker:
         return outputs[:, -job.outputs.shape[1]:]
 
     @staticmethod
-    def _checked_by_trusted(job: CheckJob, expected, checked_dtype, dtype: str) -> CheckResult:
+    def _checked_by_trusted(job: CheckJob, expected: Reference, checked_dtype, dtype: str) -> CheckResult:
         """The trusted verifier is the verifier: its output is the reference."""
-        tolerance = tolerance_for(checked_dtype, LocalSpanVerifier.dtype)
-        error = relative_error(job.outputs, expected)
+        tolerance = tolerance_for(checked_dtype, expected.dtype)
+        error = relative_error(job.outputs, expected.outputs)
         verdict = Verdict(PASSED, None, error) if error <= tolerance else Verdict(FAILED, "checked", error, error)
-        return CheckResult(job, verdict, TRUSTED_VERIFIER, None, tolerance, dtype)
+        return CheckResult(job, verdict, expected.name, None, tolerance, dtype)
 
     @staticmethod
-    def _settled_by_trusted(job: CheckJob, found, expected, verifier: str, tolerance: float,
+    def _settled_by_trusted(job: CheckJob, found, expected: Reference, verifier: str, tolerance: float,
                             dtype: str) -> list[CheckResult]:
         """The checked server and its verifier disagree: each is judged against the trusted verifier's output."""
         error = relative_error(job.outputs, found)
-        to_checked, to_verifier = relative_error(job.outputs, expected), relative_error(found, expected)
+        to_checked = relative_error(job.outputs, expected.outputs)
+        to_verifier = relative_error(found, expected.outputs)
         results = []
         if to_checked > tolerance:
             results.append(Verdict(FAILED, "checked", error, to_checked, to_verifier))
@@ -474,7 +493,7 @@ class SpotChecker:
             results.append(Verdict(VERIFIER_FAILED, "verifier", error, to_checked, to_verifier))
         if not results:  # both within the tolerance of the reference: the checked server did its work
             results.append(Verdict(PASSED, None, error, to_checked, to_verifier))
-        return [CheckResult(job, verdict, verifier, TRUSTED_VERIFIER, tolerance, dtype) for verdict in results]
+        return [CheckResult(job, verdict, verifier, expected.name, tolerance, dtype) for verdict in results]
 
     def _finish(self, job: CheckJob, results: list[CheckResult]) -> list[CheckResult]:
         for result in results:
