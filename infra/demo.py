@@ -25,30 +25,14 @@ from decimal import Decimal
 
 import httpx
 from httpx_sse import EventSource
-from rich.console import Console
 from rich.table import Table
 
 from infra.mesh import LocalMesh, MeshOptions
-
-console = Console(highlight=False)
+from infra.terminal import console, describe_progress, detail, step
 QUESTION = "What is the capital of France?"
 # One short answer earns the providers a few thousandths of a FAR: the demo's tracker pays from 0.0001 FAR
 # (the real weekly minimum, MIN_PAYOUT_FAR, is 10).
 DEMO_MIN_PAYOUT_FAR = Decimal("0.0001")
-
-
-def step(message: str) -> None:
-    console.print(f"[bold cyan]==>[/] {message}")
-
-
-def detail(message: str) -> None:
-    console.print(f"    {message}")
-
-
-def progress_line(state: dict) -> None:
-    detail(f"blocks loaded {state['loaded']}/{state['expected']} (announced {state['discovered']}), "
-           f"providers registered {state['registered']}/{state['providers']}, "
-           f"coordinator {'ready' if state['coordinator'] else 'starting'}")
 
 
 async def read_contributions(postgres_url: str, request_id: str):
@@ -143,7 +127,7 @@ def main() -> int:
                           heartbeat_interval=5)
     with LocalMesh(options, say=step, detail=detail) as mesh:
         console.print(f"[bold]Far Mesh demo[/] (state and logs in {mesh.dir})")
-        mesh.start(progress=progress_line)
+        mesh.start(progress=lambda state: detail(describe_progress(state)))
         detail(f"swarm ready after {time.monotonic() - started:.0f} s: coordinator {mesh.coordinator_url}, "
                f"discovery {mesh.discovery_url}")
 

@@ -14,12 +14,10 @@ import time
 from decimal import Decimal
 from typing import Optional
 
-from rich.console import Console
 from rich.table import Table
 
 from infra.mesh import LocalMesh, MeshOptions
-
-console = Console(highlight=False)
+from infra.terminal import console, describe_progress, detail, step
 
 
 class _Stop(Exception):
@@ -61,19 +59,11 @@ def run_up(*, fresh: bool = False, coordinator_port: int = 8100, discovery_port:
                           min_payout_far=min_payout_far if min_payout_far is not None else Decimal("0.0001"),
                           credit_far=credit_far, heartbeat_interval=10)
 
-    def say(message: str) -> None:
-        console.print(f"[bold cyan]==>[/] {message}")
-
-    def detail(message: str) -> None:
-        console.print(f"    {message}")
-
     def progress(state: dict) -> None:
-        detail(f"[{time.monotonic() - started:4.0f} s] blocks loaded {state['loaded']}/{state['expected']} "
-               f"(announced {state['discovered']}), providers registered {state['registered']}/{state['providers']}, "
-               f"coordinator {'ready' if state['coordinator'] else 'starting'}")
+        detail(f"[{time.monotonic() - started:4.0f} s] {describe_progress(state)}")
 
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    mesh = LocalMesh(options, say=say, detail=detail)
+    mesh = LocalMesh(options, say=step, detail=detail)
     code = 0
     try:
         console.print(f"[bold]far-mesh up[/] (state in {mesh.dir}{'' if fresh else ', reused when present'})")

@@ -1,8 +1,8 @@
 """Server-side batching: decode steps of different inference sessions run as one forward pass per block.
 
 Petals 2.2.0 runs every session's step as its own runtime task (average batch size 1.00), so concurrent users
-queue behind each other, while a block's forward on this kind of machine is memory-bandwidth bound: one SmolLM2
-block costs ~3.0 ms at batch 1 and ~5.3 ms at batch 8 (../shared/SPEC.md "A real model from PyPI"). This module
+queue behind each other, while a block's forward on this kind of machine is memory-bandwidth bound: a batch of 8
+costs far less than 8 batches of one (docs/batching.md has the figures). This module
 replaces the server's merged inference pool (``petals.server.backend.merge_inference_pools_inplace``) with
 :class:`BatchingInferencePool`, which hands the runtime *all* waiting steps at once:
 
@@ -22,8 +22,8 @@ replaces the server's merged inference pool (``petals.server.backend.merge_infer
 
 * Small tensors cross between the handler processes and the runtime **by value** (a step's hidden states, its
   result, the future's state code): torch's multiprocessing pickler would put each into a new shared-memory
-  segment and hand its file descriptor over a Unix socket, ~1 ms per tensor on both sides, serialised with the
-  batch (measured, SmolLM2 at 8 sessions: a server's pass 46 → 31 ms, its delivery 10 → 1 ms).
+  segment and hand its file descriptor over a Unix socket, on both sides, serialised with the batch
+  (docs/batching.md "What one runtime iteration does").
 
 Nothing changes on the wire: the handler, the protocol and the client are Petals' own. The runtime must not
 prefetch batches (``prefetch_batches=0``): with prefetch, a background thread pulls each step out of the queue
@@ -131,8 +131,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PackedProjections:
-    """oneDNN-packed copies of one Llama block's projections for the batched decode (services/common/packed_linear.py:
-    at 8 rows, SmolLM2's 10 blocks of projections take 22.8 ms instead of 32.0), with q/k/v fused into one matrix
+    """oneDNN-packed copies of one Llama block's projections for the batched decode (services/common/packed_linear.py;
+    faster at several rows than ``F.linear``, docs/batching.md), with q/k/v fused into one matrix
     and gate/up into another. Petals' own path (prefill, replays) keeps using the modules' weights."""
 
     qkv: torch.Tensor

@@ -71,7 +71,7 @@ def _load_node_config(config: Optional[Path], *, ignore: bool = False):
 
     path = config or default_config_path()
     if ignore or (config is None and not path.exists()):
-        return NodeConfig(host="127.0.0.1", port=0), None  # no wizard run: flags only (the old behaviour)
+        return NodeConfig(host="127.0.0.1", port=0), None  # no wizard run: flags and the environment only
     try:
         return load_config(path), path
     except FileNotFoundError:
@@ -120,107 +120,51 @@ def run(
     server_command: Optional[str] = typer.Option(None, hidden=True, help="tests: stand-in for the Petals server"),
 ) -> None:
     """Serve the configured blocks into the swarm, register with discovery and heartbeat until SIGINT/SIGTERM."""
-    from node_server import validation
     from node_server.agent import AgentConfig, Supervisor, parse_server_command
-    from node_server.config import default_state_dir
-    from node_server.petals_server import ServerOptions
+    from node_server.run_options import RunFlags, RunOptionError, resolve_run_options
     from services.common.config import NodeSettings, get_settings
     from services.common.logs import configure_logging
-    from services.common.swarm import BlockSpan
 
     settings = get_settings(NodeSettings)
     configure_logging(settings.LOG_LEVEL)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is the status line's job
     if no_config and config is not None:
         _fail("--no-config", "cannot be combined with --config")
-    node, _path = _load_node_config(config, ignore=no_config)
+    node, path = _load_node_config(config, ignore=no_config)
+    flags = RunFlags(
+        model=model, blocks=blocks, num_blocks=num_blocks, initial_peers=initial_peers, model_id=model_id, host=host,
+        port=port, public_address=public_address, device=device, dtype=dtype, memory_limit=memory_limit,
+        wallet=wallet, identity=identity, public_name=public_name, throughput=throughput,
+        request_timeout=request_timeout, update_period=update_period, discovery_url=discovery_url,
+        no_register=no_register, heartbeat_interval=heartbeat_interval, batching=batching,
+        batch_wait_ms=batch_wait_ms, torch_threads=torch_threads)
+    machine = _this_machine()
+    try:
+        resolved = resolve_run_options(flags, node, settings, machine, from_config_file=path is not None)
+    except RunOptionError as error:
+        _fail(error.flag, error.message)
+    options = resolved.server
+    supervisor = Supervisor(AgentConfig(
+        options=options, identity_path=resolved.identity_path, state_dir=machine.state_dir, model_id=options.model_id,
+        wallet_address=resolved.wallet_address, public_name=options.public_name, discovery_url=resolved.discovery_url,
+        heartbeat_interval=resolved.heartbeat_interval, server_command=parse_server_command(server_command)))
+    raise typer.Exit(supervisor.run())
 
-    def pick(flag_value, config_value, default=None):
-        return flag_value if flag_value is not None else (config_value if config_value is not None else default)
 
-    def check(flag: str, value, parse):
-        try:
-            return parse(value)
-        except ValueError as error:
-            _fail(flag, str(error))
+def _this_machine():
+    """What ``resolve_run_options`` reads from this machine: weights, the device's dtype, a model's block count."""
+    from node_server import validation
+    from node_server.config import default_state_dir
+    from node_server.run_options import Machine
 
-    model = pick(model, node.model, settings.FAR_MESH_MODEL_PATH or None)
-    model_is_dir = model is not None and Path(model).expanduser().is_dir()
-    # --model names the weights (a directory, a catalog model or a hub name); the announced id defaults to it
-    model_id = pick(model_id, node.model_id, model if model and not model_is_dir else settings.DEFAULT_MODEL_ID)
-    model = _prepare_weights(model_id, model, model_is_dir)
-    peers_text = pick(initial_peers, ",".join(node.initial_peers) or None, settings.FAR_MESH_DHT_BOOTSTRAP)
-    peers = [p.strip() for p in (peers_text or "").split(",") if p.strip()]
-    if not peers:
-        _fail("--initial-peers", "no DHT bootstrap peers (give --initial-peers or set FAR_MESH_DHT_BOOTSTRAP)")
-    device = check("--device", pick(device, node.device, "cpu"), validation.parse_device)
-    if pick(dtype, node.dtype) is None:  # float32 on CPU; on a GPU half precision as Petals supports it
+    def default_dtype(device: str) -> str:
         from node_server.hardware import default_dtype_for
 
-        dtype = default_dtype_for(device)
-    dtype = check("--dtype", pick(dtype, node.dtype), lambda v: validation.parse_dtype(v, device))
-    memory_limit_gb = (check("--memory-limit", memory_limit, validation.parse_memory_limit)
-                       if memory_limit is not None else node.memory_limit_gb)
-    blocks_text = pick(blocks, node.blocks if _path else None)
-    num_blocks = pick(num_blocks, node.num_blocks)
-    span = None
-    if blocks_text and blocks_text.strip().lower() != validation.AUTO:
-        try:
-            span = BlockSpan.parse(blocks_text, validation.model_num_blocks(model))
-        except ValueError as error:
-            _fail("--blocks", str(error))
-    elif blocks_text is None and not num_blocks and _path is None:
-        _fail("--blocks", "give a block span (e.g. 0:2), --blocks auto or --num-blocks")
-    port = pick(port, node.port, 0)
-    if not 0 <= port <= 65535:
-        _fail("--port", f"{port} is not a TCP port")
-    host = pick(host, node.host, "127.0.0.1")
-    announce = pick(public_address, node.public_address)
-    if announce is not None:
-        announce = check("--public-address", announce, validation.parse_address)
-        if announce == host or announce == "localhost":
-            announce = None
-        elif port == 0:
-            # others dial <address>:<port>; with port 0 the port is picked at start and unknown to the announcement
-            _fail("--public-address", "needs a fixed --port (e.g. --port 31330, forwarded to this machine)")
-    state_dir = default_state_dir()
-    identity_path = Path(pick(identity, node.identity_path, state_dir / "identity.key")).expanduser()
-    url = pick(discovery_url, node.discovery_url, settings.DISCOVERY_URL)
-    url = None if no_register or not (url or "").strip() else url.strip()
-    wallet_address = pick(wallet, node.wallet_address)
-    if url is not None:
-        if wallet_address is None:
-            _fail("--wallet", "no payout wallet configured: run `far-node start`, pass --wallet, or --no-register")
-        wallet_address = check("--wallet", wallet_address, validation.parse_wallet)
-    if heartbeat_interval is not None and heartbeat_interval <= 0:
-        _fail("--heartbeat-interval", "must be positive")
-    name = pick(public_name, node.public_name)
-    options = ServerOptions(
-        model_path=model,
-        model_id=model_id,
-        initial_peers=tuple(peers),
-        blocks=span,
-        num_blocks=num_blocks,
-        host=host,
-        port=port,
-        announce_host=announce,
-        identity_path=str(identity_path),
-        public_name=name,
-        device=device,
-        torch_dtype=dtype,
-        throughput=throughput,
-        request_timeout=request_timeout,
-        update_period=update_period,
-        memory_limit_gb=memory_limit_gb,
-        batching=batching,
-        batch_wait_ms=batch_wait_ms,
-        torch_threads=torch_threads,
-    )
-    supervisor = Supervisor(AgentConfig(
-        options=options, identity_path=identity_path, state_dir=state_dir, model_id=model_id,
-        wallet_address=wallet_address, public_name=name, discovery_url=url, heartbeat_interval=heartbeat_interval,
-        server_command=parse_server_command(server_command)))
-    raise typer.Exit(supervisor.run())
+        return default_dtype_for(device)
+
+    return Machine(prepare_weights=_prepare_weights, default_dtype=default_dtype,
+                   model_num_blocks=validation.model_num_blocks, is_dir=lambda model: Path(model).expanduser().is_dir(),
+                   state_dir=default_state_dir())
 
 
 def _prepare_weights(model_id: str, model: Optional[str], model_is_dir: bool) -> str:

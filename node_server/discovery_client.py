@@ -1,4 +1,4 @@
-"""The node's side of the discovery API (../shared/SPEC.md "Discovery API").
+"""The node's side of the discovery API (docs/discovery.md).
 
 Registration proves control of the peer ID: the node fetches a single-use nonce (``GET /nodes/challenge``),
 signs ``registration_message(...)`` — every stored field, public_name and hardware included — with its libp2p

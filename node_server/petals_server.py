@@ -7,7 +7,7 @@ every second, so the supervisor knows the span to register without running a DHT
 
 ``ServerOptions`` is the typed description of one server; :func:`petals_server_kwargs` turns it into
 ``petals.server.server.Server`` keyword arguments (pure, tested without a network). The flags that are always
-set follow ../shared/SPEC.md "Petals on this stack": explicit initial peers, a numeric throughput (no
+set are the ones this stack needs (docs/provider.md): explicit initial peers, a numeric throughput (no
 benchmark at start), explicit host multiaddrs, an explicit DHT prefix, float32 without quantization on CPU,
 no UPnP, no health.petals.dev; circuit relays when nobody can dial the server (:func:`relay_kwargs`).
 """
@@ -349,8 +349,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"far-node: {error}", file=sys.stderr, flush=True)
         os._exit(2)
     # Everything is shut down and reaped; skip interpreter teardown, where torch's threads abort with
-    # "terminate called after throwing std::system_error: Broken pipe" (SIGABRT) or hang (SPEC "Petals on
-    # this stack"), which would look like a crash to the supervisor.
+    # "terminate called after throwing std::system_error: Broken pipe" (SIGABRT) or hang (docs/provider.md),
+    # which would look like a crash to the supervisor.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -1,4 +1,4 @@
-"""The one settings module: every environment variable of ../shared/SPEC.md "Configuration".
+"""The one settings module: every environment variable of the services (README "Configuration").
 
 Read with pydantic-settings. A missing or malformed value fails at start with one clear line naming the
 variable (see :func:`load_settings`). Money values are ``Decimal`` (never float).

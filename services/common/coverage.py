@@ -6,7 +6,7 @@ Network-free and importable without FastAPI or petals: the discovery service (``
 Inputs are what the DHT announces per block (objects shaped like
 :class:`services.common.swarm_state.BlockServer`: ``peer_id``, ``state``, ``start_block``, ``end_block``,
 ``public_name``), the nodes registered with discovery (:class:`RegisteredNode`), the time each peer was first
-seen JOINING, and ``now``. Vocabulary (as in ../shared/SPEC.md "Discovery API"):
+seen JOINING, and ``now``. Vocabulary (as in docs/discovery.md):
 
 * discovered: a server announced the block in the DHT, state JOINING or ONLINE (OFFLINE does not count:
   Petals announces OFFLINE on a graceful stop);
@@ -107,6 +107,76 @@ def _who(peer_id: str, name: Optional[str]) -> str:
     return f'"{name}" ({peer_id})' if name else peer_id
 
 
+def _block_coverage(servers_per_block: list[list[AnnouncedServer]]) -> tuple[list[BlockCoverage], dict[str, dict]]:
+    """Per block, the peers announcing it; per announcing peer, ``{"name", "blocks": set, "states": {block: state}}``."""
+    blocks: list[BlockCoverage] = []
+    announced: dict[str, dict] = {}
+    for index, servers in enumerate(servers_per_block):
+        entry = BlockCoverage(index)
+        for server in servers:
+            if server.state not in ANNOUNCED_STATES:
+                continue
+            if server.peer_id not in entry.discovered:
+                entry.discovered.append(server.peer_id)
+            if server.state == "ONLINE" and server.peer_id not in entry.loaded:
+                entry.loaded.append(server.peer_id)
+            info = announced.setdefault(server.peer_id, {"name": server.public_name, "blocks": set(), "states": {}})
+            info["blocks"].add(index)
+            info["states"][index] = server.state
+            info["name"] = info["name"] or server.public_name
+        entry.discovered.sort()
+        entry.loaded.sort()
+        blocks.append(entry)
+    return blocks, announced
+
+
+def _joining_too_long(announced: dict[str, dict], joining_since: Mapping[str, float], now: float,
+                      joining_too_long_s: float) -> list[str]:
+    """Servers JOINING for longer than expected."""
+    reasons = []
+    for peer_id, info in sorted(announced.items()):
+        joining_blocks = [b for b, state in info["states"].items() if state == "JOINING"]
+        since = joining_since.get(peer_id)
+        if joining_blocks and since is not None and now - since > joining_too_long_s:
+            reasons.append(
+                f"server {_who(peer_id, info['name'])} has been JOINING {describe_blocks(joining_blocks)} for "
+                f"{int(now - since)} s (more than {int(joining_too_long_s)} s): still loading? check its logs "
+                "(download, memory, disk)")
+    return reasons
+
+
+def _registry_mismatches(announced: dict[str, dict], registered: Sequence[RegisteredNode], num_blocks: int,
+                         now: float, heartbeat_ttl_s: float, *, dht_connected: bool) -> list[str]:
+    """Where the DHT and discovery's registry disagree: registered nodes the DHT does not show, and peers serving
+    blocks that are not (or no longer) registered, or whose agent stopped heartbeating."""
+    reasons = []
+    registered_by_peer = {node.peer_id: node for node in registered}
+    if dht_connected:
+        for node in sorted(registered, key=lambda n: n.peer_id):
+            if node.state != NodeState.ONLINE or not node.live or node.peer_id in announced:
+                continue
+            span = describe_blocks(_span_blocks(node.start_block, node.end_block, num_blocks) or [node.start_block])
+            reasons.append(f"node {_who(node.peer_id, node.public_name)} is registered for {span} but absent "
+                           "from the DHT: check that its server runs and that its port/address is reachable")
+    for peer_id, info in sorted(announced.items()):
+        node = registered_by_peer.get(peer_id)
+        span = describe_blocks(info["blocks"])
+        if node is None:
+            reasons.append(f"peer {_who(peer_id, info['name'])} serves {span} but is not registered: "
+                           "it earns nothing")
+        elif node.state != NodeState.ONLINE:
+            # Payment rule (docs/discovery.md "Who is paid"): a peer that registered is paid for the work its server
+            # does, to the wallet it registered, even after it unregistered; only never-registered peers earn nothing.
+            reasons.append(f"peer {_who(peer_id, info['name'] or node.public_name)} serves {span} but its node "
+                           f"unregistered (state {node.state}): it is not listed as active; its work is still paid "
+                           "to the wallet it registered")
+        elif not node.live:
+            silent = f" for {int(now - node.last_seen)} s" if node.last_seen else ""
+            reasons.append(f"node {_who(peer_id, node.public_name or info['name'])} serves {span} but sent no "
+                           f"heartbeat{silent} (limit {int(heartbeat_ttl_s)} s): it is not active")
+    return reasons
+
+
 def compute_coverage(
     model_id: str,
     num_blocks: int,
@@ -126,32 +196,12 @@ def compute_coverage(
     every block counts as missing and the first reason says why). ``registered`` are the nodes registered for
     this model; ``joining_since`` maps a peer ID to the time it was first seen JOINING (and not ONLINE since).
     """
-    joining_since = joining_since or {}
     dht_connected = block_servers is not None
     servers_per_block: list[list[AnnouncedServer]] = [
         list(block_servers[i]) if block_servers is not None and i < len(block_servers) else []
         for i in range(num_blocks)
     ]
-
-    blocks: list[BlockCoverage] = []
-    announced: dict[str, dict] = {}  # peer_id -> {"name", "blocks": set, "states": set}
-    for index, servers in enumerate(servers_per_block):
-        entry = BlockCoverage(index)
-        for server in servers:
-            if server.state not in ANNOUNCED_STATES:
-                continue
-            if server.peer_id not in entry.discovered:
-                entry.discovered.append(server.peer_id)
-            if server.state == "ONLINE" and server.peer_id not in entry.loaded:
-                entry.loaded.append(server.peer_id)
-            info = announced.setdefault(server.peer_id, {"name": server.public_name, "blocks": set(), "states": {}})
-            info["blocks"].add(index)
-            info["states"][index] = server.state
-            info["name"] = info["name"] or server.public_name
-        entry.discovered.sort()
-        entry.loaded.sort()
-        blocks.append(entry)
-
+    blocks, announced = _block_coverage(servers_per_block)
     missing = [b.block for b in blocks if not b.discovered]
     loading = [b.block for b in blocks if b.discovered and not b.loaded]
     discovered_count = num_blocks - len(missing)
@@ -169,43 +219,9 @@ def compute_coverage(
         joining = sorted({p for b in loading for p in blocks[b].discovered})
         blocking.append(f"{describe_blocks(loading)}: announced but not loaded yet "
                         f"({len(joining)} server{'s' if len(joining) != 1 else ''} JOINING)")
-
-    # Servers JOINING for longer than expected.
-    for peer_id, info in sorted(announced.items()):
-        joining_blocks = [b for b, state in info["states"].items() if state == "JOINING"]
-        since = joining_since.get(peer_id)
-        if joining_blocks and since is not None and now - since > joining_too_long_s:
-            blocking.append(
-                f"server {_who(peer_id, info['name'])} has been JOINING {describe_blocks(joining_blocks)} for "
-                f"{int(now - since)} s (more than {int(joining_too_long_s)} s): still loading? check its logs "
-                "(download, memory, disk)")
-
-    registered_by_peer = {node.peer_id: node for node in registered}
-    # Registered (and heartbeating) nodes that the DHT does not show.
-    if dht_connected:
-        for node in sorted(registered, key=lambda n: n.peer_id):
-            if node.state != NodeState.ONLINE or not node.live or node.peer_id in announced:
-                continue
-            span = describe_blocks(_span_blocks(node.start_block, node.end_block, num_blocks) or [node.start_block])
-            blocking.append(f"node {_who(node.peer_id, node.public_name)} is registered for {span} but absent "
-                            "from the DHT: check that its server runs and that its port/address is reachable")
-    # Peers serving blocks that are not (or no longer) registered, or whose agent stopped heartbeating.
-    for peer_id, info in sorted(announced.items()):
-        node = registered_by_peer.get(peer_id)
-        span = describe_blocks(info["blocks"])
-        if node is None:
-            blocking.append(f"peer {_who(peer_id, info['name'])} serves {span} but is not registered: "
-                            "it earns nothing")
-        elif node.state != NodeState.ONLINE:
-            # Payment rule (docs/discovery.md "Who is paid"): a peer that registered is paid for the work its server
-            # does, to the wallet it registered, even after it unregistered; only never-registered peers earn nothing.
-            blocking.append(f"peer {_who(peer_id, info['name'] or node.public_name)} serves {span} but its node "
-                            f"unregistered (state {node.state}): it is not listed as active; its work is still paid "
-                            "to the wallet it registered")
-        elif not node.live:
-            silent = f" for {int(now - node.last_seen)} s" if node.last_seen else ""
-            blocking.append(f"node {_who(peer_id, node.public_name or info['name'])} serves {span} but sent no "
-                            f"heartbeat{silent} (limit {int(heartbeat_ttl_s)} s): it is not active")
+    blocking += _joining_too_long(announced, joining_since or {}, now, joining_too_long_s)
+    blocking += _registry_mismatches(announced, registered, num_blocks, now, heartbeat_ttl_s,
+                                     dht_connected=dht_connected)
 
     return Coverage(
         model_id=model_id,

@@ -1,4 +1,4 @@
-"""Money rules of ../shared/SPEC.md "Accounting" (pure; ``Decimal`` in FAR, ``int`` base units of 1e-18 FAR).
+"""Money rules of docs/generation.md "Accounting" (pure; ``Decimal`` in FAR, ``int`` base units of 1e-18 FAR).
 
 The authoritative computation at the end of a session is the SQL function ``finalize_session()``
 (database/migrations); :func:`split_session` is the same rule in Python, used for running costs shown while a
@@ -12,7 +12,6 @@ from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Hashable, Mapping
 
 DECIMALS = 18
-BASE_UNITS_PER_FAR = 10**DECIMALS
 BPS_DENOMINATOR = 10_000
 
 

@@ -1,10 +1,8 @@
 """Linear layers on oneDNN-packed weights (CPU, float32), for the passes that batch several streams' rows.
 
 MKL's ``F.linear`` at 2–16 rows is no faster per weight read than at one row on this kind of CPU, while a weight
-that oneDNN has laid out for its own kernels is read once for all rows at close to memory speed. Measured here
-(1 thread, median of 40): SmolLM2's LM head (49,152 × 576) at 8 rows 22.4 ms with ``F.linear``, 10.0 ms packed
-(1 row: 12.1 vs 9.9); a server's 10 blocks of projections at 8 rows 32.0 vs 22.8 ms (node_server/batching.py).
-Results agree with ``F.linear`` to float32 rounding (the kernels sum in another order). A packed weight is a
+that oneDNN has laid out for its own kernels is read once for all rows at close to memory speed (the figures, for
+the LM head and a server's block projections: docs/batching.md). Results agree with ``F.linear`` to float32 rounding (the kernels sum in another order). A packed weight is a
 copy: it takes as much memory again as the weight it packs.
 
 Switch: ``FAR_MESH_DISABLE_COMPAT_FIX=packed_linear`` (the fence of the compat fixes) turns packing off

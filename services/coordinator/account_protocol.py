@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from services.common.http import json_int
+from services.coordinator.protocol import Contribution
 
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -73,15 +74,6 @@ class Ledger(BaseModel):
     next_before: Optional[str] = Field(None, description="pass as ?before= for the next page")
 
 
-class UsageNode(BaseModel):
-    node_id: Optional[str]
-    peer_id: str
-    wallet_address: Optional[str]
-    blocks: str
-    work_units: int
-    payment_far: str
-
-
 class UsageRequest(BaseModel):
     request_id: str
     model_id: str
@@ -96,7 +88,7 @@ class UsageRequest(BaseModel):
     refunded_far: Optional[str] = Field(None, description="the charge given back because a spot check proved a "
                                         "server's output wrong (docs/verification.md); null when not refunded")
     refund_reason: Optional[str] = None
-    nodes: list[UsageNode] = Field(description="the servers that computed it and what each earned")
+    nodes: list[Contribution] = Field(description="the servers that computed it and what each earned")
 
 
 class UsageDay(BaseModel):

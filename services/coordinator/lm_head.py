@@ -1,8 +1,8 @@
 """One LM-head pass for all concurrent generations (pure torch + threads; no network).
 
 The coordinator computes every token's logits itself (Petals keeps embeddings and the LM head on the client).
-For SmolLM2 the head is a 49,152 × 576 float32 matrix: 113 MB read per token, ~15 ms on this memory-bound box
-at batch 1 — as much as a third of a token's whole time, and it is the same matrix for every stream. Each
+For SmolLM2 the head is a 49,152 × 576 float32 matrix, 113 MB read per token: on a memory-bound CPU a large part
+of a token's whole time (docs/batching.md), and it is the same matrix for every stream. Each
 generation runs in its own thread; ``LogitsBatcher.logits`` stacks the last hidden states of the generations
 that are at this point at the same time into one ``[rows, hidden]`` pass, so the weights are read once per
 round instead of once per stream.

@@ -1,6 +1,6 @@
 """Per-provider work metering (pure, thread-safe).
 
-Rule (../shared/SPEC.md "Accounting"): a server that computed blocks [s, e) for n token positions in a
+Rule (docs/generation.md "Metering"): a server that computed blocks [s, e) for n token positions in a
 successful step earns (e − s) × n work units; prefill counts the prompt positions, and a replay after
 failover counts the replayed positions (that work was really done). ``WorkMeter.record`` is installed as the
 inference session's ``on_step`` hook (``observe`` in services/common/petals_adapter/session.py).

@@ -1,4 +1,4 @@
-"""Pydantic models of the coordinator's wire protocol (../shared/SPEC.md "Coordinator API")."""
+"""Pydantic models of the coordinator's wire protocol (docs/generation.md, docs/api-contracts.md)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ SOME_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "required": ["content"],
 
 
 class GenerateRequest(BaseModel):
-    """``prompt`` (SPEC), or ``messages`` (chat turns rendered with the model's chat template; an extension)."""
+    """``prompt`` (the native API), or ``messages`` (chat turns rendered with the model's chat template; an extension)."""
 
     # Exactly one of prompt or messages, as JSON Schema too (null counts as absent, as it does here). Strict: a
     # value of another JSON type is refused, not coerced ("1" is not 1, 0 is not false), as the schema says.

@@ -17,6 +17,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from services.common.states import FinishReason
+
 # Text of this many tokens not released yet (ending in U+FFFD) is split: see TextStream._split.
 MAX_UNRELEASED_TOKENS = 8
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

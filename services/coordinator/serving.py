@@ -508,7 +508,7 @@ class InferenceService:
                                               meter, cancel) for choice in range(prepared.choices)], cancel)
 
     def logprob_entry(self, model: EngineModel, logprob) -> LogprobEntry:
-        """A sampled token's ``engine_protocol.TokenLogprob`` as the wire names tokens (text and bytes)."""
+        """A sampled token's ``sampling.TokenLogprob`` as the wire names tokens (text and bytes)."""
         pieces = self._token_pieces.get(model.model_id)
         if pieces is None:
             pieces = self._token_pieces[model.model_id] = TokenPieces(model.tokenizer)

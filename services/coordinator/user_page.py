@@ -1,4 +1,4 @@
-"""The user page (issue 19 item 3; docs/user-page.md): the developer's side of the marketplace, served by the
+"""The user page (docs/user-page.md): the developer's side of the marketplace, served by the
 coordinator next to the account API it reads.
 
 * ``GET /account`` — sign in with an API key, balance and reserved amount, how to deposit, usage chart, recent

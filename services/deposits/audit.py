@@ -31,6 +31,14 @@ from services.common.audit import Check, block_chunks
 
 async def check_accounts(conn) -> Check:
     check = Check("accounts: credits = available + reserved + charged, per account and in total", True)
+    await _check_balances(conn, check)
+    await _check_charge_split(conn, check)
+    await _check_ledger(conn, check)
+    return check
+
+
+async def _check_balances(conn, check: Check) -> None:
+    """Per account: credits = available + reserved + charged; reserved = Σ reserved of its running sessions."""
     rows = await conn.fetch("""
         WITH credits AS (SELECT account_id, sum(amount_far) AS credits,
                                 sum(amount_far) FILTER (WHERE kind = 'deposit') AS deposits,
@@ -70,6 +78,10 @@ async def check_accounts(conn) -> Check:
                        f" + Σ refunds {totals['refunds']} = {credits}; Σ available {totals['available']} + Σ reserved {totals['reserved']} + "
                        f"Σ charged {totals['charged']} = "
                        f"{totals['available'] + totals['reserved'] + totals['charged']}")
+
+
+async def _check_charge_split(conn, check: Check) -> None:
+    """Σ charged = Σ contributions + Σ platform fee + Σ withheld + Σ disputed, over the accounts' sessions."""
     split = await conn.fetchrow("""
         WITH s AS (
             SELECT session_id, cost_far, fee_far,
@@ -91,6 +103,10 @@ async def check_accounts(conn) -> Check:
                    f"({split['under']} sessions with a fee below the platform fee)")
     check.notes.append(f"Σ charged {split['charged']} = Σ contributions {split['contributions']} + Σ platform fee "
                        f"{split['platform_fee']} + Σ withheld {split['withheld']} + Σ disputed {split['disputed']}")
+
+
+async def _check_ledger(conn, check: Check) -> None:
+    """One ledger entry per credited deposit, none for an unmatched one; every refund is a proven-wrong charge."""
     bad_ledger = await conn.fetch("""
         SELECT d.deposit_id, d.tx_hash, d.log_index, d.amount_far, d.account_id, count(l.entry_id) AS entries,
                min(l.amount_far) AS ledger_amount, bool_and(l.account_id = d.account_id) AS same_account
@@ -121,7 +137,6 @@ async def check_accounts(conn) -> Check:
     if unmatched["n"]:
         check.notes.append(f"{unmatched['n']} unmatched deposits ({unmatched['far']} FAR in the treasury, credited to "
                            "nobody): settle them by hand")
-    return check
 
 
 async def check_deposits_chain(conn, chain, *, start_block: int = 0) -> Check:

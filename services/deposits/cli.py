@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from services.common.money import format_far
-from services.payouts.cli import Network, _config_error, _run, _settings, console
+from services.payouts.cli import Network, _config_error, _run_once, _settings, console
 
 app = typer.Typer(help="Credit on-chain FAR deposits (FarDeposit) to prepaid accounts.", no_args_is_help=True,
                   add_completion=False)
@@ -37,14 +37,7 @@ def run_once(network: Optional[Network] = typer.Option(None, help="default: BSC_
     from services.deposits.watcher import DepositError
 
     watcher, _ = _watcher(network)
-    try:
-        report = _run(watcher.run_once())
-    except DepositError as error:
-        typer.echo(f"far-mesh deposits: {error}", err=True)
-        raise typer.Exit(1) from None
-    if report.skipped:
-        typer.echo(f"far-mesh deposits: skipped: {report.skipped}", err=True)
-        raise typer.Exit(3)
+    report = _run_once(watcher.run_once(), DepositError, "deposits")
     for credit in report.credited:
         console.print(f"credited {format_far(credit.amount_far)} FAR to {credit.account_id} "
                       f"({credit.tx_hash}:{credit.log_index})")

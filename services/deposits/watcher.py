@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import signal
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -42,6 +40,7 @@ from typing import Any, Optional
 import asyncpg
 from eth_utils import keccak, to_checksum_address
 
+from services.common.crash_points import CrashPoints, InjectedCrash  # noqa: F401  (InjectedCrash: for tests)
 from services.common.logs import get_logger
 from services.common.money import from_base_units
 from services.common.states import DepositState
@@ -62,10 +61,6 @@ class DepositError(RuntimeError):
 
 class DepositReorgError(DepositError):
     """A block the watcher already processed is no longer canonical: a reorg deeper than the confirmations."""
-
-
-class InjectedCrash(BaseException):
-    """Raised at a checkpoint by in-process crash tests (BaseException: nothing may swallow it)."""
 
 
 # ------------------------------------------------------------------------------------------- account refs
@@ -169,9 +164,7 @@ class DepositWatcher:
         self.confirmations = confirmations
         self.start_block = start_block
         self.chunk = max(1, chunk)
-        self._crash_at = crash_at
-        self._crash_env = os.environ.get(CRASH_ENV)
-        self._seen: dict[str, int] = {}
+        self._checkpoint = CrashPoints("deposits.crash_injected", crash_at, CRASH_ENV)  # called where it may crash
 
     @classmethod
     def from_settings(cls, settings, chain, **overrides) -> "DepositWatcher":
@@ -179,18 +172,6 @@ class DepositWatcher:
                       or None, start_block=settings.DEPOSIT_START_BLOCK)
         kwargs.update(overrides)
         return cls(settings.POSTGRES_URL, chain, **kwargs)
-
-    def _checkpoint(self, name: str) -> None:
-        count = self._seen[name] = self._seen.get(name, 0) + 1
-        for spec, hard in ((self._crash_at, False), (self._crash_env, True)):
-            if not spec:
-                continue
-            target, _, nth = spec.partition(":")
-            if target == name and count == int(nth or 1):
-                log.warning("deposits.crash_injected", checkpoint=name, n=count)
-                if hard:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise InjectedCrash(name)
 
     def _block_hash(self, number: int) -> str:
         return _hex(self.chain.w3.eth.get_block(number)["hash"])

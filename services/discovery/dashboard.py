@@ -1,4 +1,4 @@
-"""Provider dashboard pages served by the discovery service (issue 8; docs/dashboard.md).
+"""Provider dashboard pages served by the discovery service (docs/dashboard.md).
 
 Static pages (``services/discovery/static/``) that the browser fills from discovery's own JSON endpoints
 (``/provider/{wallet}/stats|earnings|payments|nodes|checks``, ``/nodes/{id}``, ``/models``, ``/models/{id}/coverage``,

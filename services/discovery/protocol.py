@@ -17,7 +17,6 @@ PEER_ID_RULE = "must be a base58 libp2p peer ID (Qm..., 46 characters)"
 # same patterns, so a schema-valid value is never refused for its format and a schema-invalid one always is).
 PEER_ID_SCHEMA = {"type": "string", "pattern": PEER_ID_RE.pattern, "description": "base58 libp2p peer ID"}
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-NODE_ID_SCHEMA = {"type": "string", "pattern": UUID_RE.pattern, "description": "a node's UUID"}
 
 
 

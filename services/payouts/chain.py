@@ -1,6 +1,6 @@
 """Web3 connection, payer key and contract handles for the payment tracker.
 
-Networks (SPEC "Payouts"):
+Networks (docs/payouts.md "Networks and keys"):
 
 * ``local`` — with ``BSC_RPC_URL`` set, any local JSON-RPC node (anvil from npm, see ``far-mesh chain devnode``);
   without it, an in-process py-evm chain through web3's ``EthereumTesterProvider`` (one per process, contracts
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -303,7 +302,3 @@ def record_local_deployment(settings: PayoutSettings, chain: Chain, rpc_url: str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**addresses, "rpc_url": rpc_url, "chain_id": chain.chain_id}, indent=2) + "\n")
     return path
-
-
-def keystore_permissions_ok(path: str) -> bool:
-    return not (os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))

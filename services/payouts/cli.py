@@ -80,6 +80,20 @@ def _run(coroutine):
     raise typer.Exit(1)
 
 
+def _run_once(coroutine, stops: type[Exception], command: str):
+    """The report of one pass of a money process (payouts, deposits); exit 1 with one line when it had to stop
+    (``stops``), 3 when another process held its lock (``report.skipped``)."""
+    try:
+        report = _run(coroutine)
+    except stops as error:
+        typer.echo(f"far-mesh {command}: {error}", err=True)
+        raise typer.Exit(1) from None
+    if report.skipped:
+        typer.echo(f"far-mesh {command}: skipped: {report.skipped}", err=True)
+        raise typer.Exit(3)
+    return report
+
+
 def _parse_cutoff(value: Optional[str]) -> Optional[datetime]:
     if not value:
         return None
@@ -125,14 +139,7 @@ def run_once(
     except ChainConfigError as error:
         raise _config_error(error) from None
     executor = PayoutExecutor.from_settings(settings, chain, network=net)
-    try:
-        report = _run(executor.run_once(dry_run=dry_run, cutoff=_parse_cutoff(cutoff)))
-    except PayoutError as error:
-        typer.echo(f"far-mesh payouts: {error}", err=True)
-        raise typer.Exit(1) from None
-    if report.skipped:
-        typer.echo(f"far-mesh payouts: skipped: {report.skipped}", err=True)
-        raise typer.Exit(3)
+    report = _run_once(executor.run_once(dry_run=dry_run, cutoff=_parse_cutoff(cutoff)), PayoutError, "payouts")
     if dry_run:
         for row in report.open_batches:
             console.print(f"would resume batch {row['batch_number']} ({row['state']}, {row['recipient_count']} "

@@ -1,4 +1,4 @@
-"""The crash-safe payout state machine (SPEC "Payouts").
+"""The crash-safe payout state machine (docs/payouts.md).
 
 A batch moves::
 
@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,6 +47,7 @@ import asyncpg
 from eth_utils import to_checksum_address
 from web3.exceptions import ContractLogicError, TransactionNotFound
 
+from services.common.crash_points import CrashPoints, InjectedCrash  # noqa: F401  (InjectedCrash: for tests)
 from services.common.logs import get_logger
 from services.common.money import to_base_units
 from services.common.states import OPEN_BATCH_STATES, BatchState
@@ -114,10 +113,6 @@ class PayoutError(RuntimeError):
     """Something needs an operator (inconsistent chain/database state); the batch is left as it is."""
 
 
-class InjectedCrash(BaseException):
-    """Raised at a checkpoint by in-process crash tests (BaseException: nothing may swallow it)."""
-
-
 @dataclass
 class BatchOutcome:
     batch_id: str
@@ -166,9 +161,7 @@ class PayoutExecutor:
         self.receipt_timeout_s = receipt_timeout_s
         local = chain is not None and chain.is_local
         self.poll_interval_s = poll_interval_s if poll_interval_s is not None else (0.05 if local else 2.0)
-        self._crash_at = crash_at
-        self._crash_env = os.environ.get(CRASH_ENV)
-        self._seen: dict[str, int] = {}
+        self._crash_points = CrashPoints("payouts.crash_injected", crash_at, CRASH_ENV)
         self.released = False  # a batch failed (released its contributions) in this run: plan nothing more
 
     @classmethod
@@ -275,19 +268,8 @@ class PayoutExecutor:
                                   f"finish it with --network {row['network']} first")
         return rows
 
-    # ---------------------------------------------------------------------------------- checkpoints
-
     def _checkpoint(self, name: str, batch_number: int | None = None) -> None:
-        count = self._seen[name] = self._seen.get(name, 0) + 1
-        for spec, hard in ((self._crash_at, False), (self._crash_env, True)):
-            if not spec:
-                continue
-            target, _, nth = spec.partition(":")
-            if target == name and count == int(nth or 1):
-                log.warning("payouts.crash_injected", checkpoint=name, n=count, batch_number=batch_number)
-                if hard:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise InjectedCrash(name)
+        self._crash_points(name, batch_number=batch_number)
 
     # --------------------------------------------------------------------------------------- create
 
@@ -673,15 +655,3 @@ class PayoutExecutor:
 
 class _Rollback(Exception):
     """Nothing attached (plan raced with another change): roll the empty batch back."""
-
-
-async def run_payouts(settings, *, network: str | None = None, dry_run: bool = False,
-                      cutoff: datetime | None = None, chain: Chain | None = None, **overrides) -> RunReport:
-    """Connect (unless dry) and run once. Used by the CLI and the scheduler."""
-    from services.payouts.chain import connect
-
-    network = network or settings.BSC_NETWORK
-    if chain is None and not dry_run:
-        chain = connect(settings, network)
-    executor = PayoutExecutor.from_settings(settings, chain, network=network, **overrides)
-    return await executor.run_once(dry_run=dry_run, cutoff=cutoff)

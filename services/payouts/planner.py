@@ -3,7 +3,7 @@
 Network-free: it reads PostgreSQL (one aggregate query, the work is done by the database) and otherwise is
 pure functions over :class:`WalletDue` rows, so it is easy to test and to benchmark.
 
-Eligible (SPEC "Payouts"): contributions of *finalized* sessions finalized before the cutoff, of a registered
+Eligible (docs/payouts.md "What is paid"): contributions of *finalized* sessions finalized before the cutoff, of a registered
 node (``node_id`` not null), with a wallet, a positive ``payment_far``, not disputed (a failed spot check: docs/verification.md) and no
 ``payment_batch_id`` yet. They are
 grouped by wallet (case-insensitively; paid to the EIP-55 checksummed address). A wallet owed at least
@@ -163,17 +163,6 @@ async def load_dues(conn, cutoff: datetime) -> list[WalletDue]:
 async def build_plan(conn, *, cutoff: datetime, min_payout_far: Decimal, max_recipients: int) -> Plan:
     return plan_payouts(await load_dues(conn, cutoff), min_payout_far=min_payout_far,
                         max_recipients=max_recipients, cutoff=cutoff)
-
-
-def summarize(plan: Plan) -> dict[str, object]:
-    return {
-        "cutoff": plan.cutoff.isoformat() if plan.cutoff else None,
-        "batches": len(plan.batches),
-        "recipients": plan.recipient_count,
-        "total_far": format_far(plan.total_far),
-        "carried_over_wallets": len(plan.carried_over),
-        "carried_over_far": format_far(plan.carried_over_far),
-    }
 
 
 def rows_for_table(plan: Plan) -> Sequence[tuple[int, str, str, int]]:

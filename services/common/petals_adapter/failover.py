@@ -12,7 +12,7 @@ failover reports, spot checks, peers to avoid) are set through session.py.
     bans nobody; so the next route picks the dead server again, and again, with growing backoff (~15 s stall)
     until the periodic refresh. The derived spans are now recomputed on failure, and a server that fails to
     accept a session is reported as failed, so the first retry (no delay) already takes a live replica.
-``failover_replay`` (petals issue #587)
+``failover_replay`` (an upstream bug, docs/install.md)
     After a server dies, petals gives the replacement server session the old ``history`` but ``_position=0``,
     so every replay fails with ``AssertionError("Broken input cache ...")`` and the client retries forever.
     Fixed ``InferenceSession.step``: a fresh (replacement) server session is sent the already-processed
@@ -115,16 +115,8 @@ def no_live_server(manager, start: int, end: int) -> bool:
 
 
 def _fix_failover_replay() -> None:
-    import itertools
-    import time
-    import uuid
-
-    import torch
     from petals.client import inference_session as inf
-    from petals.client.routing import maybe_log_traceback
-    from petals.utils.misc import DUMMY, DUMMY_INT64, is_dummy
 
-    logger = inf.logger
     original_update_sequence = inf.InferenceSession._update_sequence
 
     def _update_sequence(self, server_idx: int, block_idx: int, attempt_no: int):
@@ -139,111 +131,154 @@ def _fix_failover_replay() -> None:
         original_update_sequence(self, server_idx, block_idx, attempt_no)
         if failed is not None:
             replacement = self._server_sessions[server_idx]
-            replacement.history = None  # upstream copies the old history here: that is the #587 bug
+            replacement.history = None  # upstream copies the old history here: the bug this fixes
             replacement._far_mesh_replay_prefix = prefix
 
-    def step(self, inputs: torch.Tensor, prompts=None, hypo_ids=None) -> torch.Tensor:
-        assert not self._closed
-        if torch.is_grad_enabled():
-            logger.warning("Running inference session with grad enabled. Gradients will *not* be propagated correctly.")
-        if prompts is None or is_dummy(prompts):
-            prompts = DUMMY
-        else:
-            assert prompts.ndim == 4 and prompts.shape[0] == self.num_blocks
-        if hypo_ids is None or is_dummy(hypo_ids):
-            hypo_ids = DUMMY_INT64
-        else:
-            assert len(hypo_ids) == len(inputs) and hypo_ids.dtype == torch.int64
-
-        inputs_device, inputs_dtype = inputs.device, inputs.dtype
-        inputs, prompts, hypo_ids = inputs.cpu(), prompts.cpu(), hypo_ids.cpu()
-        step_id = str(uuid.uuid4())
-        prefix_len = self._position
-        n_input_tokens = inputs.shape[1]
-        if prefix_len + n_input_tokens > self._max_length:
-            raise ValueError(
-                f"Maximum length exceeded: prefix {prefix_len} + current {n_input_tokens} "
-                f"exceeds pre-allocated maximum {self._max_length}"
-            )
-        hooks = hooks_of(self)  # set by session.observe(); read once per step
-        observer, failover_observer = hooks.on_step, hooks.on_failover
-        output_observer, avoid = hooks.on_span_output, hooks.avoid
-        failed: list = []  # (peer_id, blocks, cause, error, attempt start) of this block's failed attempts
-
-        hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
-        server_idx = block_idx = 0
-        while block_idx < self.num_blocks:
-            for attempt_no in itertools.count():
-                server_session = None
-                attempt_started = time.perf_counter()
-                try:
-                    if not self._server_sessions or attempt_no >= 1:
-                        self._update_sequence(server_idx, block_idx, attempt_no)
-                    server_session = self._server_sessions[server_idx]
-                    if (avoid and server_session.span.peer_id.to_base58() in avoid
-                            and has_alternative(self._sequence_manager, server_session.span)):
-                        raise PeerDistrusted(f"server {server_session.span.peer_id} failed a spot check")
-                    current = hidden[:, -n_input_tokens:]
-                    if server_session.stepped or prefix_len == 0:
-                        to_send = current  # the server holds the cache for [0, prefix_len)
-                    elif hidden.shape[1] == prefix_len + n_input_tokens:
-                        to_send = hidden  # an upstream replay already produced the full prefix
-                    else:
-                        replay = getattr(server_session, "_far_mesh_replay_prefix", None)
-                        if replay is None or replay.shape[1] != prefix_len:
-                            raise RuntimeError(f"cannot rebuild the attention cache of {server_session.span}")
-                        to_send = torch.cat([replay, current], dim=1)
-                    span = server_session.span
-                    outputs = server_session.step(to_send, prompts[span.start : span.end], hypo_ids, step_id=step_id)
-                    if observer is not None:
-                        observer(span, to_send.shape[1])
-                    if output_observer is not None:
-                        output_observer(server_session, outputs)
-                    hidden = outputs
-                    server_idx += 1
-                    block_idx = span.end
-                    self._sequence_manager.on_request_success(span.peer_id)
-                    if failed and failover_observer is not None:
-                        done = time.perf_counter()
-                        for peer_id, blocks, cause, error, started in failed:
-                            failover_observer(dict(peer_id=peer_id, blocks=blocks, cause=cause, error=error,
-                                                   replaced_by=span.peer_id.to_base58(), stall_s=done - started))
-                    failed = []
-                    break
-                except Exception as e:
-                    self._sequence_manager.on_request_failure(
-                        server_session.span.peer_id if server_session is not None else None
-                    )
-                    failed_span = server_session.span if server_session is not None else getattr(
-                        e, "_far_mesh_span", None)  # a server that would not open a session (already reported)
-                    cause = failure_cause(e)
-                    if failed_span is not None:
-                        start, end = failed_span.start, failed_span.end
-                        failed.append((failed_span.peer_id.to_base58(), f"{start}:{end}", cause, repr(e),
-                                       failed[0][4] if failed else attempt_started))
-                        if cause != "refused" and no_live_server(self._sequence_manager, start, end):
-                            if failover_observer is not None:
-                                for peer_id, blocks, cause_, error, started in failed:
-                                    failover_observer(dict(peer_id=peer_id, blocks=blocks, cause=cause_, error=error,
-                                                           replaced_by=None, stall_s=None))
-                            raise SwarmUnavailable(start, end) from e
-                    if attempt_no + 1 == self._sequence_manager.config.max_retries:
-                        raise
-                    delay = self._sequence_manager.get_retry_delay(attempt_no)
-                    logger.warning(
-                        f"Caught exception when running inference via "
-                        f"{server_session.span if server_session is not None else None} "
-                        f"(retry in {delay:.0f} sec): {repr(e)}"
-                    )
-                    maybe_log_traceback(e)
-                    time.sleep(delay)
-
-        self._position += n_input_tokens
-        outputs = hidden[:, -n_input_tokens:]
-        return outputs.to(device=inputs_device, dtype=inputs_dtype)
-
     inf.InferenceSession._update_sequence = _update_sequence
-    inf.InferenceSession.step = step
+    inf.InferenceSession.step = _replaying_step
+
+
+def _replaying_step(self, inputs, prompts=None, hypo_ids=None):
+    """``InferenceSession.step`` as upstream's, but a replacement server session is sent the processed prefix
+    with the current positions, and the session's hooks see every step, failover and output."""
+    import itertools
+    import time
+    import uuid
+
+    import torch
+    from petals.client.inference_session import logger
+    from petals.client.routing import maybe_log_traceback
+
+    assert not self._closed
+    if torch.is_grad_enabled():
+        logger.warning("Running inference session with grad enabled. Gradients will *not* be propagated correctly.")
+    prompts, hypo_ids = _step_arguments(self, inputs, prompts, hypo_ids)
+    inputs_device, inputs_dtype = inputs.device, inputs.dtype
+    inputs, prompts, hypo_ids = inputs.cpu(), prompts.cpu(), hypo_ids.cpu()
+    step_id = str(uuid.uuid4())
+    prefix_len = self._position
+    n_input_tokens = inputs.shape[1]
+    if prefix_len + n_input_tokens > self._max_length:
+        raise ValueError(
+            f"Maximum length exceeded: prefix {prefix_len} + current {n_input_tokens} "
+            f"exceeds pre-allocated maximum {self._max_length}"
+        )
+    hooks = hooks_of(self)  # set by session.observe(); read once per step
+    observer, failover_observer = hooks.on_step, hooks.on_failover
+    output_observer, avoid = hooks.on_span_output, hooks.avoid
+    failed: list = []  # (peer_id, blocks, cause, error, attempt start) of this block's failed attempts
+
+    hidden = inputs  # either the current positions only, or prefix + current after a replay upstream
+    server_idx = block_idx = 0
+    while block_idx < self.num_blocks:
+        for attempt_no in itertools.count():
+            server_session = None
+            attempt_started = time.perf_counter()
+            try:
+                if not self._server_sessions or attempt_no >= 1:
+                    self._update_sequence(server_idx, block_idx, attempt_no)
+                server_session = self._server_sessions[server_idx]
+                if (avoid and server_session.span.peer_id.to_base58() in avoid
+                        and has_alternative(self._sequence_manager, server_session.span)):
+                    raise PeerDistrusted(f"server {server_session.span.peer_id} failed a spot check")
+                to_send = _inputs_to_send(server_session, hidden, prefix_len, n_input_tokens)
+                span = server_session.span
+                outputs = server_session.step(to_send, prompts[span.start : span.end], hypo_ids, step_id=step_id)
+                if observer is not None:
+                    observer(span, to_send.shape[1])
+                if output_observer is not None:
+                    output_observer(server_session, outputs)
+                hidden = outputs
+                server_idx += 1
+                block_idx = span.end
+                self._sequence_manager.on_request_success(span.peer_id)
+                _report_failover(failover_observer, failed, span.peer_id.to_base58())
+                failed = []
+                break
+            except Exception as e:
+                self._sequence_manager.on_request_failure(
+                    server_session.span.peer_id if server_session is not None else None
+                )
+                _record_failure(self._sequence_manager, server_session, e, failed, attempt_started,
+                                failover_observer)
+                if attempt_no + 1 == self._sequence_manager.config.max_retries:
+                    raise
+                delay = self._sequence_manager.get_retry_delay(attempt_no)
+                logger.warning(
+                    f"Caught exception when running inference via "
+                    f"{server_session.span if server_session is not None else None} "
+                    f"(retry in {delay:.0f} sec): {repr(e)}"
+                )
+                maybe_log_traceback(e)
+                time.sleep(delay)
+
+    self._position += n_input_tokens
+    outputs = hidden[:, -n_input_tokens:]
+    return outputs.to(device=inputs_device, dtype=inputs_dtype)
+
+
+def _step_arguments(session, inputs, prompts, hypo_ids):
+    """Upstream's checks of ``InferenceSession.step``'s ``prompts`` and ``hypo_ids``, and its placeholders for
+    absent ones."""
+    import torch
+    from petals.utils.misc import DUMMY, DUMMY_INT64, is_dummy
+
+    if prompts is None or is_dummy(prompts):
+        prompts = DUMMY
+    else:
+        assert prompts.ndim == 4 and prompts.shape[0] == session.num_blocks
+    if hypo_ids is None or is_dummy(hypo_ids):
+        hypo_ids = DUMMY_INT64
+    else:
+        assert len(hypo_ids) == len(inputs) and hypo_ids.dtype == torch.int64
+    return prompts, hypo_ids
+
+
+def _inputs_to_send(server_session, hidden, prefix_len: int, n_input_tokens: int):
+    """What a server session is sent this step: the current positions when it holds the attention cache of the
+    prefix; else the prefix and the current positions, so a replacement rebuilds its cache (from the processed
+    prefix its failed predecessor handed it, or from an upstream replay that already produced it)."""
+    import torch
+
+    current = hidden[:, -n_input_tokens:]
+    if server_session.stepped or prefix_len == 0:
+        return current  # the server holds the cache for [0, prefix_len)
+    if hidden.shape[1] == prefix_len + n_input_tokens:
+        return hidden  # an upstream replay already produced the full prefix
+    replay = getattr(server_session, "_far_mesh_replay_prefix", None)
+    if replay is None or replay.shape[1] != prefix_len:
+        raise RuntimeError(f"cannot rebuild the attention cache of {server_session.span}")
+    return torch.cat([replay, current], dim=1)
+
+
+def _report_failover(failover_observer, failed: list, replaced_by) -> None:
+    """Report each failed attempt of this block (``failed``) once it is settled: replaced by the peer
+    ``replaced_by`` (the stall: from the first failed attempt until now), or by nobody (None)."""
+    if not failed or failover_observer is None:
+        return
+    import time
+
+    done = time.perf_counter()
+    for peer_id, blocks, cause, error, started in failed:
+        failover_observer(dict(peer_id=peer_id, blocks=blocks, cause=cause, error=error, replaced_by=replaced_by,
+                               stall_s=done - started if replaced_by is not None else None))
+
+
+def _record_failure(manager, server_session, error: Exception, failed: list, attempt_started: float,
+                    failover_observer) -> None:
+    """Add a failed attempt to ``failed`` (peer, blocks, cause, error, start of the first failed attempt); when it
+    died or hung and no live server holds its blocks, report the failovers and raise ``SwarmUnavailable``."""
+    failed_span = server_session.span if server_session is not None else getattr(
+        error, "_far_mesh_span", None)  # a server that would not open a session (already reported)
+    if failed_span is None:
+        return
+    cause = failure_cause(error)
+    start, end = failed_span.start, failed_span.end
+    failed.append((failed_span.peer_id.to_base58(), f"{start}:{end}", cause, repr(error),
+                   failed[0][4] if failed else attempt_started))
+    if cause != "refused" and no_live_server(manager, start, end):
+        _report_failover(failover_observer, failed, None)
+        raise SwarmUnavailable(start, end) from error
 
 
 def _fix_lean_client_step() -> None:

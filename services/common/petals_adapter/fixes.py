@@ -3,8 +3,7 @@
 Only fixes live here: each makes the pinned stack behave as upstream intends, none adds behaviour of ours (our
 failover behaviour is in failover.py, our hooks on the inference session in session.py). They are applied by
 ``services.common.petals_adapter`` on import (see its ``FIXES``); each has a test in tests/test_petals_adapter.py
-that fails when the fix is removed (``FAR_MESH_DISABLE_COMPAT_FIX=<name>``). See ../shared/SPEC.md "Petals on
-this stack".
+that fails when the fix is removed (``FAR_MESH_DISABLE_COMPAT_FIX=<name>``); docs/install.md lists them.
 
 ``hivemind_reexports``
     hivemind 1.1.12 dropped the top-level re-exports petals imports (``hivemind.PeerID``, ``P2P``,

@@ -19,8 +19,6 @@ from services.discovery.service import Discovery
 
 router = APIRouter()
 
-# Every route reads Postgres or Redis: 503 (Retry-After) while one is down.
-READ = error_responses(503)
 NODE_TOKEN = error_responses(401, 503, e401="no, unknown or revoked node token (register again)")
 UNKNOWN_MODEL = error_responses(404, 503, e404="the model is not served by this mesh")
 WALLET = {**error_responses(422, 503, e422="the wallet is not a payable address (wrong format, zero address, "
