@@ -660,7 +660,8 @@ async def test_spot_check_record_disputes_and_quarantine_are_shown(api, identiti
     body = (await api.get(f"/provider/{wallet}/checks")).json()
     nodes = {n["peer_id"]: n for n in body["nodes"]}
     assert (nodes[honest.peer_id]["checks_passed"], nodes[honest.peer_id]["checks_failed"]) == (3, 0)
-    assert not nodes[honest.peer_id]["quarantined"] and nodes[honest.peer_id]["disputed_far"] == "0"
+    # quarantine follows the wallet: the cheater's twin on the same wallet is quarantined too, but not disputed
+    assert nodes[honest.peer_id]["quarantined"] and nodes[honest.peer_id]["disputed_far"] == "0"
     bad = nodes[cheater.peer_id]
     assert (bad["checks_passed"], bad["checks_failed"], bad["disputed_sessions"]) == (0, 1, 1)
     assert bad["disputed_far"] == "0.0009" == body["disputed_far"]  # 10 tokens x 0.0001, 90 % to providers
