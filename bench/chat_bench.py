@@ -114,7 +114,7 @@ def main() -> None:
             # the longest TTL: between two turns with reuse this bench runs a full prefill (a minute or more on a
             # loaded 2-core box), and a chat's user takes time to read and type too
             client = SwarmModel(SMOLLM2.model_id, model_dir, swarm.initial_peers, request_timeout=120,
-                                prefix_reuse={"ttl_s": 240})
+                                prefix_reuse={"ttl_s": 240, "max_sessions": 16})
             try:
                 run_turn(client, client.encode("Hello"), 4, None)  # warm-up: connections, step budgets
                 rows = conversation(client, args.turns, args.max_tokens)

@@ -12,11 +12,26 @@ import httpx
 import pytest
 
 from tests.fixtures.swarm import create_api_key
-from tests.test_real_model import _stream, real_coordinator, real_swarm  # noqa: F401  (the module's swarm)
+from tests.fixtures.swarm import start_coordinator
+from tests.test_real_model import _stream, real_swarm  # noqa: F401  (the module's swarm)
 
 pytestmark = pytest.mark.swarm
 
 PRICE = Decimal("0.0001")  # the coordinator's default PRICE_PER_TOKEN_FAR (prompt tokens free by default)
+
+
+@pytest.fixture(scope="module")
+def real_coordinator(real_swarm, smollm2_dir, postgres_url, redis_url, tmp_path_factory):  # noqa: F811
+    """A coordinator on the SmolLM2 swarm with prefix reuse on (it is off by default)."""
+    from services.models.catalog import SMOLLM2
+
+    _, key = asyncio.run(create_api_key(postgres_url))
+    coordinator = start_coordinator(workdir=tmp_path_factory.mktemp("reuse-coordinator"), model_dir=smollm2_dir,
+                                    initial_peers=real_swarm.initial_peers, postgres_url=postgres_url,
+                                    redis_url=redis_url, api_key=key, model_id=SMOLLM2.model_id,
+                                    env_extra={"PETALS_REQUEST_TIMEOUT_S": "10", "PREFIX_REUSE_MAX_SESSIONS": "16"})
+    yield coordinator
+    coordinator.process.stop()
 
 
 def _cached(usage: dict) -> int:

@@ -78,7 +78,8 @@ def test_server_killed_in_a_continued_session_keeps_the_output_identical(fresh_s
     fresh_swarm.start_node("b", "2:4")
     fresh_swarm.start_node("c", "2:4")
     fresh_swarm.wait_online(["a", "b", "c"], NUM_BLOCKS)
-    client = SwarmModel(MODEL_ID, tiny_model_dir, fresh_swarm.initial_peers, request_timeout=10)
+    client = SwarmModel(MODEL_ID, tiny_model_dir, fresh_swarm.initial_peers, request_timeout=10,
+                         prefix_reuse={"max_sessions": 16})
     alice, victim = "alice", []
     try:
         prompt1 = client.encode(PROMPT)

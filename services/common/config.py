@@ -212,8 +212,10 @@ class CoordinatorSettings(ChainSettings):
                                       "generation's inference session stays open this long for its account's next "
                                       "request that starts with the same tokens (prefix reuse, docs/prefix-reuse.md; "
                                       "0 = off; at most 240 s: servers end a session idle for 5 minutes)")
-    PREFIX_REUSE_MAX_SESSIONS: int = Field(default=16, ge=0, description="coordinator: parked sessions kept at "
-                                           "most (least recently used closed first; 0 = prefix reuse off)")
+    PREFIX_REUSE_MAX_SESSIONS: int = Field(default=0, ge=0, description="coordinator: parked sessions kept at "
+                                           "most (least recently used closed first; 0 = prefix reuse off, the "
+                                           "default: parked and reusable sessions hold servers' attention cache, "
+                                           "which servers do not evict under pressure; docs/prefix-reuse.md)")
     PREFIX_REUSE_MAX_TOKENS: int = Field(default=4096, ge=0, description="coordinator: attention-cache positions "
                                          "the parked sessions may hold on each server of their routes, in all "
                                          "(the sum of their max_length; 0 = prefix reuse off)")

@@ -30,7 +30,7 @@ SERVER_STEP_TIMEOUT_S = 5 * 60
 MAX_TTL_S = SERVER_STEP_TIMEOUT_S - 60  # a minute of margin for the reaper, a slow close, clocks
 REAPER_PERIOD_S = 1.0
 # The defaults of the PREFIX_REUSE_* settings (services/common/config.py holds the same values; a test checks).
-DEFAULT_PREFIX_REUSE = {"ttl_s": 120.0, "max_sessions": 16, "max_tokens": 4096, "headroom_tokens": 256}
+DEFAULT_PREFIX_REUSE = {"ttl_s": 120.0, "max_sessions": 0, "max_tokens": 4096, "headroom_tokens": 256}
 
 
 @dataclass
